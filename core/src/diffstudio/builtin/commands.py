@@ -1,0 +1,67 @@
+"""Core's own sub-commands: ``diffstudio plugins`` and ``diffstudio run``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from diffstudio._markers import hookimpl
+from diffstudio.types import CommandSpec
+
+if TYPE_CHECKING:
+    from diffstudio.runtime import Runtime
+
+
+def _plugins_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON (one object per plugin)")
+
+
+def _plugins_run(args: argparse.Namespace, runtime: Runtime) -> int:
+    rows = [status.to_json() for status in runtime.statuses]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        width = max([len(r["name"]) for r in rows] + [4])
+        print(f"{'NAME':<{width}}  {'STATUS':<11}  {'DISTRIBUTION':<28}  HOOKS / ERROR")
+        for row in rows:
+            detail = row["error"] if row["status"] in ("failed", "blocked", "not allowed") else ", ".join(row["hooks"])
+            dist = f"{row['distribution']} {row['version']}".strip()
+            print(f"{row['name']:<{width}}  {row['status'].upper():<11}  {dist:<28}  {detail}")
+    return 1 if runtime.failed() and runtime.strict else 0
+
+
+def _run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", nargs="?", help="the prompt (or use --jobs)")
+    parser.add_argument("--jobs", help="JSON or JSONL file of jobs (each an object with a prompt and options)")
+    parser.add_argument(
+        "--model",
+        action="append",
+        help="model file, folder, glob or model id (repeat for several files); default: the embedded model",
+    )
+    parser.add_argument("--out", default="outputs", help="output folder (default: ./outputs)")
+    parser.add_argument("--seed", type=int, default=None, help="base seed; image i of a batch uses seed + i")
+    parser.add_argument("--steps", type=int, default=None, help="number of inference steps")
+    parser.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale")
+    parser.add_argument("--negative-prompt", default=None, help="negative prompt (used when cfg scale > 1)")
+    parser.add_argument("--height", type=int, default=None, help="image height (multiple of 16)")
+    parser.add_argument("--width", type=int, default=None, help="image width (multiple of 16)")
+    parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    parser.add_argument("--device", default=None, help="computation device (default: cuda if available)")
+    parser.add_argument("--dtype", default=None, help="computation dtype (default: the model's choice)")
+    parser.add_argument("--no-metadata", action="store_true", help="write PNGs without generation parameters")
+    parser.add_argument("--format", choices=("text", "json"), default="text", help="output format")
+
+
+def _run_run(args: argparse.Namespace, runtime: Runtime) -> int:
+    from diffstudio.run_api import run_cli
+
+    return run_cli(args, runtime)
+
+
+@hookimpl
+def register_commands(register: Callable[[CommandSpec], None]) -> None:
+    """Register ``plugins`` and ``run``."""
+    register(CommandSpec("plugins", "list installed plugins and their load status", _plugins_arguments, _plugins_run))
+    register(CommandSpec("run", "generate images from a prompt or a job file", _run_arguments, _run_run))

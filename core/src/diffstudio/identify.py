@@ -1,0 +1,32 @@
+"""Identify a checkpoint: resolve a ModelConfig, open its files, and get exactly one family claim."""
+
+from __future__ import annotations
+
+from diffstudio.config import ModelConfig
+from diffstudio.errors import AmbiguousCheckpointError, UnknownCheckpointError
+from diffstudio.loading.checkpoint import Checkpoint
+from diffstudio.resolve import resolve_files
+from diffstudio.runtime import Runtime
+from diffstudio.types import ModelClaim
+
+
+def identify(runtime: Runtime, config: ModelConfig) -> tuple[Checkpoint, ModelClaim]:
+    """Resolve ``config`` offline and ask every family to claim its checkpoint.
+
+    Returns:
+        The checkpoint view and the single claim.
+
+    Raises:
+        ModelNotFoundError: the files cannot be found (the message lists every path tried).
+        UnknownCheckpointError: no family claimed it (names the file, its telling keys, the families asked).
+        AmbiguousCheckpointError: two or more plugins claimed it (names them).
+    """
+    embedded = {m.model_id: m.root for m in runtime.hooks.embedded_models()}
+    resolved = resolve_files(config, embedded=embedded)
+    checkpoint = Checkpoint.open(list(resolved.files))
+    claims = runtime.hooks.load_model(checkpoint, config)
+    if not claims:
+        raise UnknownCheckpointError(checkpoint.source, checkpoint.telling_keys(), runtime.hooks.families_asked())
+    if len(claims) > 1:
+        raise AmbiguousCheckpointError(checkpoint.source, [c.describe() for c in claims])
+    return checkpoint, claims[0]

@@ -1,0 +1,1 @@
+"""Pipelines: units, state, the base pipeline and image conversion helpers."""

@@ -1,0 +1,53 @@
+"""Conversions between PIL images and ``[-1, 1]`` tensors, and the ``output_type`` contract."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from diffstudio.errors import PipelineInputError
+
+
+def pil_to_tensor(image: Any, *, argument: str = "image") -> torch.Tensor:
+    """Convert a PIL image to ``(1, 3, H, W)`` float32 in ``[-1, 1]``.
+
+    Raises:
+        PipelineInputError: ``image`` is not a PIL image (the message names ``argument``).
+    """
+    if not isinstance(image, Image.Image):
+        raise PipelineInputError(
+            f"{argument} must be a PIL.Image.Image, got {type(image).__name__}; open files with "
+            f"PIL.Image.open(path)"
+        )
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0  # (H, W, 3)
+    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """Convert ``(B, 3, H, W)`` in ``[-1, 1]`` to a list of RGB PIL images."""
+    array = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    array = array.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
+    return [Image.fromarray(a, mode="RGB") for a in array]
+
+
+def convert_output(images: torch.Tensor, output_type: str, single: bool) -> Any:
+    """Turn decoded images into the requested ``output_type``.
+
+    Args:
+        images: ``(B, 3, H, W)`` in ``[-1, 1]``.
+        output_type: ``"pil"`` (list of PIL images), ``"np"`` (``(B, H, W, 3)`` float32 in ``[0, 1]``) or
+            ``"pt"`` (``(B, 3, H, W)`` float32 in ``[0, 1]``).
+        single: The caller passed one prompt: return one image instead of a list (``"pil"`` only).
+    """
+    if output_type == "pil":
+        pil = tensor_to_pil(images)
+        return pil[0] if single else pil
+    unit = ((images.float() + 1) / 2).clamp(0, 1)
+    if output_type == "pt":
+        return unit.cpu()
+    if output_type == "np":
+        return unit.permute(0, 2, 3, 1).cpu().numpy()
+    raise PipelineInputError(f"output_type={output_type!r} is not an image type")

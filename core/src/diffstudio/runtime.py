@@ -1,0 +1,249 @@
+"""The runtime: owns one plugin manager, loads plugins tolerantly and exposes the typed hook facade.
+
+There is no module-level manager. Every :class:`Runtime` builds its own, in this order: add the hookspecs,
+register core's builtin plugins (through the same path as external ones), load the ``diffstudio`` entry-point
+group (skipping and reporting plugins that fail), register modules named in ``DIFFSTUDIO_PLUGINS``, then check
+that every implementation matches a spec.
+
+Environment variables:
+    DIFFSTUDIO_STRICT_PLUGINS=1: a plugin that fails to load is fatal (``PluginLoadError``).
+    DIFFSTUDIO_LOAD_PLUGINS=a,b: allow-list of entry-point names (empty: load none).
+    DIFFSTUDIO_DISABLED_PLUGINS=x,y: block-list (entry-point or distribution names; builtins marked
+        essential cannot be blocked).
+    DIFFSTUDIO_DISABLE_PLUGIN_AUTOLOAD=1: do not read entry points at all.
+    DIFFSTUDIO_PLUGINS=pkg.module,...: extra modules to register as plugins (tests, local experiments).
+    DIFFSTUDIO_TRACE_HOOKS=1: print every hook call and its result to stderr.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata as metadata
+import os
+import sys
+from collections.abc import Iterable, Mapping
+from types import ModuleType
+from typing import Any
+
+import pluggy
+from packaging.requirements import InvalidRequirement, Requirement
+
+from diffstudio import hookspecs
+from diffstudio._hooks import Hooks
+from diffstudio._markers import ENTRY_POINT_GROUP, PROJECT_NAME
+from diffstudio._version import __version__
+from diffstudio.errors import PluginLoadError
+from diffstudio.types import PluginStatus
+
+#: Core's own plugins: (module, essential). Essential ones cannot be blocked.
+BUILTIN_PLUGINS: tuple[tuple[str, bool], ...] = (
+    ("diffstudio.builtin.fallbacks", True),
+    ("diffstudio.builtin.schedulers", False),
+    ("diffstudio.builtin.commands", True),
+)
+
+#: Distributions whose versions a plugin may constrain; checked before the plugin is imported.
+_CHECKED_REQUIREMENTS = ("diffstudio-core", "diffstudio-template-sdk")
+
+
+def _csv_env(env: Mapping[str, str], name: str) -> list[str] | None:
+    raw = env.get(name)
+    if raw is None:
+        return None
+    return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+def _truthy(env: Mapping[str, str], name: str) -> bool:
+    return env.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _installed_version(dist_name: str) -> str | None:
+    try:
+        return metadata.version(dist_name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def incompatible_requirements(dist: metadata.Distribution) -> list[str]:
+    """Return readable reasons why ``dist`` cannot run against the installed core / template SDK."""
+    problems: list[str] = []
+    for raw in dist.requires or ():
+        try:
+            req = Requirement(raw)
+        except InvalidRequirement:
+            continue
+        name = req.name.lower().replace("_", "-")
+        if name not in _CHECKED_REQUIREMENTS:
+            continue
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        installed = __version__ if name == "diffstudio-core" else _installed_version(name)
+        if installed is None:
+            problems.append(f"needs {req} but {name} is not installed")
+        elif req.specifier and not req.specifier.contains(installed, prereleases=True):
+            problems.append(f"needs {req} but {name} {installed} is installed")
+    return problems
+
+
+class Runtime:
+    """Owns a plugin manager and everything registered through it.
+
+    Args:
+        env: Environment to read the ``DIFFSTUDIO_*`` variables from (default ``os.environ``).
+        plugins: Extra plugin objects or modules to register after the entry points (tests use this).
+        load_entrypoints: Read the ``diffstudio`` entry-point group (default True, unless
+            ``DIFFSTUDIO_DISABLE_PLUGIN_AUTOLOAD=1``).
+        strict: Failures are fatal; default from ``DIFFSTUDIO_STRICT_PLUGINS``.
+    """
+
+    def __init__(
+        self,
+        *,
+        env: Mapping[str, str] | None = None,
+        plugins: Iterable[object] = (),
+        load_entrypoints: bool | None = None,
+        strict: bool | None = None,
+    ) -> None:
+        self.env: Mapping[str, str] = os.environ if env is None else env
+        self.strict = _truthy(self.env, "DIFFSTUDIO_STRICT_PLUGINS") if strict is None else strict
+        self.pm = pluggy.PluginManager(PROJECT_NAME)
+        self.pm.add_hookspecs(hookspecs)
+        self.statuses: list[PluginStatus] = []
+        self.hooks = Hooks(self.pm)
+        self._blocked = set(_csv_env(self.env, "DIFFSTUDIO_DISABLED_PLUGINS") or ())
+        for name in self._blocked:
+            self.pm.set_blocked(name)
+        self._register_builtins()
+        if load_entrypoints is None:
+            load_entrypoints = not _truthy(self.env, "DIFFSTUDIO_DISABLE_PLUGIN_AUTOLOAD")
+        if load_entrypoints:
+            self._load_entrypoints()
+        for module_name in _csv_env(self.env, "DIFFSTUDIO_PLUGINS") or ():
+            self._load_module_plugin(module_name)
+        for plugin in plugins:
+            self.register(plugin)
+        self.pm.check_pending()
+        if _truthy(self.env, "DIFFSTUDIO_TRACE_HOOKS"):
+            self._install_tracing()
+
+    # ----------------------------------------------------------------------------------------------------------
+    # registration
+    # ----------------------------------------------------------------------------------------------------------
+
+    def register(self, plugin: object, name: str | None = None) -> str:
+        """Register a plugin object or module; returns its name. Resets cached registries."""
+        registered = self.pm.register(plugin, name=name)
+        if registered is None:
+            raise PluginLoadError(f"Plugin {name or plugin!r} is blocked and was not registered.")
+        self.hooks.invalidate()
+        module = plugin.__name__ if isinstance(plugin, ModuleType) else type(plugin).__module__
+        self.statuses.append(
+            PluginStatus(
+                name=registered,
+                distribution="(registered in process)",
+                version="",
+                module=module,
+                status="loaded",
+                hooks=self._hooks_of(plugin),
+            )
+        )
+        return registered
+
+    def unregister(self, name: str) -> None:
+        """Unregister a plugin by name (tests); resets cached registries."""
+        self.pm.unregister(name=name)
+        self.statuses = [s for s in self.statuses if s.name != name]
+        self.hooks.invalidate()
+
+    def _hooks_of(self, plugin: object) -> list[str]:
+        callers = self.pm.get_hookcallers(plugin) or []
+        return sorted(caller.name for caller in callers)
+
+    def _register_builtins(self) -> None:
+        for module_name, essential in BUILTIN_PLUGINS:
+            short = module_name.rsplit(".", 1)[-1]
+            name = f"builtin.{short}"
+            if not essential and (name in self._blocked or short in self._blocked):
+                self.statuses.append(
+                    PluginStatus(name, "diffstudio-core", __version__, module_name, "blocked", "blocked by env")
+                )
+                continue
+            module = importlib.import_module(module_name)
+            self.pm.register(module, name=name)
+            self.statuses.append(
+                PluginStatus(name, "diffstudio-core", __version__, module_name, "builtin", None, self._hooks_of(module))
+            )
+
+    def _fail(self, status: PluginStatus, reason: str) -> None:
+        status.status = "failed"
+        status.error = reason
+        self.statuses.append(status)
+        message = f"diffstudio: plugin {status.name!r} ({status.distribution}) skipped: {reason}"
+        if self.strict:
+            raise PluginLoadError(message + " (DIFFSTUDIO_STRICT_PLUGINS=1)")
+        print(message, file=sys.stderr)
+
+    def _load_entrypoints(self) -> None:
+        allow = _csv_env(self.env, "DIFFSTUDIO_LOAD_PLUGINS")
+        seen: set[str] = set()
+        for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+            if ep.name in seen:
+                continue
+            seen.add(ep.name)
+            dist = ep.dist
+            dist_name = dist.metadata["Name"] if dist is not None else "(unknown)"
+            version = dist.version if dist is not None else ""
+            status = PluginStatus(ep.name, dist_name, version, ep.value, "loaded")
+            if ep.name in self._blocked or dist_name in self._blocked:
+                status.status, status.error = "blocked", "DIFFSTUDIO_DISABLED_PLUGINS"
+                self.statuses.append(status)
+                continue
+            if allow is not None and ep.name not in allow and dist_name not in allow:
+                status.status, status.error = "not allowed", "not in DIFFSTUDIO_LOAD_PLUGINS"
+                self.statuses.append(status)
+                continue
+            if dist is not None:
+                problems = incompatible_requirements(dist)
+                if problems:
+                    self._fail(status, "; ".join(problems))
+                    continue
+            try:
+                plugin = ep.load()
+                self.pm.register(plugin, name=ep.name)
+            except Exception as exc:  # noqa: BLE001 - any import error of a third-party plugin is reported
+                self._fail(status, f"{type(exc).__name__}: {exc}".splitlines()[0])
+                continue
+            status.hooks = self._hooks_of(plugin)
+            self.statuses.append(status)
+
+    def _load_module_plugin(self, module_name: str) -> None:
+        status = PluginStatus(module_name, "(DIFFSTUDIO_PLUGINS)", "", module_name, "loaded")
+        try:
+            module = importlib.import_module(module_name)
+            self.pm.register(module, name=module_name)
+        except Exception as exc:  # noqa: BLE001 - reported like an entry-point failure
+            self._fail(status, f"{type(exc).__name__}: {exc}".splitlines()[0])
+            return
+        status.hooks = self._hooks_of(module)
+        self.statuses.append(status)
+
+    def _install_tracing(self) -> None:
+        def before(hook_name: str, impls: Any, kwargs: Mapping[str, Any]) -> None:
+            print(f"diffstudio trace: {hook_name}({', '.join(kwargs)}) -> {len(impls)} impls", file=sys.stderr)
+
+        def after(outcome: Any, hook_name: str, impls: Any, kwargs: Mapping[str, Any]) -> None:
+            print(f"diffstudio trace: {hook_name} done", file=sys.stderr)
+
+        self.pm.add_hookcall_monitoring(before, after)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # queries
+    # ----------------------------------------------------------------------------------------------------------
+
+    def failed(self) -> list[PluginStatus]:
+        """Return the plugins that failed to load."""
+        return [s for s in self.statuses if s.status == "failed"]
+
+    def plugin_names(self) -> list[str]:
+        """Return the names of every registered plugin (builtins included)."""
+        return sorted(name for name, _ in self.pm.list_name_plugin())

@@ -1,0 +1,290 @@
+"""A tiny "toy" family for testing runners, command lines and adapters without a real model.
+
+It is a complete family plugin in miniature: a denoiser with random weights saved as a real safetensors file,
+claimed by key patterns through ``load_model``, a pipeline registered through ``register_pipelines``, and
+units contributed through ``pipeline_unit``. Its latent space is the image itself patchified 4×4
+(48 channels per token), so no VAE is needed; its text encoder is a byte-level embedding inside the denoiser.
+
+Register it with ``Runtime(plugins=[toy])`` or ``DIFFSTUDIO_PLUGINS=diffstudio_template_sdk.testing.toy``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from diffstudio._markers import hookimpl
+from diffstudio.config import ModelConfig
+from diffstudio.loading.assign import build_on_meta, load_state_dict_into
+from diffstudio.loading.checkpoint import Checkpoint
+from diffstudio.pipeline.base import BasePipeline
+from diffstudio.pipeline.images import convert_output
+from diffstudio.pipeline.units import InputParam, OutputParam, PipelineUnit
+from diffstudio.scheduler import FlowMatchScheduler
+from diffstudio.types import LoadRequest, ModelClaim, PipelineSpec
+
+PATCH = 4
+CHANNELS = 3 * PATCH * PATCH  # 48 latent channels per token
+TEXT_TOKENS = 16
+TELLING_KEYS = ("img_in.weight", "txt_embed.weight", "time_in.weight", "img_out.weight")
+
+
+class ToyDenoiser(nn.Module):
+    """A one-hidden-layer velocity predictor over patch tokens.
+
+    Args:
+        dim: Hidden width.
+    """
+
+    def __init__(self, dim: int = 32) -> None:
+        super().__init__()
+        self.img_in = nn.Linear(CHANNELS, dim)
+        self.txt_embed = nn.Embedding(256, dim)
+        self.time_in = nn.Linear(1, dim)
+        self.hidden = nn.Linear(dim, dim)
+        self.img_out = nn.Linear(dim, CHANNELS)
+
+    def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Embed prompts byte by byte: ``(B, TEXT_TOKENS, dim)`` (zero-padded UTF-8, truncated)."""
+        rows = []
+        for prompt in prompts:
+            data = list(prompt.encode("utf-8")[:TEXT_TOKENS])
+            rows.append(data + [0] * (TEXT_TOKENS - len(data)))
+        ids = torch.tensor(rows, dtype=torch.long, device=self.txt_embed.weight.device)
+        embeds: torch.Tensor = self.txt_embed(ids)
+        return embeds
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        """Predict velocity.
+
+        Args:
+            x: ``(B, L, 48)`` noisy patch tokens.
+            timesteps: ``(B,)`` in ``[0, 1]``.
+            ctx: ``(B, T, dim)`` prompt embeddings.
+
+        Returns:
+            ``(B, L, 48)``.
+        """
+        h = self.img_in(x)  # (B, L, D)
+        h = h + self.time_in(timesteps.to(h.dtype)[:, None, None]) + ctx.mean(dim=1, keepdim=True)
+        out: torch.Tensor = self.img_out(torch.nn.functional.silu(self.hidden(torch.nn.functional.silu(h))))
+        return out
+
+
+def write_toy_checkpoint(path: str | Path, *, dim: int = 32, seed: int = 0) -> Path:
+    """Save a randomly initialised toy denoiser as a safetensors file; returns the path."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    model = ToyDenoiser(dim)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata={"toy": "1"})
+    return path
+
+
+def _load(checkpoint: Checkpoint, request: LoadRequest) -> ToyDenoiser:
+    dim = checkpoint.shape("txt_embed.weight")[1]
+    model = build_on_meta(lambda: ToyDenoiser(dim))
+    load_state_dict_into(model, checkpoint.state_dict(), dtype=request.torch_dtype, device=request.device)
+    return model.eval()
+
+
+def patchify(images: torch.Tensor) -> torch.Tensor:
+    """``(B, 3, H, W)`` → ``(B, H/4 * W/4, 48)`` tokens."""
+    return rearrange(images, "b c (h p) (w q) -> b (h w) (c p q)", p=PATCH, q=PATCH)
+
+
+def unpatchify(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``(B, H/4 * W/4, 48)`` tokens → ``(B, 3, H, W)``."""
+    return rearrange(tokens, "b (h w) (c p q) -> b c (h p) (w q)", h=height // PATCH, p=PATCH, q=PATCH)
+
+
+class ToyPipeline(BasePipeline):
+    """Text-to-image with the toy denoiser (tests only)."""
+
+    family = "toy"
+    pipeline_name = "toy"
+    slots = {"dit": "the toy denoiser"}
+
+    def default_scheduler(self) -> FlowMatchScheduler:
+        """FLUX.1-style shifted flow matching."""
+        return FlowMatchScheduler(shift_mode="static", shift=3.0)
+
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] = "",
+        cfg_scale: float = 1.0,
+        height: int = 32,
+        width: int = 32,
+        seed: int | None = None,
+        rand_device: str = "cpu",
+        num_inference_steps: int = 4,
+        denoising_strength: float = 1.0,
+        sigmas: Sequence[float] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        progress_bar_cmd: Callable[..., Any] | None = None,
+        callback_on_step_end: Callable[..., Any] | None = None,
+        **extra: Any,
+    ) -> Any:
+        """Generate images; one PIL image for one prompt, a list for a list of prompts."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        inputs: dict[str, Any] = {
+            "prompt": prompts,
+            "negative_prompt": negatives,
+            "cfg_scale": cfg_scale,
+            "height": height,
+            "width": width,
+            "seed": seed,
+            "rand_device": rand_device,
+            "num_inference_steps": num_inference_steps,
+            "denoising_strength": denoising_strength,
+            "sigmas": sigmas,
+            "latents": latents,
+            "output_type": output_type,
+            "single": isinstance(prompt, str),
+            **extra,
+        }
+        self.check_inputs(extra)
+        return self.generate(inputs, progress_bar_cmd=progress_bar_cmd, callback_on_step_end=callback_on_step_end)
+
+    def predict_velocity(self, inputs: Mapping[str, Any], step_index: int, timestep: torch.Tensor) -> torch.Tensor:
+        """Call the toy denoiser on the branch's prompt embeddings."""
+        latents = inputs["latents"]
+        t = (timestep / 1000).expand(latents.shape[0]).to(latents)
+        velocity: torch.Tensor = self.dit(latents, t, inputs["prompt_embeds"])
+        return velocity
+
+
+class ToyCheckSize(PipelineUnit):
+    """Reject sizes that are not multiples of 16."""
+
+    name = "check_size"
+    description = "Checks that height and width are positive multiples of 16."
+    inputs = (InputParam("height", "image height in pixels", True), InputParam("width", "image width", True))
+
+    def process(self, pipe: BasePipeline, **inputs: Any) -> Mapping[str, Any]:
+        pipe.check_size(inputs["height"], inputs["width"])
+        return {}
+
+
+class ToyEncodePrompt(PipelineUnit):
+    """Byte-level prompt embedding, once per CFG branch."""
+
+    name = "encode_prompt"
+    description = "Embeds the (negative) prompts with the denoiser's byte embedding: (B, 16, dim)."
+    components = ("dit",)
+    per_branch = True
+    after = ("check_size",)
+    inputs = (InputParam("prompt", "list of B prompts", True, per_branch=True),)
+    outputs = (OutputParam("prompt_embeds", "(B, 16, dim) prompt embeddings"),)
+
+    def process(self, pipe: BasePipeline, **inputs: Any) -> Mapping[str, Any]:
+        return {"prompt_embeds": pipe.dit.encode_text(inputs["prompt"])}
+
+
+class ToySetTimesteps(PipelineUnit):
+    """Set the scheduler's sigmas for this call."""
+
+    name = "set_timesteps"
+    description = "Sets the flow-matching schedule (steps, strength or explicit sigmas); writes timesteps (N,)."
+    after = ("check_size",)
+    inputs = (
+        InputParam("num_inference_steps", "number of denoising steps", True),
+        InputParam("denoising_strength", "1.0 for text-to-image"),
+        InputParam("sigmas", "explicit schedule, overrides the step count"),
+        InputParam("height", "image height", True),
+        InputParam("width", "image width", True),
+    )
+    outputs = (OutputParam("timesteps", "(N,) timesteps in [0, 1000]"),)
+
+    def process(self, pipe: BasePipeline, **inputs: Any) -> Mapping[str, Any]:
+        steps = len(inputs["sigmas"]) if inputs["sigmas"] is not None else inputs["num_inference_steps"]
+        pipe.scheduler.set_timesteps(
+            steps,
+            image_seq_len=(inputs["height"] // 16) * (inputs["width"] // 16),
+            denoising_strength=inputs["denoising_strength"] or 1.0,
+            sigmas=inputs["sigmas"],
+        )
+        return {"timesteps": pipe.scheduler.timesteps}
+
+
+class ToyNoise(PipelineUnit):
+    """Initial noise, one seed per image."""
+
+    name = "noise"
+    description = "Draws seeded noise (seed + i per image) or takes latents=; writes latents (B, L, 48)."
+    after = ("set_timesteps",)
+    inputs = (
+        InputParam("prompt", "list of B prompts (sets the batch size)", True),
+        InputParam("seed", "base seed; None draws one"),
+        InputParam("rand_device", "device of the random generator"),
+        InputParam("latents", "initial noise (B, L, 48) in token layout"),
+        InputParam("height", "image height", True),
+        InputParam("width", "image width", True),
+    )
+    outputs = (OutputParam("latents", "(B, L, 48) noisy tokens"), OutputParam("seeds", "per-image seeds"))
+
+    def process(self, pipe: BasePipeline, **inputs: Any) -> Mapping[str, Any]:
+        batch = len(inputs["prompt"])
+        seeds = pipe.seeds_for(inputs["seed"], batch)
+        if inputs["latents"] is not None:
+            return {"latents": inputs["latents"].to(pipe.device, pipe.torch_dtype), "seeds": seeds}
+        tokens = (inputs["height"] // PATCH) * (inputs["width"] // PATCH)
+        noise = pipe.generate_noise((tokens, CHANNELS), seeds, inputs["rand_device"] or "cpu")
+        return {"latents": noise, "seeds": seeds}
+
+
+class ToyDecode(PipelineUnit):
+    """Latents → images in the requested output type."""
+
+    name = "decode"
+    stage = "finish"
+    description = "Unpatchifies the final latents into images and converts them to output_type."
+    inputs = (
+        InputParam("latents", "(B, L, 48) final tokens", True),
+        InputParam("height", "image height", True),
+        InputParam("width", "image width", True),
+        InputParam("output_type", "pil | np | pt | latent"),
+        InputParam("single", "one prompt was given: return one image"),
+    )
+    outputs = (OutputParam("output", "the images (or latents)"),)
+
+    def process(self, pipe: BasePipeline, **inputs: Any) -> Mapping[str, Any]:
+        latents = inputs["latents"]
+        if inputs["output_type"] == "latent":
+            return {"output": latents}
+        images = unpatchify(latents.float(), inputs["height"], inputs["width"])
+        return {"output": convert_output(images, inputs["output_type"] or "pil", bool(inputs["single"]))}
+
+
+@hookimpl
+def register_pipelines(register: Callable[[PipelineSpec], None]) -> None:
+    """Offer the toy pipeline."""
+    register(PipelineSpec("toy", "toy", lambda: ToyPipeline, "toy family for tests"))
+
+
+@hookimpl
+def load_model(checkpoint: Checkpoint, config: ModelConfig) -> ModelClaim | None:
+    """Claim checkpoints that have every toy key with a 256-row byte embedding."""
+    if not all(key in checkpoint for key in TELLING_KEYS):
+        return None
+    if checkpoint.shape("txt_embed.weight")[0] != 256:
+        return None
+    return ModelClaim("toy", "toy-dit", "dit", "toy", _load)
+
+
+@hookimpl
+def pipeline_unit(pipeline: BasePipeline) -> list[PipelineUnit] | None:
+    """The toy pipeline's units."""
+    if pipeline.family != "toy":
+        return None
+    return [ToyCheckSize(), ToyEncodePrompt(), ToySetTimesteps(), ToyNoise(), ToyDecode()]
