@@ -1,5 +1,17 @@
-"""The diffstudio test kit: fixtures (see :mod:`.plugin`), conformance mixins and a toy family."""
+"""The diffstudio test kit: fixtures (see :mod:`.plugin`), conformance mixins and a toy family.
 
-from diffstudio_template_sdk.testing.conformance import FamilyConformance, UnitConformance, VramPolicyConformance
+Names load lazily so the ``pytest11`` plugin costs nothing in test runs that do not use them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __all__ = ["FamilyConformance", "UnitConformance", "VramPolicyConformance"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        return getattr(importlib.import_module("diffstudio_template_sdk.testing.conformance"), name)
+    raise AttributeError(f"module 'diffstudio_template_sdk.testing' has no attribute {name!r}")

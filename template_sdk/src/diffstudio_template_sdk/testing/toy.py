@@ -5,7 +5,8 @@ claimed by key patterns through ``load_model``, a pipeline registered through ``
 units contributed through ``pipeline_unit``. Its latent space is the image itself patchified 4×4
 (48 channels per token), so no VAE is needed; its text encoder is a byte-level embedding inside the denoiser.
 
-Register it with ``Runtime(plugins=[toy])`` or ``DIFFSTUDIO_PLUGINS=diffstudio_template_sdk.testing.toy``.
+Its entry module is :mod:`.toy_plugin`: register it with ``Runtime(plugins=[toy_plugin])`` or
+``DIFFSTUDIO_PLUGINS=diffstudio_template_sdk.testing.toy_plugin``.
 """
 
 from __future__ import annotations
@@ -18,20 +19,17 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from diffstudio._markers import hookimpl
-from diffstudio.config import ModelConfig
 from diffstudio.loading.assign import build_on_meta, load_state_dict_into
 from diffstudio.loading.checkpoint import Checkpoint
 from diffstudio.pipeline.base import BasePipeline
 from diffstudio.pipeline.images import convert_output
 from diffstudio.pipeline.units import InputParam, OutputParam, PipelineUnit
 from diffstudio.scheduler import FlowMatchScheduler
-from diffstudio.types import LoadRequest, ModelClaim, PipelineSpec
+from diffstudio.types import LoadRequest
 
 PATCH = 4
 CHANNELS = 3 * PATCH * PATCH  # 48 latent channels per token
 TEXT_TOKENS = 16
-TELLING_KEYS = ("img_in.weight", "txt_embed.weight", "time_in.weight", "img_out.weight")
 
 
 class ToyDenoiser(nn.Module):
@@ -88,7 +86,7 @@ def write_toy_checkpoint(path: str | Path, *, dim: int = 32, seed: int = 0) -> P
     return path
 
 
-def _load(checkpoint: Checkpoint, request: LoadRequest) -> ToyDenoiser:
+def load_toy(checkpoint: Checkpoint, request: LoadRequest) -> ToyDenoiser:
     dim = checkpoint.shape("txt_embed.weight")[1]
     model = build_on_meta(lambda: ToyDenoiser(dim))
     load_state_dict_into(model, checkpoint.state_dict(), dtype=request.torch_dtype, device=request.device)
@@ -264,27 +262,3 @@ class ToyDecode(PipelineUnit):
             return {"output": latents}
         images = unpatchify(latents.float(), inputs["height"], inputs["width"])
         return {"output": convert_output(images, inputs["output_type"] or "pil", bool(inputs["single"]))}
-
-
-@hookimpl
-def register_pipelines(register: Callable[[PipelineSpec], None]) -> None:
-    """Offer the toy pipeline."""
-    register(PipelineSpec("toy", "toy", lambda: ToyPipeline, "toy family for tests"))
-
-
-@hookimpl
-def load_model(checkpoint: Checkpoint, config: ModelConfig) -> ModelClaim | None:
-    """Claim checkpoints that have every toy key with a 256-row byte embedding."""
-    if not all(key in checkpoint for key in TELLING_KEYS):
-        return None
-    if checkpoint.shape("txt_embed.weight")[0] != 256:
-        return None
-    return ModelClaim("toy", "toy-dit", "dit", "toy", _load)
-
-
-@hookimpl
-def pipeline_unit(pipeline: BasePipeline) -> list[PipelineUnit] | None:
-    """The toy pipeline's units."""
-    if pipeline.family != "toy":
-        return None
-    return [ToyCheckSize(), ToyEncodePrompt(), ToySetTimesteps(), ToyNoise(), ToyDecode()]

@@ -1,0 +1,131 @@
+"""Discovery from real wheels in a fresh virtual environment.
+
+Builds wheels of diffstudio-core, of the plugin skeleton (as ``diffstudio-example``) and of a deliberately
+broken plugin, installs them into a new venv and checks what ``diffstudio plugins --json`` reports, including
+strict mode. Torch is not installed there: listing plugins must not need it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import venv
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.slow
+
+
+def _run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, **kwargs)  # type: ignore[call-overload]
+
+
+def _write_broken_plugin(folder: Path) -> Path:
+    (folder / "src" / "diffstudio_broken").mkdir(parents=True)
+    (folder / "pyproject.toml").write_text(textwrap.dedent("""
+        [build-system]
+        requires = ["setuptools>=68"]
+        build-backend = "setuptools.build_meta"
+        [project]
+        name = "diffstudio-broken"
+        version = "0.0.1"
+        dependencies = ["diffstudio-core ~= 0.1.0"]
+        [project.entry-points.diffstudio]
+        broken = "diffstudio_broken.plugin"
+        [tool.setuptools.packages.find]
+        where = ["src"]
+    """))
+    (folder / "src" / "diffstudio_broken" / "__init__.py").write_text("")
+    (folder / "src" / "diffstudio_broken" / "plugin.py").write_text(
+        "raise ImportError('this plugin is broken on purpose')\n"
+    )
+    return folder
+
+
+def _write_future_plugin(folder: Path) -> Path:
+    (folder / "src" / "diffstudio_future").mkdir(parents=True)
+    (folder / "pyproject.toml").write_text(textwrap.dedent("""
+        [build-system]
+        requires = ["setuptools>=68"]
+        build-backend = "setuptools.build_meta"
+        [project]
+        name = "diffstudio-future"
+        version = "0.0.1"
+        dependencies = ["diffstudio-core >= 99"]
+        [project.entry-points.diffstudio]
+        future = "diffstudio_future.plugin"
+        [tool.setuptools.packages.find]
+        where = ["src"]
+    """))
+    (folder / "src" / "diffstudio_future" / "__init__.py").write_text("")
+    (folder / "src" / "diffstudio_future" / "plugin.py").write_text("raise SystemExit('must not be imported')\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def fresh_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("discovery")
+    wheels = work / "wheels"
+    sources = [
+        ROOT / "core",
+        ROOT / "plugins" / "_template",
+        _write_broken_plugin(work / "broken"),
+        _write_future_plugin(work / "future"),
+    ]
+    for source in sources:
+        result = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                       "-w", str(wheels), str(source)])
+        assert result.returncode == 0, result.stderr
+    env_dir = work / "venv"
+    venv.EnvBuilder(with_pip=True).create(env_dir)
+    python = env_dir / "bin" / "python"
+    # Core's runtime dependencies for listing plugins (torch is deliberately absent), then our wheels.
+    deps = _run([str(python), "-m", "pip", "install", "-q", "pluggy>=1.5", "packaging>=23"])
+    assert deps.returncode == 0, deps.stderr
+    install = _run([str(python), "-m", "pip", "install", "-q", "--no-deps", *map(str, wheels.glob("*.whl"))])
+    assert install.returncode == 0, install.stderr
+    return env_dir
+
+
+def _plugins(env_dir: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("DIFFSTUDIO_") and k != "PYTHONPATH"}
+    return _run([str(env_dir / "bin" / "diffstudio"), "plugins", "--json"], env={**clean, **env})
+
+
+def test_installed_plugins_listed_and_broken_one_failed(fresh_env: Path) -> None:
+    result = _plugins(fresh_env)
+    assert result.returncode == 0, result.stderr
+    rows = {row["name"]: row for row in json.loads(result.stdout)}
+    assert rows["example"]["status"] == "loaded"
+    assert rows["example"]["distribution"] == "diffstudio-example"
+    assert rows["example"]["hooks"] == ["pipeline_unit"]
+    assert rows["broken"]["status"] == "failed"
+    assert "broken on purpose" in rows["broken"]["error"]
+    assert rows["future"]["status"] == "failed"
+    assert "diffstudio-core" in rows["future"]["error"]
+    assert rows["builtin.fallbacks"]["status"] == "builtin"
+    assert "broken" in result.stderr and len(result.stderr.strip().splitlines()) == 2
+
+
+def test_strict_mode_exits_non_zero_naming_the_plugin(fresh_env: Path) -> None:
+    result = _plugins(fresh_env, DIFFSTUDIO_STRICT_PLUGINS="1")
+    assert result.returncode != 0
+    assert "broken" in result.stderr and "DIFFSTUDIO_STRICT_PLUGINS" in result.stderr
+
+
+def test_block_and_allow_lists(fresh_env: Path) -> None:
+    blocked = _plugins(fresh_env, DIFFSTUDIO_DISABLED_PLUGINS="broken,future")
+    assert blocked.returncode == 0
+    rows = {row["name"]: row for row in json.loads(blocked.stdout)}
+    assert rows["broken"]["status"] == "blocked" and rows["future"]["status"] == "blocked"
+    assert blocked.stderr == ""
+    allowed = _plugins(fresh_env, DIFFSTUDIO_LOAD_PLUGINS="example")
+    rows = {row["name"]: row for row in json.loads(allowed.stdout)}
+    assert rows["example"]["status"] == "loaded"
+    assert rows["broken"]["status"] == "not allowed"
