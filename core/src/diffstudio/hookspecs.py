@@ -196,8 +196,8 @@ def vram_policy(model: Any, component: str, budget: MemoryBudget, pipeline: Base
     :param component: Its slot name in the pipeline (``"dit"``, ``"vae"``, ...).
     :param budget: The user's offload/onload/preparing/computation settings and ``vram_limit``.
     :param pipeline: The pipeline being loaded.
-    :return: A :class:`~diffstudio.types.VramStrategy`. Stops at first non-None result; return None to mean
-        *not mine*. Wrappers are not used.
+    :return: A :class:`~diffstudio.types.VramStrategy`.
+        Stops at first non-None result; return None to mean *not mine*. Wrappers are not used.
     """
 
 
