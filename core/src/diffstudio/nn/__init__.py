@@ -1,0 +1,27 @@
+"""Family-independent neural-network primitives shared by model plugins.
+
+Only stable building blocks live here (the same spirit as diffusers' ``embeddings.py``): attention dispatch in
+the ``(B, L, H, D)`` token layout, rotary position embeddings over N id axes, the sinusoidal timestep
+embedding, and :class:`DeltaLinear`, the ``nn.Linear`` that carries named side paths (LoRA without merging).
+Importing this package imports torch.
+"""
+
+from __future__ import annotations
+
+from diffstudio.nn.attention import SDPAProcessor, attention
+from diffstudio.nn.delta import DeltaFn, DeltaLinear, delta_linears, to_delta_linears
+from diffstudio.nn.embeddings import timestep_embedding
+from diffstudio.nn.rope import RopeFreqs, apply_rope, rope_frequencies
+
+__all__ = [
+    "DeltaFn",
+    "DeltaLinear",
+    "RopeFreqs",
+    "SDPAProcessor",
+    "apply_rope",
+    "attention",
+    "delta_linears",
+    "rope_frequencies",
+    "timestep_embedding",
+    "to_delta_linears",
+]

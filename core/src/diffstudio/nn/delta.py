@@ -1,0 +1,118 @@
+"""``DeltaLinear``: an ``nn.Linear`` with named additive side paths.
+
+A side path ("delta") is any callable ``fn(x) -> (..., out_features)``; the layer returns
+``x @ W.T + b + sum(fn(x) for fn in deltas)``. LoRA is applied this way without merging weights, several
+LoRAs stack by name, and removing one restores the base layer exactly. Deltas are plain attributes, never
+submodules: the state dict keeps exactly the keys of ``nn.Linear`` (``weight``, ``bias``), and a delta that
+owns weights moves them itself (its owner, e.g. an adapter plugin, is responsible for device and dtype).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+DeltaFn = Callable[[Tensor], Tensor]
+"""A side path: maps the layer input ``(..., in_features)`` to an output delta ``(..., out_features)``."""
+
+
+class DeltaLinear(nn.Linear):
+    """``nn.Linear`` computing ``y = W x + b + sum_i delta_i(x)``.
+
+    With no deltas the forward is a single ``F.linear``. Shapes: input ``(..., in_features)``, output
+    ``(..., out_features)``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._deltas: dict[str, DeltaFn] = {}
+
+    @property
+    def deltas(self) -> dict[str, DeltaFn]:
+        """A copy of the registered side paths, by name, in call order."""
+        return dict(self._deltas)
+
+    def add_delta(self, name: str, fn: DeltaFn) -> None:
+        """Register a side path under ``name``.
+
+        Raises:
+            ValueError: ``name`` is already registered on this layer (remove it first).
+        """
+        if name in self._deltas:
+            raise ValueError(
+                f"delta {name!r} is already registered on this layer; remove_delta({name!r}) first"
+            )
+        self._deltas[name] = fn
+
+    def remove_delta(self, name: str, *, missing_ok: bool = False) -> DeltaFn | None:
+        """Unregister the side path ``name`` and return it (None if absent and ``missing_ok``).
+
+        Raises:
+            KeyError: ``name`` is not registered and ``missing_ok`` is False.
+        """
+        if name not in self._deltas:
+            if missing_ok:
+                return None
+            raise KeyError(f"no delta named {name!r} on this layer (registered: {sorted(self._deltas)})")
+        return self._deltas.pop(name)
+
+    def clear_deltas(self) -> None:
+        """Remove every side path."""
+        self._deltas.clear()
+
+    def forward(self, input: Tensor) -> Tensor:
+        """Apply the base projection plus every delta; ``(..., in) -> (..., out)``."""
+        out = F.linear(input, self.weight, self.bias)
+        for fn in self._deltas.values():
+            out = out + fn(input)
+        return out
+
+    def extra_repr(self) -> str:
+        """Describe the layer, listing delta names."""
+        base = super().extra_repr()
+        return f"{base}, deltas={list(self._deltas)}" if self._deltas else base
+
+
+def delta_linears(module: nn.Module) -> Iterator[tuple[str, DeltaLinear]]:
+    """Yield ``(qualified_name, layer)`` for every :class:`DeltaLinear` inside ``module``.
+
+    Names are state-dict prefixes (``double_blocks.0.img_attn.qkv``), so LoRA keys map onto them directly.
+    """
+    for name, sub in module.named_modules():
+        if isinstance(sub, DeltaLinear):
+            yield name, sub
+
+
+def to_delta_linears(module: nn.Module) -> int:
+    """Replace every plain ``nn.Linear`` below ``module`` by a :class:`DeltaLinear` sharing its parameters.
+
+    Only exact ``nn.Linear`` instances are replaced (subclasses such as quantised layers are left alone). The
+    state dict is unchanged. Useful for third-party modules (e.g. a text encoder) that should accept deltas.
+
+    Returns:
+        The number of layers replaced.
+    """
+    count = 0
+    for parent in list(module.modules()):
+        for child_name, child in list(parent.named_children()):
+            if type(child) is not nn.Linear:
+                continue
+            new = DeltaLinear(
+                child.in_features, child.out_features, bias=child.bias is not None, device="meta"
+            )
+            new.weight = child.weight
+            new.bias = child.bias
+            new.train(child.training)
+            setattr(parent, child_name, new)
+            count += 1
+    return count

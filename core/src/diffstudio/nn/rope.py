@@ -1,0 +1,72 @@
+"""Rotary position embeddings over several id axes (time, height, width, text index, ...).
+
+Rotations act on interleaved pairs ``(x[2i], x[2i + 1])`` of each head's channels, as in BFL's FLUX code and
+diffusers' ``apply_rotary_emb(..., use_real_unbind_dim=-1)``. Angles are computed in float64 (float32 on
+devices without float64 such as MPS) and stored as float32 cosines and sines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class RopeFreqs(NamedTuple):
+    """Cosines and sines of the rotation angles, each of shape ``(..., L, D // 2)`` in float32."""
+
+    cos: Tensor
+    sin: Tensor
+
+
+def rope_frequencies(ids: Tensor, axes_dim: Sequence[int], theta: float) -> RopeFreqs:
+    """Compute rotary angles for N-axis position ids.
+
+    Axis ``a`` owns ``axes_dim[a]`` channels of each head (``axes_dim[a] // 2`` rotation pairs) with
+    frequencies ``theta ** (-2j / axes_dim[a])``.
+
+    Args:
+        ids: Positions, shape ``(..., L, n_axes)`` with ``n_axes >= len(axes_dim)`` (extra axes are ignored).
+        axes_dim: Channels per axis; the sum is the head dim ``D`` and every entry is even.
+        theta: Base of the frequencies.
+
+    Returns:
+        :class:`RopeFreqs` with ``cos``/``sin`` of shape ``(..., L, D // 2)``.
+    """
+    if ids.shape[-1] < len(axes_dim):
+        raise ValueError(
+            f"ids have {ids.shape[-1]} axes but axes_dim {tuple(axes_dim)} needs {len(axes_dim)}"
+        )
+    wide = torch.float32 if ids.device.type in ("mps", "npu") else torch.float64
+    pos = ids.to(torch.float32).to(wide)  # (..., L, n_axes)
+    angles = []
+    for axis, dim in enumerate(axes_dim):
+        if dim % 2:
+            raise ValueError(
+                f"every rope axis needs an even number of channels, got axes_dim {tuple(axes_dim)}"
+            )
+        omega = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=wide, device=ids.device) / dim)  # (dim // 2,)
+        angles.append(pos[..., axis, None] * omega)  # (..., L, dim // 2)
+    angle = torch.cat(angles, dim=-1)  # (..., L, D // 2)
+    return RopeFreqs(torch.cos(angle).float(), torch.sin(angle).float())
+
+
+def apply_rope(x: Tensor, freqs: RopeFreqs) -> Tensor:
+    """Rotate the interleaved channel pairs of every head.
+
+    Args:
+        x: Queries or keys, shape ``(..., L, H, D)``.
+        freqs: Angles for the same tokens, ``cos``/``sin`` of shape ``(..., L, D // 2)``, broadcast over
+            heads.
+
+    Returns:
+        The rotated tensor, same shape and dtype as ``x`` (computed in float32).
+    """
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)  # (..., L, H, D // 2, 2)
+    x0, x1 = pairs.unbind(-1)  # (..., L, H, D // 2) each
+    cos = freqs.cos.unsqueeze(-2)  # (..., L, 1, D // 2)
+    sin = freqs.sin.unsqueeze(-2)
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # (..., L, H, D // 2, 2)
+    return out.flatten(-2).to(x.dtype)

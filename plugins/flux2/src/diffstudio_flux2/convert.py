@@ -1,0 +1,360 @@
+"""State-dict converters between BFL (canonical) and diffusers layouts of FLUX.2, and format probes.
+
+The BFL layout is what ``Flux2`` / ``Flux2AutoEncoder`` load by identity. Differences handled here:
+
+* DiT: renames; BFL's fused ``img_attn.qkv`` / ``txt_attn.qkv`` are split into diffusers' ``to_q/to_k/to_v`` /
+  ``add_{q,k,v}_proj`` (and fused back); RMS-norm ``scale`` <-> ``weight``; the final adaptive norm's
+  projection is (shift, scale) in BFL and (scale, shift) in diffusers, so its halves are swapped.
+* VAE: LDM-style renames (``down.i.block.j`` <-> ``down_blocks.i.resnets.j``, decoder levels in reverse
+  order, ``nin_shortcut`` <-> ``conv_shortcut``); the mid-block attention's 1x1 convs ``(C, C, 1, 1)`` <->
+  linear weights ``(C, C)``; ``encoder.quant_conv`` / ``decoder.post_quant_conv`` <-> top-level
+  ``quant_conv`` / ``post_quant_conv``; ``bn`` statistics unchanged.
+
+Converters are pure: they return a new dict and never modify their input. Unknown keys are an error.
+Probes look at key names and shapes only (never hashes) and tell FLUX.2 from FLUX.1.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Literal
+
+import torch
+from diffstudio.errors import CheckpointError
+from torch import Tensor
+
+Format = Literal["bfl", "diffusers"]
+StateDict = Mapping[str, Tensor]
+Shapes = Mapping[str, Sequence[int]]
+
+
+class Flux2ConversionError(CheckpointError):
+    """A state dict does not have the expected FLUX.2 layout."""
+
+
+def _fail(what: str, keys: list[str]) -> Flux2ConversionError:
+    shown = ", ".join(keys[:12]) + (f", ... ({len(keys)} in all)" if len(keys) > 12 else "")
+    return Flux2ConversionError(f"{what}: {shown}")
+
+
+# --- DiT
+
+_DIT_TOP = {  # BFL module -> diffusers module
+    "img_in": "x_embedder",
+    "txt_in": "context_embedder",
+    "time_in.in_layer": "time_guidance_embed.timestep_embedder.linear_1",
+    "time_in.out_layer": "time_guidance_embed.timestep_embedder.linear_2",
+    "guidance_in.in_layer": "time_guidance_embed.guidance_embedder.linear_1",
+    "guidance_in.out_layer": "time_guidance_embed.guidance_embedder.linear_2",
+    "double_stream_modulation_img.lin": "double_stream_modulation_img.linear",
+    "double_stream_modulation_txt.lin": "double_stream_modulation_txt.linear",
+    "single_stream_modulation.lin": "single_stream_modulation.linear",
+    "final_layer.linear": "proj_out",
+    "final_layer.adaLN_modulation.1": "norm_out.linear",
+}
+_DIT_DOUBLE = {  # inside double_blocks.N / transformer_blocks.N
+    "img_attn.norm.query_norm": "attn.norm_q",
+    "img_attn.norm.key_norm": "attn.norm_k",
+    "img_attn.proj": "attn.to_out.0",
+    "img_mlp.0": "ff.linear_in",
+    "img_mlp.2": "ff.linear_out",
+    "txt_attn.norm.query_norm": "attn.norm_added_q",
+    "txt_attn.norm.key_norm": "attn.norm_added_k",
+    "txt_attn.proj": "attn.to_add_out",
+    "txt_mlp.0": "ff_context.linear_in",
+    "txt_mlp.2": "ff_context.linear_out",
+}
+_DIT_DOUBLE_FUSED = {
+    "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+}
+_DIT_SINGLE = {  # inside single_blocks.N / single_transformer_blocks.N
+    "linear1": "attn.to_qkv_mlp_proj",
+    "linear2": "attn.to_out",
+    "norm.query_norm": "attn.norm_q",
+    "norm.key_norm": "attn.norm_k",
+}
+_SWAPPED = "final_layer.adaLN_modulation.1"
+_BLOCK = re.compile(
+    r"^(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$"
+)
+
+
+def _swap_halves(t: Tensor) -> Tensor:
+    first, second = t.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
+
+
+def _bfl_param(module: str, param: str) -> str:
+    # BFL's RMSNorm stores its gain as ``scale``; diffusers' nn.RMSNorm as ``weight``
+    return "scale" if module.endswith("_norm") and param == "weight" else param
+
+
+def convert_bfl_to_diffusers_dit(sd: StateDict) -> dict[str, Tensor]:
+    """BFL FLUX.2 DiT keys -> ``Flux2Transformer2DModel`` keys.
+
+    Raises:
+        Flux2ConversionError: A key is not part of the BFL FLUX.2 layout.
+    """
+    out: dict[str, Tensor] = {}
+    unknown: list[str] = []
+    for key, tensor in sd.items():
+        module, param = key.rsplit(".", 1)
+        dparam = "weight" if param == "scale" else param
+        if module in _DIT_TOP:
+            out[f"{_DIT_TOP[module]}.{dparam}"] = _swap_halves(tensor) if module == _SWAPPED else tensor
+            continue
+        m = _BLOCK.match(module + ".")
+        if m is None or m.group(1) not in ("double_blocks", "single_blocks"):
+            unknown.append(key)
+            continue
+        kind, index, inner = m.group(1), m.group(2), m.group(3).rstrip(".")
+        if kind == "double_blocks" and inner in _DIT_DOUBLE_FUSED:
+            for name, part in zip(_DIT_DOUBLE_FUSED[inner], tensor.chunk(3, dim=0)):
+                out[f"transformer_blocks.{index}.{name}.{dparam}"] = part
+        elif kind == "double_blocks" and inner in _DIT_DOUBLE:
+            out[f"transformer_blocks.{index}.{_DIT_DOUBLE[inner]}.{dparam}"] = tensor
+        elif kind == "single_blocks" and inner in _DIT_SINGLE:
+            out[f"single_transformer_blocks.{index}.{_DIT_SINGLE[inner]}.{dparam}"] = tensor
+        else:
+            unknown.append(key)
+    if unknown:
+        raise _fail("keys that are not part of a BFL FLUX.2 DiT", unknown)
+    return out
+
+
+def convert_diffusers_to_bfl_dit(sd: StateDict) -> dict[str, Tensor]:
+    """``Flux2Transformer2DModel`` keys -> BFL FLUX.2 DiT keys (the layout ``Flux2`` loads by identity).
+
+    Raises:
+        Flux2ConversionError: A key is unknown, or a fused q/k/v triple is incomplete.
+    """
+    top = {v: k for k, v in _DIT_TOP.items()}
+    double = {v: k for k, v in _DIT_DOUBLE.items()}
+    single = {v: k for k, v in _DIT_SINGLE.items()}
+    fused_part = {
+        name: (fused, i) for fused, names in _DIT_DOUBLE_FUSED.items() for i, name in enumerate(names)
+    }
+    out: dict[str, Tensor] = {}
+    pending: dict[str, list[Tensor | None]] = {}
+    unknown: list[str] = []
+    for key, tensor in sd.items():
+        module, param = key.rsplit(".", 1)
+        if module in top:
+            bfl = top[module]
+            out[f"{bfl}.{_bfl_param(bfl, param)}"] = _swap_halves(tensor) if bfl == _SWAPPED else tensor
+            continue
+        m = _BLOCK.match(module + ".")
+        if m is None or m.group(1) not in ("transformer_blocks", "single_transformer_blocks"):
+            unknown.append(key)
+            continue
+        kind, index, inner = m.group(1), m.group(2), m.group(3).rstrip(".")
+        if kind == "transformer_blocks" and inner in fused_part:
+            fused, slot = fused_part[inner]
+            pending.setdefault(f"double_blocks.{index}.{fused}.{param}", [None, None, None])[slot] = tensor
+        elif kind == "transformer_blocks" and inner in double:
+            bfl = double[inner]
+            out[f"double_blocks.{index}.{bfl}.{_bfl_param(bfl, param)}"] = tensor
+        elif kind == "single_transformer_blocks" and inner in single:
+            bfl = single[inner]
+            out[f"single_blocks.{index}.{bfl}.{_bfl_param(bfl, param)}"] = tensor
+        else:
+            unknown.append(key)
+    if unknown:
+        raise _fail("keys that are not part of a diffusers Flux2Transformer2DModel", unknown)
+    incomplete = [key for key, parts in pending.items() if any(p is None for p in parts)]
+    if incomplete:
+        raise _fail("incomplete q/k/v projections for", incomplete)
+    for key, parts in pending.items():
+        out[key] = torch.cat([p for p in parts if p is not None], dim=0)
+    return out
+
+
+# --- VAE
+
+_VAE_TOP = {  # BFL module -> diffusers module
+    "encoder.conv_in": "encoder.conv_in",
+    "encoder.conv_out": "encoder.conv_out",
+    "encoder.norm_out": "encoder.conv_norm_out",
+    "encoder.quant_conv": "quant_conv",
+    "decoder.conv_in": "decoder.conv_in",
+    "decoder.conv_out": "decoder.conv_out",
+    "decoder.norm_out": "decoder.conv_norm_out",
+    "decoder.post_quant_conv": "post_quant_conv",
+    "bn": "bn",
+}
+_VAE_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+_RESNET_PARTS = {"norm1", "conv1", "norm2", "conv2"}
+_ATTN_PROJ = re.compile(r"(encoder|decoder)\.mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)")
+
+
+def _resnet_part(part: str, to_diffusers: bool) -> str | None:
+    if part in _RESNET_PARTS:
+        return part
+    if to_diffusers:
+        return "conv_shortcut" if part == "nin_shortcut" else None
+    return "nin_shortcut" if part == "conv_shortcut" else None
+
+
+def _vae_levels(keys: Sequence[str], pattern: str) -> int:
+    indices = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
+    return max(indices) + 1 if indices else 0
+
+
+def _vae_module_to_diffusers(module: str, up_levels: int) -> str | None:
+    if module in _VAE_TOP:
+        return _VAE_TOP[module]
+    if m := re.fullmatch(r"encoder\.down\.(\d+)\.block\.(\d+)\.(\w+)", module):
+        part = _resnet_part(m.group(3), True)
+        return None if part is None else f"encoder.down_blocks.{m.group(1)}.resnets.{m.group(2)}.{part}"
+    if m := re.fullmatch(r"encoder\.down\.(\d+)\.downsample\.conv", module):
+        return f"encoder.down_blocks.{m.group(1)}.downsamplers.0.conv"
+    if m := re.fullmatch(r"decoder\.up\.(\d+)\.block\.(\d+)\.(\w+)", module):
+        part = _resnet_part(m.group(3), True)
+        level = up_levels - 1 - int(m.group(1))
+        return None if part is None else f"decoder.up_blocks.{level}.resnets.{m.group(2)}.{part}"
+    if m := re.fullmatch(r"decoder\.up\.(\d+)\.upsample\.conv", module):
+        return f"decoder.up_blocks.{up_levels - 1 - int(m.group(1))}.upsamplers.0.conv"
+    if m := re.fullmatch(r"(encoder|decoder)\.mid\.block_([12])\.(\w+)", module):
+        part = _resnet_part(m.group(3), True)
+        return None if part is None else f"{m.group(1)}.mid_block.resnets.{int(m.group(2)) - 1}.{part}"
+    if m := re.fullmatch(r"(encoder|decoder)\.mid\.attn_1\.(\w+)", module):
+        part = _VAE_ATTN.get(m.group(2))
+        return None if part is None else f"{m.group(1)}.mid_block.attentions.0.{part}"
+    return None
+
+
+def _vae_module_to_bfl(module: str, up_levels: int) -> str | None:
+    top = {v: k for k, v in _VAE_TOP.items()}
+    if module in top:
+        return top[module]
+    if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)", module):
+        part = _resnet_part(m.group(3), False)
+        return None if part is None else f"encoder.down.{m.group(1)}.block.{m.group(2)}.{part}"
+    if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv", module):
+        return f"encoder.down.{m.group(1)}.downsample.conv"
+    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)", module):
+        part = _resnet_part(m.group(3), False)
+        level = up_levels - 1 - int(m.group(1))
+        return None if part is None else f"decoder.up.{level}.block.{m.group(2)}.{part}"
+    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv", module):
+        return f"decoder.up.{up_levels - 1 - int(m.group(1))}.upsample.conv"
+    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.([01])\.(\w+)", module):
+        part = _resnet_part(m.group(3), False)
+        return None if part is None else f"{m.group(1)}.mid.block_{int(m.group(2)) + 1}.{part}"
+    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(\w+(?:\.0)?)", module):
+        part = {v: k for k, v in _VAE_ATTN.items()}.get(m.group(2))
+        return None if part is None else f"{m.group(1)}.mid.attn_1.{part}"
+    return None
+
+
+def _convert_vae(
+    sd: StateDict, module_map: Callable[[str, int], str | None], up_levels: int, to_diffusers: bool, what: str
+) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    unknown: list[str] = []
+    for key, tensor in sd.items():
+        module, param = key.rsplit(".", 1)
+        new = module_map(module, up_levels)
+        if new is None:
+            unknown.append(key)
+            continue
+        if param == "weight" and _ATTN_PROJ.fullmatch(new if to_diffusers else module):
+            # diffusers' attention uses Linear (C, C), BFL's 1x1 Conv2d (C, C, 1, 1)
+            tensor = tensor.reshape(tensor.shape[:2]) if to_diffusers else tensor.reshape(*tensor.shape, 1, 1)
+        out[f"{new}.{param}"] = tensor
+    if unknown:
+        raise _fail(f"keys that are not part of a {what}", unknown)
+    return out
+
+
+def convert_bfl_to_diffusers_vae(sd: StateDict) -> dict[str, Tensor]:
+    """BFL FLUX.2 ``ae.safetensors`` keys -> ``AutoencoderKLFlux2`` keys.
+
+    Raises:
+        Flux2ConversionError: A key is not part of the BFL FLUX.2 autoencoder layout.
+    """
+    levels = _vae_levels(list(sd), r"decoder\.up\.(\d+)\.")
+    return _convert_vae(sd, _vae_module_to_diffusers, levels, True, "BFL FLUX.2 autoencoder")
+
+
+def convert_diffusers_to_bfl_vae(sd: StateDict) -> dict[str, Tensor]:
+    """``AutoencoderKLFlux2`` keys -> BFL FLUX.2 autoencoder keys (the layout ``Flux2AutoEncoder`` loads).
+
+    Raises:
+        Flux2ConversionError: A key is not part of the diffusers AutoencoderKLFlux2 layout.
+    """
+    levels = _vae_levels(list(sd), r"decoder\.up_blocks\.(\d+)\.")
+    return _convert_vae(sd, _vae_module_to_bfl, levels, False, "diffusers AutoencoderKLFlux2")
+
+
+# --- probes
+
+
+def _shape(shapes: Shapes, key: str) -> tuple[int, ...] | None:
+    return tuple(int(s) for s in shapes[key]) if key in shapes else None
+
+
+def detect_flux2_dit_format(shapes: Shapes) -> Format | None:
+    """Tell whether tensors (name -> shape) are a FLUX.2 DiT, and in which layout.
+
+    FLUX.2 has shared ``double_stream_modulation_*`` projections of width ``6 D`` and no biases; FLUX.1 has
+    per-block ``img_mod`` / ``norm1`` modulations and biases, so it is never claimed here.
+
+    Returns:
+        ``"bfl"``, ``"diffusers"`` or None (not a FLUX.2 DiT, or keys under an unknown prefix).
+    """
+    layouts: dict[Format, tuple[str, str, str]] = {
+        "bfl": (
+            "img_in.weight",
+            "double_stream_modulation_img.lin.weight",
+            "single_stream_modulation.lin.weight",
+        ),
+        "diffusers": (
+            "x_embedder.weight",
+            "double_stream_modulation_img.linear.weight",
+            "single_stream_modulation.linear.weight",
+        ),
+    }
+    for fmt, (embed_key, double_key, single_key) in layouts.items():
+        embed, double, single = (
+            _shape(shapes, embed_key),
+            _shape(shapes, double_key),
+            _shape(shapes, single_key),
+        )
+        if embed is None or double is None or single is None or len(embed) != 2:
+            continue
+        hidden = embed[0]
+        if double != (6 * hidden, hidden) or single != (3 * hidden, hidden):
+            continue
+        if any(k.endswith(".bias") for k in shapes):
+            continue
+        return fmt
+    return None
+
+
+def detect_flux2_vae_format(shapes: Shapes) -> Format | None:
+    """Tell whether tensors (name -> shape) are a FLUX.2 autoencoder, and in which layout.
+
+    FLUX.2's AE has 1x1 quant convs and a ``bn`` holding statistics of 2x2-patchified latents
+    (``4 * z_channels`` entries); FLUX.1's AE has neither.
+
+    Returns:
+        ``"bfl"``, ``"diffusers"`` or None.
+    """
+    layouts: dict[Format, tuple[str, str]] = {
+        "bfl": ("encoder.quant_conv.weight", "encoder.down.0.block.0.conv1.weight"),
+        "diffusers": ("quant_conv.weight", "encoder.down_blocks.0.resnets.0.conv1.weight"),
+    }
+    bn = _shape(shapes, "bn.running_mean")
+    moments = _shape(shapes, "encoder.conv_out.weight")
+    if bn is None or moments is None or len(bn) != 1:
+        return None
+    for fmt, (quant_key, probe_key) in layouts.items():
+        quant = _shape(shapes, quant_key)
+        if quant is None or probe_key not in shapes or quant[:2] != (moments[0], moments[0]):
+            continue
+        if bn[0] == 2 * moments[0]:  # 4 * z_channels, moments hold 2 * z_channels
+            return fmt
+    return None
