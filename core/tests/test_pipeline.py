@@ -10,8 +10,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from diffstudio import ModelConfig, hookimpl
 from diffstudio.errors import (
     AmbiguousCheckpointError,
@@ -24,8 +22,8 @@ from diffstudio.pipeline.base import BasePipeline, WrongFamilyError
 from diffstudio.pipeline.units import InputParam, OutputParam, PipelineUnit
 from diffstudio.runtime import Runtime
 from diffstudio.types import ModelClaim
-from diffstudio_template_sdk.testing import FamilyConformance, UnitConformance
-from diffstudio_template_sdk.testing import toy, toy_plugin
+from diffstudio_template_sdk.testing import FamilyConformance, UnitConformance, toy, toy_plugin
+from PIL import Image
 
 
 @pytest.fixture

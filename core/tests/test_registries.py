@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 import torch
-
 from diffstudio import ModelConfig, hookimpl
 from diffstudio.errors import DuplicateRegistrationError
 from diffstudio.loading.convert import Converter

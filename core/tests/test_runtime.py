@@ -6,7 +6,6 @@ import types
 from collections.abc import Callable
 
 import pytest
-
 from diffstudio import hookimpl
 from diffstudio.errors import DuplicateRegistrationError, PluginLoadError
 from diffstudio.runtime import Runtime, incompatible_requirements
@@ -124,7 +123,6 @@ def test_fallback_merge_accepts_equal_and_rejects_conflicts() -> None:
 
 def test_fallback_vram_policy_is_resident() -> None:
     import torch
-
     from diffstudio.types import MemoryBudget, VramStrategy
 
     runtime = Runtime(env={}, load_entrypoints=False)
@@ -136,7 +134,6 @@ def test_fallback_vram_policy_is_resident() -> None:
 
 def test_plugin_vram_policy_wins_for_its_model_only() -> None:
     import torch
-
     from diffstudio.builtin.fallbacks import ResidentStrategy
     from diffstudio.types import MemoryBudget
 

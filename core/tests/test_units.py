@@ -7,9 +7,14 @@ from collections.abc import Mapping
 from typing import Any
 
 import pytest
-
 from diffstudio.errors import UnitGraphError
-from diffstudio.pipeline.units import InputParam, OutputParam, PipelineUnit, check_unit_declaration, order_units
+from diffstudio.pipeline.units import (
+    InputParam,
+    OutputParam,
+    PipelineUnit,
+    check_unit_declaration,
+    order_units,
+)
 
 
 def make_unit(name: str, *, after: tuple[str, ...] = (), before: tuple[str, ...] = (), stage: str = "prepare",

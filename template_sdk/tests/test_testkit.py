@@ -7,9 +7,8 @@ import sys
 import types
 from collections.abc import Callable
 
-import pytest
-
 import diffstudio_template_sdk as sdk
+import pytest
 from diffstudio.runtime import Runtime
 from diffstudio.types import PipelineSpec
 

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from diffstudio_template_sdk.testing import toy
 
 pytestmark = pytest.mark.slow

@@ -14,11 +14,10 @@ import inspect
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
-
+import tomllib
 from diffstudio import hookspecs
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -28,9 +28,9 @@ def pil_to_tensor(image: Any, *, argument: str = "image") -> torch.Tensor:
 
 def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
     """Convert ``(B, 3, H, W)`` in ``[-1, 1]`` to a list of RGB PIL images."""
-    array = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    array = array.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
-    return [Image.fromarray(a, mode="RGB") for a in array]
+    pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    array = pixels.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
+    return [Image.fromarray(a) for a in array]
 
 
 def convert_output(images: torch.Tensor, output_type: str, single: bool) -> Any:

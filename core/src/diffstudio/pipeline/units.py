@@ -120,7 +120,8 @@ def check_unit_declaration(unit: PipelineUnit) -> None:
         raise UnitGraphError(f"unit {unit.name!r} ({cls}) has an empty description")
     if unit.stage not in STAGES:
         raise UnitGraphError(f"unit {unit.name!r} has stage {unit.stage!r}; expected one of {STAGES}")
-    for param in (*unit.inputs, *unit.outputs):
+    params: list[InputParam | OutputParam] = [*unit.inputs, *unit.outputs]
+    for param in params:
         if not param.description.strip():
             raise UnitGraphError(f"unit {unit.name!r}: parameter {param.name!r} has an empty description")
 
@@ -147,18 +148,12 @@ def order_units(units: Sequence[PipelineUnit]) -> list[PipelineUnit]:
         edges: dict[str, set[str]] = {name: set() for name in members}  # name -> successors
         indegree = dict.fromkeys(members, 0)
 
-        def add_edge(first: str, then: str) -> None:
+        pairs = [(anchor, name) for name, unit in members.items() for anchor in unit.after if anchor in members]
+        pairs += [(name, anchor) for name, unit in members.items() for anchor in unit.before if anchor in members]
+        for first, then in pairs:
             if then not in edges[first]:
                 edges[first].add(then)
                 indegree[then] += 1
-
-        for name, unit in members.items():
-            for anchor in unit.after:
-                if anchor in members:
-                    add_edge(anchor, name)
-            for anchor in unit.before:
-                if anchor in members:
-                    add_edge(name, anchor)
         ready = [name for name, deg in indegree.items() if deg == 0]
         heapq.heapify(ready)
         stage_order: list[str] = []

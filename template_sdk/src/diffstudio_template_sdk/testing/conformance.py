@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
-
 from diffstudio.config import ModelConfig
 from diffstudio.identify import identify
 from diffstudio.pipeline.units import PipelineUnit, check_unit_declaration, order_units
@@ -54,8 +53,8 @@ class FamilyConformance:
 
     def test_entry_module_imports_no_torch(self) -> None:
         code = (
-            "import sys, importlib; importlib.import_module(%r); "
-            "sys.exit(1 if 'torch' in sys.modules else 0)" % self.plugin_module
+            f"import sys, importlib; importlib.import_module({self.plugin_module!r}); "
+            "sys.exit(1 if 'torch' in sys.modules else 0)"
         )
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, f"importing {self.plugin_module} imported torch: {result.stderr}"

@@ -16,9 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from einops import rearrange
-from torch import nn
-
 from diffstudio.loading.assign import build_on_meta, load_state_dict_into
 from diffstudio.loading.checkpoint import Checkpoint
 from diffstudio.pipeline.base import BasePipeline
@@ -26,6 +23,8 @@ from diffstudio.pipeline.images import convert_output
 from diffstudio.pipeline.units import InputParam, OutputParam, PipelineUnit
 from diffstudio.scheduler import FlowMatchScheduler
 from diffstudio.types import LoadRequest
+from einops import rearrange
+from torch import nn
 
 PATCH = 4
 CHANNELS = 3 * PATCH * PATCH  # 48 latent channels per token
