@@ -425,6 +425,10 @@ def test_no_download_when_offline_or_skipped(
 def test_network_failure_becomes_model_not_found(net: list[Any], monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("huggingface_hub")
     monkeypatch.delenv("HF_HUB_OFFLINE")
+    # huggingface_hub reads HF_HUB_OFFLINE once at import; a CI shell may have set it before the import.
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
     with pytest.raises(ModelNotFoundError) as info:
         resolve_files(TRANSFORMER)
     assert "Downloading from huggingface failed" in str(info.value)
