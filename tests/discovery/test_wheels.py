@@ -26,45 +26,25 @@ def _run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, **kwargs)  # type: ignore[call-overload]
 
 
-def _write_broken_plugin(folder: Path) -> Path:
-    (folder / "src" / "diffstudio_broken").mkdir(parents=True)
-    (folder / "pyproject.toml").write_text(textwrap.dedent("""
+def _write_plugin(folder: Path, name: str, core_requirement: str, plugin_source: str) -> Path:
+    """Write a one-module plugin distribution ``diffstudio-<name>`` whose entry module is ``plugin_source``."""
+    package = folder / "src" / f"diffstudio_{name}"
+    package.mkdir(parents=True)
+    (folder / "pyproject.toml").write_text(textwrap.dedent(f"""
         [build-system]
         requires = ["setuptools>=68"]
         build-backend = "setuptools.build_meta"
         [project]
-        name = "diffstudio-broken"
+        name = "diffstudio-{name}"
         version = "0.0.1"
-        dependencies = ["diffstudio-core ~= 0.1.0"]
+        dependencies = ["{core_requirement}"]
         [project.entry-points.diffstudio]
-        broken = "diffstudio_broken.plugin"
+        {name} = "diffstudio_{name}.plugin"
         [tool.setuptools.packages.find]
         where = ["src"]
     """))
-    (folder / "src" / "diffstudio_broken" / "__init__.py").write_text("")
-    (folder / "src" / "diffstudio_broken" / "plugin.py").write_text(
-        "raise ImportError('this plugin is broken on purpose')\n"
-    )
-    return folder
-
-
-def _write_future_plugin(folder: Path) -> Path:
-    (folder / "src" / "diffstudio_future").mkdir(parents=True)
-    (folder / "pyproject.toml").write_text(textwrap.dedent("""
-        [build-system]
-        requires = ["setuptools>=68"]
-        build-backend = "setuptools.build_meta"
-        [project]
-        name = "diffstudio-future"
-        version = "0.0.1"
-        dependencies = ["diffstudio-core >= 99"]
-        [project.entry-points.diffstudio]
-        future = "diffstudio_future.plugin"
-        [tool.setuptools.packages.find]
-        where = ["src"]
-    """))
-    (folder / "src" / "diffstudio_future" / "__init__.py").write_text("")
-    (folder / "src" / "diffstudio_future" / "plugin.py").write_text("raise SystemExit('must not be imported')\n")
+    (package / "__init__.py").write_text("")
+    (package / "plugin.py").write_text(plugin_source)
     return folder
 
 
@@ -75,8 +55,9 @@ def fresh_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
     sources = [
         ROOT / "core",
         ROOT / "plugins" / "_template",
-        _write_broken_plugin(work / "broken"),
-        _write_future_plugin(work / "future"),
+        _write_plugin(work / "broken", "broken", "diffstudio-core ~= 0.1.0",
+                      "raise ImportError('this plugin is broken on purpose')\n"),
+        _write_plugin(work / "future", "future", "diffstudio-core >= 99", "raise SystemExit('must not be imported')\n"),
     ]
     for source in sources:
         result = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",

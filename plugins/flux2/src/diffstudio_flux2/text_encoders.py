@@ -448,7 +448,7 @@ class PromptEncoder:
 
     def tokenize(self, prompts: list[str], max_sequence_length: int) -> tuple[Tensor, Tensor]:
         """Return ``input_ids`` and ``attention_mask``, both ``(B, max_sequence_length)``."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement tokenize()")
 
     @torch.no_grad()
     def encode(
