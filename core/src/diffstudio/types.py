@@ -116,13 +116,17 @@ class LoraFormat:
         name: e.g. ``"flux2/kohya"``.
         family: The family whose modules the LoRA targets.
         detect: True when the tensor names look like this layout.
-        to_canonical: Converts the state dict into the family's canonical ``{module_path: (A, B, alpha)}`` form.
+        to_canonical: Converts the state dict into the family's canonical form, a
+            ``diffstudio.lora.CanonicalLora`` (module path of a ``DeltaLinear`` -> ``LoraWeights``).
+        from_canonical: Writes a canonical LoRA back in this layout: returns the state dict and the safetensors
+            metadata (None when the layout is read-only). Used by trainers (``--lora_format``).
     """
 
     name: str
     family: str
     detect: Callable[[Sequence[str]], bool]
     to_canonical: Callable[[Mapping[str, Any]], Any]
+    from_canonical: Callable[[Mapping[str, Any]], tuple[dict[str, Any], dict[str, str]]] | None = None
 
 
 @dataclass(frozen=True)

@@ -426,6 +426,36 @@ class BasePipeline:
         blended: torch.Tensor = mask * velocity + (1 - mask) * towards_input
         return blended
 
+    def prepare(
+        self,
+        inputs: Mapping[str, Any],
+        *,
+        cfg: bool = False,
+        skip: Iterable[str] = (),
+        state: PipelineState | None = None,
+    ) -> PipelineState:
+        """Run the ``prepare``-stage units on ``inputs`` and return the state (the trainer's entry too).
+
+        Runs under the caller's grad mode (``generate`` wraps it in ``no_grad``). With ``input_image`` and
+        ``denoising_strength=1`` a family's input-image unit writes the clean latents as ``input_latents``
+        ``(B, L, C)``; the conditioning is in ``state.view("positive")``.
+
+        Args:
+            inputs: Call arguments.
+            cfg: Also run per-branch units on the negative branch.
+            skip: Names of units not to run (e.g. those whose outputs a split-training cache already holds).
+            state: Continue from this state instead of a new one (its shared values are updated by ``inputs``).
+        """
+        if state is None:
+            state = PipelineState(shared=dict(inputs))
+        else:
+            state.shared.update(inputs)
+        skipped = set(skip)
+        for unit in self.units:
+            if unit.stage == "prepare" and unit.name not in skipped:
+                self.run_unit(unit, state, cfg)
+        return state
+
     def generate(
         self,
         inputs: dict[str, Any],
@@ -442,11 +472,8 @@ class BasePipeline:
             raise PipelineInputError(f"output_type={output_type!r}; expected one of {OUTPUT_TYPES}")
         cfg_scale = inputs.get("cfg_scale")
         cfg = cfg_scale is not None and float(cfg_scale) != 1.0
-        state = PipelineState(shared=dict(inputs))
         with torch.no_grad():
-            for unit in self.units:
-                if unit.stage == "prepare":
-                    self.run_unit(unit, state, cfg)
+            state = self.prepare(inputs, cfg=cfg)
             self.denoise(
                 state, cfg=cfg, progress_bar_cmd=progress_bar_cmd, callback_on_step_end=callback_on_step_end
             )
