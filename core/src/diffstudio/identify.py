@@ -5,6 +5,7 @@ from __future__ import annotations
 from diffstudio.config import ModelConfig
 from diffstudio.errors import AmbiguousCheckpointError, UnknownCheckpointError
 from diffstudio.loading.checkpoint import Checkpoint
+from diffstudio.loading.sources import WEIGHT_SUFFIXES
 from diffstudio.resolve import resolve_files
 from diffstudio.runtime import Runtime
 from diffstudio.types import ModelClaim
@@ -23,7 +24,12 @@ def identify(runtime: Runtime, config: ModelConfig) -> tuple[Checkpoint, ModelCl
     """
     embedded = {m.model_id: m.root for m in runtime.hooks.embedded_models()}
     resolved = resolve_files(config, embedded=embedded)
-    checkpoint = Checkpoint.open(list(resolved.files))
+    files = list(resolved.files)
+    if len(files) > 1:  # a folder: config.json, tokenizer files, README ... sit beside the weights
+        weights = [f for f in files if f.suffix.lower() in WEIGHT_SUFFIXES]
+        safetensors = [f for f in weights if f.suffix.lower() == ".safetensors"]
+        files = safetensors or weights or files
+    checkpoint = Checkpoint.open(files)
     claims = runtime.hooks.load_model(checkpoint, config)
     if not claims:
         raise UnknownCheckpointError(checkpoint.source, checkpoint.telling_keys(), runtime.hooks.families_asked())

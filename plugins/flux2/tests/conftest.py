@@ -7,7 +7,6 @@ statistics) so that a swapped or transposed tensor shows up as a large differenc
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from dataclasses import dataclass
@@ -17,17 +16,13 @@ from typing import Any
 
 import pytest
 import torch
+from diffstudio_flux2.convert import convert_diffusers_to_bfl_dit, convert_diffusers_to_bfl_vae
+from diffstudio_flux2.math import image_ids, text_ids
+from diffstudio_flux2.model import Flux2
+from diffstudio_flux2.params import AutoEncoderParams, Flux2Params
+from diffstudio_flux2.vae import Flux2AutoEncoder
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-
-if importlib.util.find_spec("diffstudio_flux2") is None:  # not installed yet: use the source tree
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from diffstudio_flux2.convert import convert_diffusers_to_bfl_dit, convert_diffusers_to_bfl_vae  # noqa: E402
-from diffstudio_flux2.math import image_ids, text_ids  # noqa: E402
-from diffstudio_flux2.model import Flux2  # noqa: E402
-from diffstudio_flux2.params import AutoEncoderParams, Flux2Params  # noqa: E402
-from diffstudio_flux2.vae import Flux2AutoEncoder  # noqa: E402
 
 IN_CHANNELS, CONTEXT_DIM, HEADS, HEAD_DIM = 16, 24, 2, 16
 TOL = 1e-4
@@ -196,9 +191,7 @@ def vae_case(tmp_path_factory: pytest.TempPathFactory) -> VaeCase:
     return VaeCase(ref, {"bfl": bfl, "diffusers": folder, "diffusers-sharded": sharded})
 
 
-def dit_inputs(
-    batch: int = 2, height: int = 4, width: int = 6, txt: int = 7, seed: int = 0
-) -> dict[str, Any]:
+def dit_inputs(batch: int = 2, height: int = 4, width: int = 6, txt: int = 7, seed: int = 0) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(seed)
     return {
         "x": torch.randn(batch, height * width, IN_CHANNELS, generator=gen),
@@ -225,7 +218,7 @@ def run_reference(ref: nn.Module, inp: dict[str, Any], guidance: bool, **extra: 
     return out
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def helpers() -> ModuleType:
     """This module: test modules cannot import conftest under --import-mode=importlib."""
     return sys.modules[__name__]

@@ -76,9 +76,7 @@ _DIT_SINGLE = {  # inside single_blocks.N / single_transformer_blocks.N
     "norm.key_norm": "attn.norm_k",
 }
 _SWAPPED = "final_layer.adaLN_modulation.1"
-_BLOCK = re.compile(
-    r"^(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$"
-)
+_BLOCK = re.compile(r"^(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
 
 
 def _swap_halves(t: Tensor) -> Tensor:
@@ -133,9 +131,7 @@ def convert_diffusers_to_bfl_dit(sd: StateDict) -> dict[str, Tensor]:
     top = {v: k for k, v in _DIT_TOP.items()}
     double = {v: k for k, v in _DIT_DOUBLE.items()}
     single = {v: k for k, v in _DIT_SINGLE.items()}
-    fused_part = {
-        name: (fused, i) for fused, names in _DIT_DOUBLE_FUSED.items() for i, name in enumerate(names)
-    }
+    fused_part = {name: (fused, i) for fused, names in _DIT_DOUBLE_FUSED.items() for i, name in enumerate(names)}
     out: dict[str, Tensor] = {}
     pending: dict[str, list[Tensor | None]] = {}
     unknown: list[str] = []

@@ -171,9 +171,7 @@ class LastLayer(nn.Module):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = DeltaLinear(hidden_size, out_channels, bias=False)
-        self.adaLN_modulation = nn.Sequential(
-            nn.SiLU(), DeltaLinear(hidden_size, 2 * hidden_size, bias=False)
-        )
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), DeltaLinear(hidden_size, 2 * hidden_size, bias=False))
 
     def forward(self, x: Tensor, vec: Tensor) -> Tensor:
         """``x (B, L, D)``, ``vec (B, D)`` to ``(B, L, out_channels)``."""

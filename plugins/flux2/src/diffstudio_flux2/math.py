@@ -47,13 +47,9 @@ def unpack_latents(tokens: Tensor, height: int, width: int) -> Tensor:
     return rearrange(tokens, "b (h w) c -> b c h w", h=height, w=width)
 
 
-def image_ids(
-    batch: int, height: int, width: int, t: int = 0, device: torch.device | str | None = None
-) -> Tensor:
+def image_ids(batch: int, height: int, width: int, t: int = 0, device: torch.device | str | None = None) -> Tensor:
     """Position ids ``(t, h, w, 0)`` of a row-major ``height x width`` token grid, shape ``(B, H*W, 4)``."""
-    hh, ww = torch.meshgrid(
-        torch.arange(height, device=device), torch.arange(width, device=device), indexing="ij"
-    )
+    hh, ww = torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device), indexing="ij")
     ids = torch.zeros(height, width, 4, dtype=torch.long, device=device)  # (H, W, 4)
     ids[..., 0] = t
     ids[..., 1] = hh

@@ -75,10 +75,7 @@ class Flux2(nn.Module):
             self.guidance_in = MLPEmbedder(TIMESTEP_DIM, params.hidden_size)
         self.txt_in = _linear(params.context_in_dim, params.hidden_size)
         self.double_blocks = nn.ModuleList(
-            [
-                DoubleStreamBlock(params.hidden_size, params.num_heads, params.mlp_ratio)
-                for _ in range(params.depth)
-            ]
+            [DoubleStreamBlock(params.hidden_size, params.num_heads, params.mlp_ratio) for _ in range(params.depth)]
         )
         self.single_blocks = nn.ModuleList(
             [
@@ -187,18 +184,14 @@ class Flux2(nn.Module):
         if extra_ctx is not None:
             if extra_ctx_ids is None:
                 extra_ctx_ids = text_ids(1, extra_ctx.shape[1], start=ctx.shape[1], device=ctx.device)
-            extra_ctx_ids = _check_tokens(
-                extra_ctx, extra_ctx_ids, self.params.context_in_dim, "extra_ctx", batch
-            )
+            extra_ctx_ids = _check_tokens(extra_ctx, extra_ctx_ids, self.params.context_in_dim, "extra_ctx", batch)
             ctx = torch.cat([ctx, match_batch(extra_ctx, batch, "extra_ctx")], dim=1)
             ctx_ids = _cat_ids(ctx_ids, extra_ctx_ids)
         kv = dict(kv_extension or {})
         skip = frozenset(skip_blocks or ())
         unknown = sorted((set(kv) | skip) - set(self.block_names))
         if unknown:
-            raise ValueError(
-                f"unknown block names {unknown} in kv_extension/skip_blocks; known: double_i, single_i"
-            )
+            raise ValueError(f"unknown block names {unknown} in kv_extension/skip_blocks; known: double_i, single_i")
         txt_len, ref_len = ctx.shape[1], x.shape[1] - img_len
         extras = attention_kwargs or {}
 
@@ -291,9 +284,7 @@ def _add_residual(seq: Tensor, residual: Tensor | None, start: int, length: int)
     if residual is None:
         return seq
     if residual.shape[1:] != (length, seq.shape[2]):
-        raise ValueError(
-            f"block residual must have shape (B, {length}, {seq.shape[2]}), got {tuple(residual.shape)}"
-        )
+        raise ValueError(f"block residual must have shape (B, {length}, {seq.shape[2]}), got {tuple(residual.shape)}")
     if start == 0 and length == seq.shape[1]:
         return seq + residual
     head, mid, tail = seq[:, :start], seq[:, start : start + length], seq[:, start + length :]

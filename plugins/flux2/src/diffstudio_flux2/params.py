@@ -63,9 +63,7 @@ class Flux2Params:
     def __post_init__(self) -> None:
         self.axes_dim = tuple(self.axes_dim)
         if self.hidden_size % self.num_heads != 0:
-            raise ValueError(
-                f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}"
-            )
+            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
         if sum(self.axes_dim) != self.head_dim:
             raise ValueError(f"axes_dim {self.axes_dim} must sum to the head dim {self.head_dim}")
         if any(d % 2 for d in self.axes_dim):
@@ -112,13 +110,9 @@ class Flux2Params:
             raise ValueError("cannot infer FLUX.2 sizes: no double_blocks.* or single_blocks.* tensors")
         time_in = _require(shapes, "time_in.in_layer.weight")
         if context_hidden != hidden or time_in != (hidden, TIMESTEP_DIM):
-            raise ValueError(
-                f"inconsistent FLUX.2 widths: img_in {hidden}, txt_in {context_hidden}, time_in {time_in}"
-            )
+            raise ValueError(f"inconsistent FLUX.2 widths: img_in {hidden}, txt_in {context_hidden}, time_in {time_in}")
         if hidden % head_dim or head_dim % 8:
-            raise ValueError(
-                f"head dim {head_dim} (from the QK-norm scale) does not fit hidden size {hidden}"
-            )
+            raise ValueError(f"head dim {head_dim} (from the QK-norm scale) does not fit hidden size {hidden}")
         params = cls(
             in_channels=in_channels,
             context_in_dim=context_in_dim,
@@ -217,9 +211,7 @@ class AutoEncoderParams:
         levels = _count_blocks(shapes, "encoder.down")
         if levels == 0:
             raise ValueError("cannot infer FLUX.2 AE sizes: no encoder.down.* tensors")
-        ch_mult = tuple(
-            _require(shapes, f"encoder.down.{i}.block.0.conv1.weight")[0] // ch for i in range(levels)
-        )
+        ch_mult = tuple(_require(shapes, f"encoder.down.{i}.block.0.conv1.weight")[0] // ch for i in range(levels))
         num_res_blocks = _count_blocks(shapes, "encoder.down.0.block")
         (bn_channels,) = _require(shapes, "bn.running_mean")
         z = two_z // 2

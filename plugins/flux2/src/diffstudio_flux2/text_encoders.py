@@ -325,8 +325,7 @@ def load_qwen3_encoder(
     prefix = _qwen3_prefix(set(keys), shapes)
     if prefix is None:
         raise TextEncoderError(
-            f"{checkpoint.source} is not a Qwen3 text encoder (telling keys: "
-            f"{', '.join(checkpoint.telling_keys())})."
+            f"{checkpoint.source} is not a Qwen3 text encoder (telling keys: {', '.join(checkpoint.telling_keys())})."
         )
     cfg = Qwen3Config.from_dict(_read_config(checkpoint, config, "Qwen3"))
     kept = _trim(cfg, layers)
@@ -548,8 +547,7 @@ class Mistral3PromptEncoder(PromptEncoder):
         """One conversation per prompt: the system turn, then the prompt with ``[IMG]`` removed."""
         system = {"role": "system", "content": [{"type": "text", "text": self.system_message}]}
         return [
-            [system, {"role": "user", "content": [{"type": "text", "text": p.replace("[IMG]", "")}]}]
-            for p in prompts
+            [system, {"role": "user", "content": [{"type": "text", "text": p.replace("[IMG]", "")}]}] for p in prompts
         ]
 
     def tokenize(self, prompts: list[str], max_sequence_length: int) -> tuple[Tensor, Tensor]:
@@ -575,7 +573,5 @@ class Mistral3PromptEncoder(PromptEncoder):
         device: torch.device | str | None = None,
     ) -> Mistral3PromptEncoder:
         """Load weights (see :func:`load_mistral3_encoder`) and a tokenizer folder (or object)."""
-        tok = (
-            tokenizer if hasattr(tokenizer, "apply_chat_template") else load_tokenizer(tokenizer, "mistral3")
-        )
+        tok = tokenizer if hasattr(tokenizer, "apply_chat_template") else load_tokenizer(tokenizer, "mistral3")
         return cls(load_mistral3_encoder(text_encoder, torch_dtype, device), tok)

@@ -61,23 +61,16 @@ def load_tokenizer(source: str | os.PathLike[str] | None, kind: str = "qwen3") -
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as exc:  # transformers raises many types (OSError, ValueError, JSONDecodeError ...)
-        raise TokenizerConfigError(
-            f"The tokenizer in {str(folder)!r} could not be loaded: {exc}. {hint}"
-        ) from exc
+        raise TokenizerConfigError(f"The tokenizer in {str(folder)!r} could not be loaded: {exc}. {hint}") from exc
     if not getattr(tokenizer, "chat_template", None):
         template_json = folder / "chat_template.json"  # processor-style template of older saves
         if template_json.is_file():
             try:
-                tokenizer.chat_template = json.loads(template_json.read_text(encoding="utf-8"))[
-                    "chat_template"
-                ]
+                tokenizer.chat_template = json.loads(template_json.read_text(encoding="utf-8"))["chat_template"]
             except (ValueError, KeyError, TypeError) as exc:
-                raise TokenizerConfigError(
-                    f"{template_json} is not a valid chat template file. {hint}"
-                ) from exc
+                raise TokenizerConfigError(f"{template_json} is not a valid chat template file. {hint}") from exc
     if not getattr(tokenizer, "chat_template", None):
         raise TokenizerConfigError(
-            f"The tokenizer in {str(folder)!r} has no chat template, which FLUX.2 prompt encoding needs. "
-            f"{hint}"
+            f"The tokenizer in {str(folder)!r} has no chat template, which FLUX.2 prompt encoding needs. {hint}"
         )
     return tokenizer

@@ -55,9 +55,7 @@ class ResnetBlock(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
         self.norm2 = _group_norm(out_channels, groups)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
-        self.nin_shortcut = (
-            nn.Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else None
-        )
+        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else None
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C_in, H, W) -> (B, C_out, H, W)``."""
@@ -219,16 +217,12 @@ class Flux2AutoEncoder(nn.Module):
         self.params = params
         self.encoder = Encoder(params)
         self.decoder = Decoder(params)
-        self.bn = nn.BatchNorm2d(
-            params.latent_channels, eps=params.bn_eps, affine=False, track_running_stats=True
-        )
+        self.bn = nn.BatchNorm2d(params.latent_channels, eps=params.bn_eps, affine=False, track_running_stats=True)
 
     def _stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
         assert self.bn.running_mean is not None and self.bn.running_var is not None
         mean = self.bn.running_mean.view(1, -1, 1, 1).to(like.device, like.dtype)
-        std = torch.sqrt(self.bn.running_var.view(1, -1, 1, 1) + self.params.bn_eps).to(
-            like.device, like.dtype
-        )
+        std = torch.sqrt(self.bn.running_var.view(1, -1, 1, 1) + self.params.bn_eps).to(like.device, like.dtype)
         return mean, std
 
     def normalize(self, z: Tensor) -> Tensor:

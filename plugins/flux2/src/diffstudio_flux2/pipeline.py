@@ -1,0 +1,342 @@
+"""``Flux2ImagePipeline``: FLUX.2 dev and klein text-to-image, image-to-image, editing and inpainting.
+
+Slots: ``dit`` (:class:`~diffstudio_flux2.model.Flux2`), ``vae`` (:class:`~diffstudio_flux2.vae.Flux2AutoEncoder`)
+and ``text_encoder`` (a Qwen3 decoder for klein, a Mistral text decoder for dev). The tokenizer comes from
+``tokenizer_config`` or, when that is not given, from the ``tokenizer/`` folder beside the text encoder's folder.
+The units live in :mod:`diffstudio_flux2.units` and arrive through the ``pipeline_unit`` hook.
+
+Defaults per variant (DiffSynth's and BFL's recommendations): klein (distilled) 4 steps without CFG; klein-base
+50 steps with ``cfg_scale=4`` (the checkpoints cannot be told apart, so pass ``cfg_scale`` > 1 to get the base
+defaults); dev 50 steps with ``embedded_guidance=4``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffstudio.config import ModelConfig
+from diffstudio.errors import PipelineInputError
+from diffstudio.pipeline.base import BasePipeline
+from diffstudio.scheduler import FlowMatchScheduler
+from torch import Tensor
+
+from diffstudio_flux2.text_encoders import (
+    Mistral3PromptEncoder,
+    PromptEncoder,
+    Qwen3PromptEncoder,
+    TokenizerConfigError,
+    check_context_width,
+    load_tokenizer,
+)
+
+DEFAULT_STEPS = {"klein": 4, "klein-base": 50, "dev": 50}
+
+
+class Flux2ImagePipeline(BasePipeline):
+    """FLUX.2 image generation (see the module docstring)."""
+
+    family = "flux2"
+    pipeline_name = "flux2"
+    slots = {
+        "dit": "FLUX.2 transformer (Flux2)",
+        "vae": "FLUX.2 autoencoder with latent BatchNorm statistics",
+        "text_encoder": "Qwen3 (klein) or Mistral3 (dev) text decoder",
+    }
+    denoise_components = ("dit",)
+    size_multiple = 16
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.tokenizer: Any = None
+        self._prompt_encoder: PromptEncoder | None = None
+
+    def default_scheduler(self) -> FlowMatchScheduler:
+        """FLUX.2's flow-matching schedule (empirical mu)."""
+        return FlowMatchScheduler.for_family("flux2")
+
+    # ------------------------------------------------------------------------------------------------------
+    # loading
+    # ------------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(  # type: ignore[override]
+        cls,
+        torch_dtype: torch.dtype = torch.bfloat16,
+        device: str | None = None,
+        model_configs: Sequence[ModelConfig] = (),
+        tokenizer_config: ModelConfig | None = None,
+        vram_limit: float | None = None,
+        **kwargs: Any,
+    ) -> Flux2ImagePipeline:
+        """Load the pipeline from ``ModelConfig`` entries (DiT, VAE, text encoder; any supported layout).
+
+        Args:
+            torch_dtype: Computation dtype.
+            device: Computation device (default CUDA when available).
+            model_configs: One config per component.
+            tokenizer_config: The tokenizer folder (default: ``tokenizer/`` beside the text encoder).
+            vram_limit: Memory budget in GiB on the computation device.
+            **kwargs: ``runtime=`` and other BasePipeline options.
+
+        Raises:
+            TextEncoderMismatchError: the text encoder's width differs from the DiT's context width.
+            TokenizerConfigError: a text encoder is loaded but no tokenizer can be found.
+        """
+        pipe = super().from_pretrained(
+            torch_dtype=torch_dtype,
+            device=device,
+            model_configs=model_configs,
+            tokenizer_config=tokenizer_config,
+            vram_limit=vram_limit,
+            **kwargs,
+        )
+        assert isinstance(pipe, Flux2ImagePipeline)
+        if pipe.tokenizer is None and pipe.has("text_encoder"):
+            sibling = pipe._sibling_tokenizer()
+            if sibling is not None:
+                pipe.tokenizer = load_tokenizer(sibling, pipe.text_encoder_kind)
+        pipe.check_components()
+        return pipe
+
+    def _sibling_tokenizer(self) -> Path | None:
+        files = self.loaded["text_encoder"].files
+        if not files:
+            return None
+        candidate = Path(files[0]).parent.parent / "tokenizer"
+        return candidate if candidate.is_dir() else None
+
+    def load_tokenizer(self, config: ModelConfig) -> None:
+        """Load the tokenizer folder that ``tokenizer_config`` names (offline)."""
+        from diffstudio.resolve import resolve_files
+
+        embedded = {m.model_id: m.root for m in self.runtime.hooks.embedded_models()}
+        resolved = resolve_files(config, embedded=embedded)
+        folder = resolved.folder if resolved.is_folder else resolved.files[0].parent
+        self.tokenizer = load_tokenizer(folder, self.text_encoder_kind if self.has("text_encoder") else "qwen3")
+        self._prompt_encoder = None
+
+    def set_component(self, slot: str, module: Any, **kwargs: Any) -> None:
+        """Put a component into a slot (resets the cached prompt encoder)."""
+        super().set_component(slot, module, **kwargs)
+        self._prompt_encoder = None
+
+    def check_components(self) -> None:
+        """Check that the loaded parts fit together (text width vs DiT context width)."""
+        if self.has("dit") and self.has("text_encoder"):
+            check_context_width(self.prompt_encoder().width, self.dit.params.context_in_dim)
+
+    @property
+    def text_encoder_kind(self) -> str:
+        """``"qwen3"`` (klein) or ``"mistral3"`` (dev)."""
+        claim = self.loaded["text_encoder"].claim if self.has("text_encoder") else None
+        if claim is not None and claim.model_type.endswith("mistral3"):
+            return "mistral3"
+        return "qwen3"
+
+    def prompt_encoder(self) -> PromptEncoder:
+        """The prompt encoder over the loaded text encoder and tokenizer."""
+        if self._prompt_encoder is None:
+            if not self.has("text_encoder"):
+                raise PipelineInputError("no text encoder is loaded; add its ModelConfig to from_pretrained")
+            if self.tokenizer is None:
+                raise TokenizerConfigError(
+                    "No tokenizer was found for the text encoder; pass tokenizer_config=ModelConfig(..., "
+                    "origin_file_pattern='tokenizer/') (or path=...) to from_pretrained."
+                )
+            kind = Mistral3PromptEncoder if self.text_encoder_kind == "mistral3" else Qwen3PromptEncoder
+            self._prompt_encoder = kind(self.text_encoder, self.tokenizer)
+            self._prompt_encoder.execution_device = torch.device(self.device)
+        return self._prompt_encoder
+
+    @property
+    def variant(self) -> str:
+        """``"dev"``, ``"klein"`` or ``"custom"``, from the DiT's claim (dev has a guidance embedder)."""
+        if not self.has("dit"):
+            return "klein"
+        return "dev" if self.dit.use_guidance_embed else "klein"
+
+    # ------------------------------------------------------------------------------------------------------
+    # latent geometry and the VAE
+    # ------------------------------------------------------------------------------------------------------
+
+    @property
+    def spatial_factor(self) -> int:
+        """Pixels per latent token side: VAE downsampling x 2x2 patchify (16 for the official VAE)."""
+        if self.has("vae"):
+            return int(self.vae.params.downsample_factor)
+        return 16
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of a latent token (128 for the official models)."""
+        if self.has("dit"):
+            return int(self.dit.in_channels)
+        if self.has("vae"):
+            return int(self.vae.params.latent_channels)
+        return 128
+
+    def latent_grid(self, height: int, width: int) -> tuple[int, int]:
+        """Latent token grid ``(h, w)`` of an image of ``height x width`` pixels."""
+        factor = self.spatial_factor
+        if height % factor or width % factor:
+            raise PipelineInputError(
+                f"{height}x{width} is not a multiple of {factor} (this VAE's pixels per latent token)"
+            )
+        return height // factor, width // factor
+
+    def encode_image(self, pixels: Tensor) -> Tensor:
+        """Images ``(B, 3, H, W)`` in ``[-1, 1]`` -> normalised latents ``(B, C, H/f, W/f)`` (pipeline dtype)."""
+        if not self.has("vae"):
+            raise PipelineInputError("this input needs the VAE; add its ModelConfig to from_pretrained")
+        vae = self.vae
+        dtype = next(vae.parameters()).dtype
+        latents: Tensor = vae.encode(pixels.to(self.device, dtype))
+        return latents.to(self.torch_dtype)
+
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Normalised latents ``(B, C, h, w)`` -> images ``(B, 3, f*h, f*w)`` in about ``[-1, 1]``."""
+        if not self.has("vae"):
+            raise PipelineInputError("decoding needs the VAE; add its ModelConfig or use output_type='latent'")
+        vae = self.vae
+        dtype = next(vae.parameters()).dtype
+        images: Tensor = vae.decode(latents.to(self.device, dtype))
+        return images
+
+    # ------------------------------------------------------------------------------------------------------
+    # denoising
+    # ------------------------------------------------------------------------------------------------------
+
+    def predict_velocity(self, inputs: Mapping[str, Any], step_index: int, timestep: Tensor) -> Tensor:
+        """Run the DiT on one branch: target tokens, edit tokens, text tokens, template extensions.
+
+        Args:
+            inputs: Branch view with ``latents`` ``(B, L, C)``, ``image_ids``, ``prompt_embeds``, ``text_ids``,
+                optionally ``edit_latents``/``edit_image_ids``, ``kv_extension``, ``extra_ctx``,
+                ``embedded_guidance``.
+            step_index: Denoising step.
+            timestep: ``sigma * 1000``, scalar or ``(B,)``.
+
+        Returns:
+            Velocity ``(B, L, C)``.
+        """
+        latents = inputs["latents"]
+        batch = latents.shape[0]
+        dit = self.dit
+        dtype = latents.dtype
+        t = (timestep.to(torch.float32) / 1000).expand(batch) if timestep.ndim == 0 else timestep / 1000
+        guidance = None
+        if dit.use_guidance_embed:
+            value = inputs.get("embedded_guidance")
+            guidance = torch.full((batch,), 4.0 if value is None else float(value), device=latents.device)
+        edit = inputs.get("edit_latents")
+        velocity: Tensor = dit(
+            latents,
+            inputs["image_ids"],
+            t.to(latents.device, dtype),
+            inputs["prompt_embeds"].to(dtype),
+            inputs["text_ids"],
+            guidance,
+            extra_x=None if edit is None else edit.to(latents.device, dtype),
+            extra_x_ids=inputs.get("edit_image_ids"),
+            extra_ctx=inputs.get("extra_ctx"),
+            kv_extension=inputs.get("kv_extension"),
+            attention_kwargs=inputs.get("attention_kwargs"),
+        )
+        return velocity
+
+    def default_steps(self, cfg_scale: float) -> int:
+        """Step count of the seed's examples for this variant."""
+        if self.variant == "dev":
+            return DEFAULT_STEPS["dev"]
+        return DEFAULT_STEPS["klein-base"] if cfg_scale > 1 else DEFAULT_STEPS["klein"]
+
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] = "",
+        cfg_scale: float = 1.0,
+        embedded_guidance: float = 4.0,
+        height: int = 1024,
+        width: int = 1024,
+        seed: int | None = None,
+        rand_device: str = "cpu",
+        num_inference_steps: int | None = None,
+        input_image: Any = None,
+        denoising_strength: float = 1.0,
+        edit_image: Any = None,
+        edit_image_auto_resize: bool = True,
+        inpaint_mask: Any = None,
+        inpaint_blur_size: int | None = None,
+        inpaint_blur_sigma: float | None = None,
+        sigmas: Sequence[float] | None = None,
+        latents: Tensor | None = None,
+        max_sequence_length: int = 512,
+        output_type: str = "pil",
+        progress_bar_cmd: Callable[..., Any] | None = None,
+        callback_on_step_end: Callable[..., Any] | None = None,
+        **extra: Any,
+    ) -> Any:
+        """Generate images.
+
+        Args:
+            prompt: One prompt (returns one image) or a list (returns a list).
+            negative_prompt: Used when ``cfg_scale`` > 1 (one for all, or one per prompt).
+            cfg_scale: Real classifier-free guidance scale (klein-base: 4); 1 disables it.
+            embedded_guidance: Distilled guidance of dev (ignored by klein).
+            height: Image height, a multiple of 16.
+            width: Image width, a multiple of 16.
+            seed: Base seed (image i uses ``seed + i``); None draws one.
+            rand_device: Device the noise is drawn on.
+            num_inference_steps: Steps (default per variant: klein 4, klein-base 50, dev 50).
+            input_image: Image-to-image source (PIL).
+            denoising_strength: Image-to-image strength in ``(0, 1]``.
+            edit_image: Reference image(s) for editing (PIL or list).
+            edit_image_auto_resize: Scale references above 1024x1024 down and crop them to multiples of 16.
+            inpaint_mask: PIL mask, white = repaint (with ``input_image``).
+            inpaint_blur_size: Mask blur kernel size in latent cells.
+            inpaint_blur_sigma: Mask blur sigma in latent cells.
+            sigmas: Explicit schedule (unshifted sigmas, ``(N,)``).
+            latents: Initial noise in token layout ``(B, h*w, C)``.
+            max_sequence_length: Text tokens (512).
+            output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
+            progress_bar_cmd: Progress bar factory (tqdm by default; ``lambda x: x`` hides it).
+            callback_on_step_end: ``fn(pipe, step, timestep, {"latents": ...}) -> updates``.
+            **extra: Inputs of plugin units (``kv_cache``, ``extra_text_embedding``, ...).
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if isinstance(negative_prompt, str):
+            negatives = [negative_prompt] * len(prompts)
+        else:
+            negatives = list(negative_prompt)
+        if len(negatives) != len(prompts):
+            raise PipelineInputError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        steps = num_inference_steps if num_inference_steps is not None else self.default_steps(cfg_scale)
+        inputs: dict[str, Any] = {
+            "prompt": prompts,
+            "negative_prompt": negatives,
+            "cfg_scale": cfg_scale,
+            "embedded_guidance": embedded_guidance,
+            "height": height,
+            "width": width,
+            "seed": seed,
+            "rand_device": rand_device,
+            "num_inference_steps": steps,
+            "input_image": input_image,
+            "denoising_strength": denoising_strength,
+            "edit_image": edit_image,
+            "edit_image_auto_resize": edit_image_auto_resize,
+            "inpaint_mask": inpaint_mask,
+            "inpaint_blur_size": inpaint_blur_size,
+            "inpaint_blur_sigma": inpaint_blur_sigma,
+            "sigmas": sigmas,
+            "latents": latents,
+            "max_sequence_length": max_sequence_length,
+            "output_type": output_type,
+            "single": isinstance(prompt, str),
+            **extra,
+        }
+        self.check_inputs(extra)
+        return self.generate(inputs, progress_bar_cmd=progress_bar_cmd, callback_on_step_end=callback_on_step_end)

@@ -1,0 +1,88 @@
+"""Entry module of diffstudio-flux2: hook implementations only (no torch at import time)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from diffstudio import hookimpl
+from diffstudio.types import LoraFormat, ModelClaim, PipelineSpec
+
+if TYPE_CHECKING:
+    from diffstudio.config import ModelConfig
+    from diffstudio.loading import Checkpoint
+    from diffstudio.loading.convert import Converter
+    from diffstudio.pipeline.base import BasePipeline
+    from diffstudio.pipeline.units import PipelineUnit
+
+
+def _pipeline_class() -> type[Any]:
+    from diffstudio_flux2.pipeline import Flux2ImagePipeline
+
+    return Flux2ImagePipeline
+
+
+@hookimpl
+def register_pipelines(register: Callable[[PipelineSpec], None]) -> None:
+    """Offer ``Flux2ImagePipeline``."""
+    register(PipelineSpec("flux2", "flux2", _pipeline_class, "FLUX.2 dev / klein image generation and editing"))
+
+
+@hookimpl
+def load_model(checkpoint: Checkpoint, config: ModelConfig) -> ModelClaim | None:
+    """Claim FLUX.2 DiTs (BFL, ComfyUI, diffusers), autoencoders and Qwen3/Mistral3 text encoders."""
+    from diffstudio_flux2.loaders import claim
+
+    return claim(checkpoint)
+
+
+@hookimpl
+def pipeline_unit(pipeline: BasePipeline) -> list[PipelineUnit] | None:
+    """The FLUX.2 pipeline's units."""
+    if pipeline.family != "flux2":
+        return None
+    from diffstudio_flux2.units import flux2_units
+
+    return list(flux2_units())
+
+
+@hookimpl
+def register_converters(register: Callable[[Converter], None]) -> None:
+    """BFL <-> diffusers converters for the DiT and the autoencoder."""
+    from diffstudio.loading.convert import Converter
+
+    from diffstudio_flux2 import convert
+
+    pairs = [
+        Converter.pair(
+            "bfl",
+            "diffusers",
+            convert.convert_bfl_to_diffusers_dit,
+            convert.convert_diffusers_to_bfl_dit,
+            family="flux2_dit",
+            description="FLUX.2 DiT: BFL single-file names <-> diffusers Flux2Transformer2DModel",
+        ),
+        Converter.pair(
+            "bfl",
+            "diffusers",
+            convert.convert_bfl_to_diffusers_vae,
+            convert.convert_diffusers_to_bfl_vae,
+            family="flux2_vae",
+            description="FLUX.2 autoencoder: BFL ae.safetensors <-> diffusers AutoencoderKLFlux2",
+        ),
+    ]
+    for forward in pairs:
+        register(forward)
+        if forward.reverse is not None:
+            register(forward.reverse)
+
+
+@hookimpl
+def register_lora_formats(register: Callable[[LoraFormat], None]) -> None:
+    """FLUX.2 LoRA layouts (diffusers/PEFT, BFL/ComfyUI, kohya)."""
+    try:
+        from diffstudio_flux2.lora import lora_formats
+    except ImportError:  # pragma: no cover - the LoRA module is optional while it is being built
+        return
+    for spec in lora_formats():
+        register(spec)
