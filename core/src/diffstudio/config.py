@@ -95,7 +95,7 @@ class ModelConfig:
                 parse_device(device, name=f"{state}_device", allow_disk=state in _DISK_STATES)
             dtype = getattr(self, f"{state}_dtype")
             if dtype is not None:
-                parse_dtype(dtype, name=f"{state}_dtype")
+                _memory_dtype(state, dtype)
 
     # ----------------------------------------------------------------------------------------------------
     # validation
@@ -110,14 +110,10 @@ class ModelConfig:
         if self.path is not None:
             entries = self.path if isinstance(self.path, list) else [self.path]
             if not entries:
-                raise ConfigError(
-                    "path=[] names no file; accepted: a path, a non-empty list of paths, or None"
-                )
+                raise ConfigError("path=[] names no file; accepted: a path, a non-empty list of paths, or None")
             for entry in entries:
                 if not isinstance(entry, (str, os.PathLike)) or not os.fspath(entry):
-                    raise ConfigError(
-                        f"path entry {entry!r} is not a path; accepted: a non-empty str or os.PathLike"
-                    )
+                    raise ConfigError(f"path entry {entry!r} is not a path; accepted: a non-empty str or os.PathLike")
         if self.model_id is not None:
             _check_model_id(self.model_id)
         if self.download_source is not None:
@@ -136,8 +132,7 @@ class ModelConfig:
             raise ConfigError(f"skip_download={self.skip_download!r} must be True or False")
         if self.revision is not None and (not isinstance(self.revision, str) or not self.revision.strip()):
             raise ConfigError(
-                f"revision={self.revision!r} is not a revision; accepted: a branch, tag or commit sha, "
-                f"or None"
+                f"revision={self.revision!r} is not a revision; accepted: a branch, tag or commit sha, or None"
             )
 
     def _check_pattern(self) -> None:
@@ -185,9 +180,7 @@ class ModelConfig:
             else parse_device(self.computation_device, name="computation_device")
         )
         compute_dtype = (
-            None
-            if self.computation_dtype is None
-            else parse_dtype(self.computation_dtype, name="computation_dtype")
+            None if self.computation_dtype is None else parse_dtype(self.computation_dtype, name="computation_dtype")
         )
         result: dict[str, Any] = {}
         for state in MEMORY_STATES:
@@ -198,9 +191,7 @@ class ModelConfig:
                 if device is None
                 else parse_device(device, name=f"{state}_device", allow_disk=state in _DISK_STATES)
             )
-            result[f"{state}_dtype"] = (
-                compute_dtype if dtype is None else parse_dtype(dtype, name=f"{state}_dtype")
-            )
+            result[f"{state}_dtype"] = compute_dtype if dtype is None else _memory_dtype(state, dtype)
         return result
 
     def vram_config(self) -> dict[str, Any]:
@@ -214,9 +205,7 @@ class ModelConfig:
         The computation fields alone do not count: they only say where the model runs.
         """
         return any(
-            getattr(self, f"{state}_{kind}") is not None
-            for state in MEMORY_STATES[:3]
-            for kind in ("device", "dtype")
+            getattr(self, f"{state}_{kind}") is not None for state in MEMORY_STATES[:3] for kind in ("device", "dtype")
         )
 
     def describe(self) -> str:
@@ -228,6 +217,16 @@ class ModelConfig:
         shown = ", ".join(pattern) if isinstance(pattern, list) else (pattern or "(whole repository)")
         revision = f" at revision {self.revision}" if self.revision else ""
         return f"{shown} of model {self.model_id!r}{revision}"
+
+
+def _memory_dtype(state: str, dtype: Any) -> Any:
+    """Parse a memory-state dtype, allowing ``"disk"`` for offload and onload.
+
+    ``"disk"`` means the weights stay in the file in its dtype, as in DiffSynth-Studio's configs.
+    """
+    if state in _DISK_STATES and isinstance(dtype, str) and dtype.strip().lower() == "disk":
+        return "disk"
+    return parse_dtype(dtype, name=f"{state}_dtype")
 
 
 def _check_model_id(model_id: object) -> None:

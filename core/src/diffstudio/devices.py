@@ -80,8 +80,7 @@ def parse_device(value: object, *, name: str, allow_disk: bool = False) -> str:
         return str(value)
     if not isinstance(value, str):
         raise ConfigError(
-            f"{name}={value!r} is a {type(value).__name__}, not a device; accepted: {accepted}, "
-            f"or a torch.device"
+            f"{name}={value!r} is a {type(value).__name__}, not a device; accepted: {accepted}, or a torch.device"
         )
     if value == DISK:
         if allow_disk:
@@ -131,9 +130,7 @@ def parse_dtype(value: object, *, name: str) -> torch.dtype:
         )
     found: Any = getattr(torch, key, None) if key in BASE_DTYPE_NAMES + FP8_DTYPE_NAMES else None
     if not isinstance(found, torch.dtype):
-        raise ConfigError(
-            f"{name}={value!r} is not a known dtype; accepted: {', '.join(accepted_dtype_names())}"
-        )
+        raise ConfigError(f"{name}={value!r} is not a known dtype; accepted: {', '.join(accepted_dtype_names())}")
     return found
 
 

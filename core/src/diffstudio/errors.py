@@ -102,8 +102,7 @@ class StrictLoadError(CheckpointError):
             parts.append(f"Missing keys ({len(missing)}): {', '.join(missing[:20])}" + (" ..." * (len(missing) > 20)))
         if unexpected:
             parts.append(
-                f"Unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}"
-                + (" ..." * (len(unexpected) > 20))
+                f"Unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}" + (" ..." * (len(unexpected) > 20))
             )
         if mismatched:
             parts.append(f"Shape mismatches ({len(mismatched)}): {', '.join(mismatched[:20])}")
@@ -121,8 +120,11 @@ class ModelNotFoundError(DiffstudioError):
         lines = "\n  ".join(tried) if tried else "(nothing)"
         super().__init__(
             f"Could not find {what}. Paths tried:\n  {lines}\n"
-            + (hint or "Pass ModelConfig(path=...) pointing at the files, or download them into one of the "
-               "caches above (huggingface-cli / modelscope download).")
+            + (
+                hint
+                or "Pass ModelConfig(path=...) pointing at the files, or download them into one of the "
+                "caches above (huggingface-cli / modelscope download)."
+            )
         )
         self.tried = list(tried)
 

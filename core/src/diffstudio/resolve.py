@@ -365,9 +365,7 @@ def _download_source(config: ModelConfig, env: Mapping[str, str]) -> tuple[str |
 
 def _download(config: ModelConfig, model_id: str, pattern: _Pattern, source: str, hub: Path) -> Path:
     """Download the pattern's files with the client's ``snapshot_download``; return the local root."""
-    local_dir = (
-        str(Path(config.local_model_path).expanduser() / model_id) if config.local_model_path else None
-    )
+    local_dir = str(Path(config.local_model_path).expanduser() / model_id) if config.local_model_path else None
     allow = pattern.allow_patterns()
     client: Any
     if source == "huggingface":

@@ -136,8 +136,10 @@ def _model_configs(runtime: Runtime, model: str | Sequence[str] | None) -> tuple
             else None
         )
         return configs, tokenizer, spec
-    configs = [ModelConfig(path=n) if Path(n).exists() or any(c in n for c in "*?[") else ModelConfig(model_id=n)
-               for n in names]
+    configs = [
+        ModelConfig(path=n) if Path(n).exists() or any(c in n for c in "*?[") else ModelConfig(model_id=n)
+        for n in names
+    ]
     return configs, None, None
 
 
@@ -212,9 +214,9 @@ def run(
 
     runtime = runtime if runtime is not None else Runtime()
     if jobs is not None:
-        job_list = load_jobs(jobs) if isinstance(jobs, (str, Path)) else [
-            make_job(i, row) for i, row in enumerate(jobs)
-        ]
+        job_list = (
+            load_jobs(jobs) if isinstance(jobs, (str, Path)) else [make_job(i, row) for i, row in enumerate(jobs)]
+        )
     elif prompt is not None:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         base = 0 if seed is None else seed
@@ -229,8 +231,10 @@ def run(
     for job in mine:
         paths = job.outputs(folder)
         if all(p.exists() for p in paths):
-            results.extend({"prompt": job.prompt, "seed": job.seed + i, "path": str(p), "skipped": True}
-                           for i, p in enumerate(paths))
+            results.extend(
+                {"prompt": job.prompt, "seed": job.seed + i, "path": str(p), "skipped": True}
+                for i, p in enumerate(paths)
+            )
         else:
             todo.append(job)
     if todo:
@@ -258,8 +262,13 @@ def _record(pipe: Any, job: Job, index: int, image: Any, arguments: Mapping[str,
 def run_cli(args: argparse.Namespace, runtime: Runtime) -> int:
     """``diffstudio run``: map command-line arguments onto :func:`run`."""
     options: dict[str, Any] = {}
-    for key, name in (("steps", "num_inference_steps"), ("cfg_scale", "cfg_scale"), ("height", "height"),
-                      ("width", "width"), ("negative_prompt", "negative_prompt")):
+    for key, name in (
+        ("steps", "num_inference_steps"),
+        ("cfg_scale", "cfg_scale"),
+        ("height", "height"),
+        ("width", "width"),
+        ("negative_prompt", "negative_prompt"),
+    ):
         value = getattr(args, key)
         if value is not None:
             options[name] = value
@@ -269,8 +278,16 @@ def run_cli(args: argparse.Namespace, runtime: Runtime) -> int:
     if jobs is None and args.num_images > 1:
         jobs = [{"prompt": args.prompt, "seed": args.seed or 0, "num_images": args.num_images}]
     results = run(
-        args.prompt, jobs=jobs, model=args.model, out=args.out, seed=args.seed, metadata=not args.no_metadata,
-        runtime=runtime, device=args.device, torch_dtype=args.dtype, **options,
+        args.prompt,
+        jobs=jobs,
+        model=args.model,
+        out=args.out,
+        seed=args.seed,
+        metadata=not args.no_metadata,
+        runtime=runtime,
+        device=args.device,
+        torch_dtype=args.dtype,
+        **options,
     )
     rank, _, _ = _process_split()
     if rank == 0 or args.format == "json":

@@ -156,9 +156,7 @@ class FlowMatchScheduler:
         self.mu: float | None = None
 
     @classmethod
-    def for_family(
-        cls, family: Literal["flux1", "flux2"], **overrides: float | int | None
-    ) -> FlowMatchScheduler:
+    def for_family(cls, family: Literal["flux1", "flux2"], **overrides: float | int | None) -> FlowMatchScheduler:
         """The scheduler a family's diffusers pipeline uses (``shift_mode=family``, FLUX defaults).
 
         Args:
@@ -191,9 +189,7 @@ class FlowMatchScheduler:
     # schedules
     # ------------------------------------------------------------------------------------------------------
 
-    def resolve_mu(
-        self, num_steps: int, image_seq_len: int | None = None, mu: float | None = None
-    ) -> float | None:
+    def resolve_mu(self, num_steps: int, image_seq_len: int | None = None, mu: float | None = None) -> float | None:
         """The exponential-shift ``mu`` an inference schedule of ``num_steps`` steps uses.
 
         Args:
@@ -306,8 +302,7 @@ class FlowMatchScheduler:
         strength = float(denoising_strength)
         if not 0.0 < strength <= 1.0:
             raise PipelineInputError(
-                "denoising_strength must be in (0, 1] (1 = start from pure noise), "
-                f"got {denoising_strength!r}"
+                f"denoising_strength must be in (0, 1] (1 = start from pure noise), got {denoising_strength!r}"
             )
         return strength
 
@@ -365,9 +360,7 @@ class FlowMatchScheduler:
         except TypeError:
             raise PipelineInputError(f"step_index must be an integer, got {step_index!r}") from None
         if isinstance(step_index, bool) or not 0 <= index < self.num_inference_steps:
-            raise PipelineInputError(
-                f"step_index must be in [0, {self.num_inference_steps}), got {step_index!r}"
-            )
+            raise PipelineInputError(f"step_index must be in [0, {self.num_inference_steps}), got {step_index!r}")
         if velocity.shape != sample.shape:
             raise PipelineInputError(
                 f"velocity {tuple(velocity.shape)} and sample {tuple(sample.shape)} must have the same shape"
@@ -551,9 +544,7 @@ class FlowMatchScheduler:
             index = torch.randint(low, high, (batch,), generator=generator, device=draw_device)
         else:
             if timestep_sampling == "logit_normal":
-                normal = torch.normal(
-                    logit_mean, logit_std, size=(batch,), generator=generator, device=draw_device
-                )
+                normal = torch.normal(logit_mean, logit_std, size=(batch,), generator=generator, device=draw_device)
                 u = torch.sigmoid(normal)
             else:
                 u = torch.rand((batch,), generator=generator, device=draw_device)

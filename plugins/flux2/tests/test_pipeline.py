@@ -1,3 +1,4 @@
+# ruff: noqa: E501  (the seed quick start below keeps its original long lines)
 """Flux2ImagePipeline equals diffusers' Flux2KleinPipeline / Flux2Pipeline on tiny models loaded from disk."""
 
 from __future__ import annotations
@@ -270,3 +271,102 @@ def test_a_flux1_checkpoint_is_refused(tmp_path: Path) -> None:
             runtime=Runtime(),
         )  # fmt: skip
     assert "flux1" in str(info.value) or "x_embedder" in str(info.value)
+
+
+def test_reference_kv_caching_matches_the_klein_kv_pipeline(klein: Any) -> None:
+    from diffusers import Flux2KleinKVPipeline
+
+    ref = klein.reference
+    kv_pipe = Flux2KleinKVPipeline(
+        scheduler=ref.scheduler, vae=ref.vae, text_encoder=ref.text_encoder, tokenizer=ref.tokenizer,
+        transformer=ref.transformer,
+    )  # fmt: skip
+    kv_pipe.set_progress_bar_config(disable=True)
+    refs = [fp.image(64, 64, seed=1), fp.image(96, 64, seed=2)]
+    noise = fp.noise(1, H, W, seed=13)
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep(pipe: Any, step: int, t: Any, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        captured["latents"] = tensors["latents"]
+        return {}
+
+    with torch.no_grad():
+        kv_pipe(
+            prompt=PROMPTS[0], image=refs, height=H, width=W, num_inference_steps=3, latents=noise,
+            max_sequence_length=SEQ, output_type="latent", callback_on_step_end=keep,
+        )  # fmt: skip
+    # the diffusers KV attention processors stay installed on the shared transformer: restore the defaults
+    from diffusers.models.transformers.transformer_flux2 import Flux2AttnProcessor, Flux2ParallelSelfAttnProcessor
+
+    for block in ref.transformer.transformer_blocks:
+        block.attn.set_processor(Flux2AttnProcessor())
+    for block in ref.transformer.single_transformer_blocks:
+        block.attn.set_processor(Flux2ParallelSelfAttnProcessor())
+    pipe = ours(klein)
+    latents, _ = our_run(
+        pipe, prompt=PROMPTS[0], edit_image=refs, edit_kv_cache=True, height=H, width=W, num_inference_steps=3,
+        latents=pack_latents(noise),
+    )  # fmt: skip
+    assert_close(latents, captured["latents"], "final latents (reference K/V cache)")
+    full, _ = our_run(
+        pipe, prompt=PROMPTS[0], edit_image=refs, height=H, width=W, num_inference_steps=3,
+        latents=pack_latents(noise),
+    )  # fmt: skip
+    assert (full - latents).abs().max() > 1e-4  # caching is a different (kv-trained) scheme
+
+
+SEED_QUICKSTART = """
+from diffstudio import ModelConfig
+from diffstudio_flux2 import Flux2ImagePipeline
+import torch
+
+vram_config = {
+    "offload_dtype": "disk",
+    "offload_device": "disk",
+    "onload_dtype": torch.float8_e4m3fn,
+    "onload_device": "cpu",
+    "preparing_dtype": torch.float8_e4m3fn,
+    "preparing_device": "cpu",
+    "computation_dtype": torch.bfloat16,
+    "computation_device": "cpu",
+}
+pipe = Flux2ImagePipeline.from_pretrained(
+    torch_dtype=torch.bfloat16,
+    device="cpu",
+    model_configs=[
+        ModelConfig(model_id="black-forest-labs/FLUX.2-dev", origin_file_pattern="text_encoder/*.safetensors", **vram_config),
+        ModelConfig(model_id="black-forest-labs/FLUX.2-dev", origin_file_pattern="transformer/*.safetensors", **vram_config),
+        ModelConfig(model_id="black-forest-labs/FLUX.2-dev", origin_file_pattern="vae/diffusion_pytorch_model.safetensors"),
+    ],
+    tokenizer_config=ModelConfig(model_id="black-forest-labs/FLUX.2-dev", origin_file_pattern="tokenizer/"),
+    vram_limit=8.0,
+)
+prompt = "High resolution. A dreamy underwater portrait of a serene young woman in a flowing blue dress."
+image = pipe(prompt, seed=42, rand_device="cpu", num_inference_steps=50, height=64, width=64)
+image.save("image.jpg")
+"""
+
+
+def test_the_seed_quickstart_runs_with_only_imports_device_and_size_changed(
+    dev: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """002-flux2-zh.md's quick start, model_id and origin_file_pattern unchanged, served from a local HF cache."""
+    snapshot = tmp_path / "hub" / "models--black-forest-labs--FLUX.2-dev" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0123abcd")
+    for part in ("text_encoder", "transformer", "vae", "tokenizer"):
+        (snapshot / part).symlink_to(dev.root / part, target_is_directory=True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "modelscope"))
+    monkeypatch.chdir(tmp_path)
+    script = tmp_path / "quickstart.py"
+    script.write_text(SEED_QUICKSTART)
+    import runpy
+
+    runpy.run_path(str(script), run_name="__main__")
+    from PIL import Image
+
+    with Image.open(tmp_path / "image.jpg") as image:
+        assert image.size == (64, 64)

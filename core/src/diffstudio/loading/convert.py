@@ -167,14 +167,10 @@ def split_qkv(
     rows = tensor.shape[0] if tensor.dim() else 0
     if sizes is None:
         if not out_keys or rows % len(out_keys):
-            raise ConversionError(
-                f"split_qkv: {key} has {rows} rows, not divisible into {len(out_keys)} parts."
-            )
+            raise ConversionError(f"split_qkv: {key} has {rows} rows, not divisible into {len(out_keys)} parts.")
         sizes = [rows // len(out_keys)] * len(out_keys)
     if len(sizes) != len(out_keys) or sum(sizes) != rows or any(s < 0 for s in sizes):
-        raise ConversionError(
-            f"split_qkv: sizes {list(sizes)} for {list(out_keys)} do not split {key}'s {rows} rows."
-        )
+        raise ConversionError(f"split_qkv: sizes {list(sizes)} for {list(out_keys)} do not split {key}'s {rows} rows.")
     clashes = [k for k in out_keys if k in sd and k != key]
     if clashes or len(set(out_keys)) != len(out_keys):
         raise ConversionError(f"split_qkv: output keys {list(out_keys)} repeat or already exist ({clashes}).")

@@ -115,9 +115,7 @@ def load_pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if isinstance(loaded, Mapping) and "state_dict" in loaded and isinstance(loaded["state_dict"], Mapping):
         loaded = loaded["state_dict"]
     if not isinstance(loaded, Mapping):
-        raise PickleContentError(
-            f"{path} holds a {type(loaded).__name__}, not a mapping of names to tensors."
-        )
+        raise PickleContentError(f"{path} holds a {type(loaded).__name__}, not a mapping of names to tensors.")
     result: dict[str, torch.Tensor] = {}
     bad: list[str] = []
     for name, value in loaded.items():

@@ -212,9 +212,7 @@ def _parse_json(path: Path, raw: bytes) -> dict[str, Any]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise HeaderEncodingError(
-            path, f"the {len(raw)}-byte header is not valid UTF-8 ({exc.reason})"
-        ) from None
+        raise HeaderEncodingError(path, f"the {len(raw)}-byte header is not valid UTF-8 ({exc.reason})") from None
     if not text.startswith("{"):
         raise HeaderJsonError(path, f"the header does not start with '{{' (starts with {text[:16]!r})")
     try:
@@ -230,9 +228,7 @@ def _parse_metadata(path: Path, value: object) -> dict[str, str]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise InvalidMetadataError(
-            path, f"__metadata__ must be an object of strings, got {type(value).__name__}"
-        )
+        raise InvalidMetadataError(path, f"__metadata__ must be an object of strings, got {type(value).__name__}")
     for key, item in value.items():
         if not isinstance(item, str):
             raise InvalidMetadataError(
@@ -287,9 +283,7 @@ def _check_layout(path: Path, tensors: list[TensorInfo], buffer_size: int) -> No
     for info in tensors:
         if info.begin != position or info.end < info.begin:
             if info.begin > position:
-                problem = (
-                    f"gap: its data starts at byte {info.begin} but the previous tensor ends at {position}"
-                )
+                problem = f"gap: its data starts at byte {info.begin} but the previous tensor ends at {position}"
             elif info.begin < position:
                 problem = f"overlap: its data starts at byte {info.begin}, before the previous end {position}"
             else:
@@ -297,9 +291,7 @@ def _check_layout(path: Path, tensors: list[TensorInfo], buffer_size: int) -> No
             raise InvalidOffsetError(path, problem, info.name)
         bits = _checked_bits(info.shape, DTYPE_BITS[info.dtype])
         if bits is None:
-            raise ValidationOverflowError(
-                path, f"shape {list(info.shape)} x {info.dtype} overflows 64 bits", info.name
-            )
+            raise ValidationOverflowError(path, f"shape {list(info.shape)} x {info.dtype} overflows 64 bits", info.name)
         if bits % 8:
             raise TensorSizeError(
                 path,
@@ -317,9 +309,7 @@ def _check_layout(path: Path, tensors: list[TensorInfo], buffer_size: int) -> No
         position = info.end
     if position != buffer_size:
         if position < buffer_size:
-            problem = (
-                f"the tensors cover {position} bytes but the data buffer has {buffer_size} (trailing bytes)"
-            )
+            problem = f"the tensors cover {position} bytes but the data buffer has {buffer_size} (trailing bytes)"
         else:
             problem = f"the tensors need {position} bytes but the data buffer has only {buffer_size}"
         last = tensors[-1].name if tensors else None
@@ -353,8 +343,7 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
         if header_size + 8 > size:
             raise HeaderLengthError(
                 file,
-                f"the header length prefix says {header_size} bytes but the file has only {size - 8} "
-                "after it",
+                f"the header length prefix says {header_size} bytes but the file has only {size - 8} after it",
             )
         raw = handle.read(header_size)
     if len(raw) != header_size:  # the file shrank while we read it

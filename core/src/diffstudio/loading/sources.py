@@ -134,9 +134,7 @@ def read_index(path: Path) -> ShardIndex:
         raise ShardIndexError(f"Cannot read the shard index {path}: {exc}. {_REDOWNLOAD}") from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise ShardIndexError(
-            f"The shard index {path} has no weight_map of tensor names to file names. {_REDOWNLOAD}"
-        )
+        raise ShardIndexError(f"The shard index {path} has no weight_map of tensor names to file names. {_REDOWNLOAD}")
     folder = path.parent.resolve()
     resolved: dict[str, Path] = {}
     missing: set[str] = set()
@@ -144,8 +142,7 @@ def read_index(path: Path) -> ShardIndex:
         shard_path = (folder / shard).resolve()
         if shard_path.parent != folder:
             raise ShardIndexError(
-                f"The shard index {path} names {shard!r} for tensor {name!r}, which is not a file in "
-                f"{folder}."
+                f"The shard index {path} names {shard!r} for tensor {name!r}, which is not a file in {folder}."
             )
         if not shard_path.is_file():
             missing.add(shard)
@@ -244,7 +241,5 @@ def resolve_source(source: CheckpointSource) -> ResolvedSource:
     for part in parts:
         for file in part.files:
             files.setdefault(file.resolve(), None)
-    description = (
-        parts[0].description if len(parts) == 1 else describe_files([Path(p.description) for p in parts])
-    )
+    description = parts[0].description if len(parts) == 1 else describe_files([Path(p.description) for p in parts])
     return ResolvedSource(description, tuple(files), tuple(i for p in parts for i in p.indexes))

@@ -6,9 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def attention(
-    q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None = None, scale: float | None = None
-) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None = None, scale: float | None = None) -> Tensor:
     """Scaled dot-product attention over tokens, heads kept apart.
 
     Args:

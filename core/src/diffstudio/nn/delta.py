@@ -49,9 +49,7 @@ class DeltaLinear(nn.Linear):
             ValueError: ``name`` is already registered on this layer (remove it first).
         """
         if name in self._deltas:
-            raise ValueError(
-                f"delta {name!r} is already registered on this layer; remove_delta({name!r}) first"
-            )
+            raise ValueError(f"delta {name!r} is already registered on this layer; remove_delta({name!r}) first")
         self._deltas[name] = fn
 
     def remove_delta(self, name: str, *, missing_ok: bool = False) -> DeltaFn | None:
@@ -107,9 +105,7 @@ def to_delta_linears(module: nn.Module) -> int:
         for child_name, child in list(parent.named_children()):
             if type(child) is not nn.Linear:
                 continue
-            new = DeltaLinear(
-                child.in_features, child.out_features, bias=child.bias is not None, device="meta"
-            )
+            new = DeltaLinear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
             new.weight = child.weight
             new.bias = child.bias
             new.train(child.training)

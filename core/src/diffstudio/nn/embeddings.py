@@ -8,9 +8,7 @@ import torch
 from torch import Tensor
 
 
-def timestep_embedding(
-    t: Tensor, dim: int, max_period: float = 10000.0, time_factor: float = 1000.0
-) -> Tensor:
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, time_factor: float = 1000.0) -> Tensor:
     """Embed scalar timesteps as ``[cos, sin]`` of geometrically spaced frequencies.
 
     ``time_factor * t`` is multiplied by ``exp(-log(max_period) * i / (dim // 2))`` for ``i < dim // 2``;

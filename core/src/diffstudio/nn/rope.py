@@ -36,17 +36,13 @@ def rope_frequencies(ids: Tensor, axes_dim: Sequence[int], theta: float) -> Rope
         :class:`RopeFreqs` with ``cos``/``sin`` of shape ``(..., L, D // 2)``.
     """
     if ids.shape[-1] < len(axes_dim):
-        raise ValueError(
-            f"ids have {ids.shape[-1]} axes but axes_dim {tuple(axes_dim)} needs {len(axes_dim)}"
-        )
+        raise ValueError(f"ids have {ids.shape[-1]} axes but axes_dim {tuple(axes_dim)} needs {len(axes_dim)}")
     wide = torch.float32 if ids.device.type in ("mps", "npu") else torch.float64
     pos = ids.to(torch.float32).to(wide)  # (..., L, n_axes)
     angles = []
     for axis, dim in enumerate(axes_dim):
         if dim % 2:
-            raise ValueError(
-                f"every rope axis needs an even number of channels, got axes_dim {tuple(axes_dim)}"
-            )
+            raise ValueError(f"every rope axis needs an even number of channels, got axes_dim {tuple(axes_dim)}")
         omega = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=wide, device=ids.device) / dim)  # (dim // 2,)
         angles.append(pos[..., axis, None] * omega)  # (..., L, dim // 2)
     angle = torch.cat(angles, dim=-1)  # (..., L, D // 2)

@@ -291,8 +291,7 @@ class BasePipeline:
                     value = source.get(key)
                 if value is None and param.required:
                     raise UnitGraphError(
-                        f"unit {unit.name!r} needs the input {key!r}, which no call argument or earlier unit "
-                        f"provided"
+                        f"unit {unit.name!r} needs the input {key!r}, which no call argument or earlier unit provided"
                     )
                 kwargs[param.name] = value
             result = unit.process(self, **kwargs, **extra)
@@ -474,9 +473,7 @@ class BasePipeline:
         cfg = cfg_scale is not None and float(cfg_scale) != 1.0
         with torch.no_grad():
             state = self.prepare(inputs, cfg=cfg)
-            self.denoise(
-                state, cfg=cfg, progress_bar_cmd=progress_bar_cmd, callback_on_step_end=callback_on_step_end
-            )
+            self.denoise(state, cfg=cfg, progress_bar_cmd=progress_bar_cmd, callback_on_step_end=callback_on_step_end)
             for unit in self.units:
                 if unit.stage == "finish":
                     self.run_unit(unit, state, cfg)

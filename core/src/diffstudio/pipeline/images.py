@@ -19,8 +19,7 @@ def pil_to_tensor(image: Any, *, argument: str = "image") -> torch.Tensor:
     """
     if not isinstance(image, Image.Image):
         raise PipelineInputError(
-            f"{argument} must be a PIL.Image.Image, got {type(image).__name__}; open files with "
-            f"PIL.Image.open(path)"
+            f"{argument} must be a PIL.Image.Image, got {type(image).__name__}; open files with PIL.Image.open(path)"
         )
     array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0  # (H, W, 3)
     return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()

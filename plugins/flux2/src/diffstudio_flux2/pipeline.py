@@ -232,6 +232,12 @@ class Flux2ImagePipeline(BasePipeline):
             value = inputs.get("embedded_guidance")
             guidance = torch.full((batch,), 4.0 if value is None else float(value), device=latents.device)
         edit = inputs.get("edit_latents")
+        kv_extension = inputs.get("kv_extension")
+        cached = inputs.get("reference_kv")
+        if cached is not None:  # reference K/V computed once: no reference tokens in the sequence
+            from diffstudio_flux2.units import merge_kv
+
+            edit, kv_extension = None, merge_kv(kv_extension, cached)
         velocity: Tensor = dit(
             latents,
             inputs["image_ids"],
@@ -242,7 +248,7 @@ class Flux2ImagePipeline(BasePipeline):
             extra_x=None if edit is None else edit.to(latents.device, dtype),
             extra_x_ids=inputs.get("edit_image_ids"),
             extra_ctx=inputs.get("extra_ctx"),
-            kv_extension=inputs.get("kv_extension"),
+            kv_extension=kv_extension,
             attention_kwargs=inputs.get("attention_kwargs"),
         )
         return velocity
@@ -268,6 +274,7 @@ class Flux2ImagePipeline(BasePipeline):
         denoising_strength: float = 1.0,
         edit_image: Any = None,
         edit_image_auto_resize: bool = True,
+        edit_kv_cache: bool = False,
         inpaint_mask: Any = None,
         inpaint_blur_size: int | None = None,
         inpaint_blur_sigma: float | None = None,
@@ -295,6 +302,9 @@ class Flux2ImagePipeline(BasePipeline):
             denoising_strength: Image-to-image strength in ``(0, 1]``.
             edit_image: Reference image(s) for editing (PIL or list).
             edit_image_auto_resize: Scale references above 1024x1024 down and crop them to multiples of 16.
+            edit_kv_cache: Compute the references' K/V once, at a fixed time, attending only to themselves
+                (the scheme of FLUX.2-klein-9b-kv and diffusers' ``Flux2KleinKVPipeline``); only models trained
+                for it give good results this way.
             inpaint_mask: PIL mask, white = repaint (with ``input_image``).
             inpaint_blur_size: Mask blur kernel size in latent cells.
             inpaint_blur_sigma: Mask blur sigma in latent cells.
@@ -328,6 +338,7 @@ class Flux2ImagePipeline(BasePipeline):
             "denoising_strength": denoising_strength,
             "edit_image": edit_image,
             "edit_image_auto_resize": edit_image_auto_resize,
+            "edit_kv_cache": edit_kv_cache,
             "inpaint_mask": inpaint_mask,
             "inpaint_blur_size": inpaint_blur_size,
             "inpaint_blur_sigma": inpaint_blur_sigma,

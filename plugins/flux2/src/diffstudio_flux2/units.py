@@ -375,5 +375,96 @@ def flux2_units() -> Sequence[PipelineUnit]:
         EditImages(),
         InpaintMask(),
         Extensions(),
+        ReferenceKV(),
         Decode(),
     ]
+
+
+class _CaptureKV:
+    """Attention processor that records each block's post-RoPE keys and values, then attends normally."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: Any) -> torch.Tensor:
+        self.captured[f"{context.kind}_{context.index}"] = (k, v)
+        out: torch.Tensor = self.inner(q, k, v, context)
+        return out
+
+
+def reference_kv(
+    dit: Any, ref_tokens: torch.Tensor, ref_ids: torch.Tensor, ref_timestep: float = 0.0
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Keys and values of reference tokens in every block, computed once (the klein-9b-kv scheme).
+
+    Reference tokens attend only to themselves and are modulated at a fixed time, so their K/V do not depend
+    on the prompt or the step: one DiT pass over the reference tokens alone (no text) yields them all.
+
+    Args:
+        dit: The FLUX.2 DiT.
+        ref_tokens: ``(1, L_ref, C)`` packed reference latents.
+        ref_ids: ``(1, L_ref, 4)`` their ids (t = 10, 20, ...).
+        ref_timestep: The fixed flow time of the reference tokens, in ``[0, 1]``.
+
+    Returns:
+        ``{"double_i" | "single_i": (K, V)}``, each ``(1, L_ref, H, Dh)``, for ``kv_extension``.
+    """
+    processors = dit.attn_processors
+    capture = _CaptureKV(next(iter(processors.values())))
+    ctx = ref_tokens.new_zeros(ref_tokens.shape[0], 0, dit.params.context_in_dim)
+    ctx_ids = ref_ids.new_zeros(ref_ids.shape[0], 0, 4)
+    t = torch.full((ref_tokens.shape[0],), float(ref_timestep), device=ref_tokens.device)
+    dit.set_attn_processor(capture)
+    try:
+        with torch.no_grad():
+            dit(ref_tokens, ref_ids, t.to(ref_tokens.dtype), ctx, ctx_ids, None)
+    finally:
+        for name, processor in processors.items():
+            dit.set_attn_processor(processor, [name])
+    return capture.captured
+
+
+class ReferenceKV(PipelineUnit):
+    """Optional: compute the edit images' K/V once instead of running their tokens at every step."""
+
+    name = "flux2_reference_kv"
+    description = "With edit_kv_cache=True, caches the reference tokens' per-block K/V (klein-9b-kv scheme)."
+    components = ("dit",)
+    after = ("flux2_edit_images",)
+    inputs = (
+        InputParam("edit_kv_cache", "compute reference K/V once (for models trained for it, e.g. klein-9b-kv)"),
+        InputParam("edit_latents", "(1, L_ref, C) reference tokens"),
+        InputParam("edit_image_ids", "(1, L_ref, 4) their ids"),
+        InputParam("edit_kv_timestep", "fixed flow time of the reference tokens (0.0)"),
+    )
+    outputs = (OutputParam("reference_kv", "{'double_i'|'single_i': (K, V)} of the references", optional=True),)
+
+    def process(self, pipe: BasePipeline, **inputs: Any) -> Mapping[str, Any]:
+        if not inputs["edit_kv_cache"] or inputs["edit_latents"] is None:
+            return {}
+        tokens = inputs["edit_latents"].to(pipe.device, pipe.torch_dtype)
+        kv = reference_kv(pipe.dit, tokens, inputs["edit_image_ids"], float(inputs["edit_kv_timestep"] or 0.0))
+        return {"reference_kv": kv}
+
+
+def merge_kv(
+    first: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None,
+    second: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+    """Concatenate two per-block K/V extensions along tokens (batch-1 entries are expanded)."""
+    if not first or not second:
+        merged = dict(first or second or {})
+        return merged or None
+    out = dict(first)
+    for name, (k2, v2) in second.items():
+        if name not in out:
+            out[name] = (k2, v2)
+            continue
+        k1, v1 = out[name]
+        batch = max(k1.shape[0], k2.shape[0])
+        out[name] = (
+            torch.cat([k1.expand(batch, -1, -1, -1), k2.to(k1).expand(batch, -1, -1, -1)], dim=1),
+            torch.cat([v1.expand(batch, -1, -1, -1), v2.to(v1).expand(batch, -1, -1, -1)], dim=1),
+        )
+    return out
