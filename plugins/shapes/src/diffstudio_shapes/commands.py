@@ -1,0 +1,97 @@
+"""The ``shapes-data`` and ``shapes-score`` sub-commands (numpy and PIL load only when a command runs)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from diffstudio.errors import ConfigError
+
+if TYPE_CHECKING:
+    from diffstudio.runtime import Runtime
+
+_BASE = "circle,square,triangle,star"
+
+
+def data_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``diffstudio shapes-data``."""
+    parser.add_argument("out", help="output folder (images/, metadata.csv, specs.jsonl, dataset.json)")
+    parser.add_argument("--count", type=int, default=1000, help="number of images (default: 1000)")
+    parser.add_argument("--size", type=int, default=64, help="image side in pixels (default: 64)")
+    parser.add_argument("--seed", type=int, default=0, help="base seed (default: 0)")
+    parser.add_argument(
+        "--split", choices=("train", "heldout"), default="train", help="colour/shape combinations to draw from"
+    )
+    parser.add_argument("--shapes", default=_BASE, help=f"comma-separated shapes (default: {_BASE}; also zigzag)")
+    parser.add_argument("--position-rate", type=float, default=0.5, help="share of captions naming a position")
+    parser.add_argument("--size-rate", type=float, default=0.5, help="share of captions naming a size")
+    parser.add_argument("--rotation-jitter", type=float, default=10.0, help="max rotation in degrees (not circles)")
+    parser.add_argument("--format", choices=("text", "json"), default="text", help="output format")
+
+
+def data_run(args: argparse.Namespace, runtime: Runtime) -> int:
+    """Write the data set described by ``args``; return the exit code."""
+    from diffstudio_shapes.data import write_dataset
+
+    shapes = tuple(name.strip() for name in args.shapes.split(",") if name.strip())
+    report = write_dataset(
+        args.out,
+        args.count,
+        args.seed,
+        args.size,
+        shapes=shapes,
+        split=args.split,
+        position_rate=args.position_rate,
+        size_rate=args.size_rate,
+        rotation_jitter=args.rotation_jitter,
+    )
+    if args.format == "json":
+        summary = {"folder": str(report.folder), "count": report.count, "written": report.written}
+        print(json.dumps({**summary, "skipped": report.skipped, "metadata": str(report.metadata)}))
+    else:
+        print(
+            f"{report.count} images in {report.folder} ({report.written} drawn, {report.skipped} already there); "
+            f"metadata: {report.metadata}"
+        )
+    return 0
+
+
+def score_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``diffstudio shapes-score``."""
+    parser.add_argument("folder", help="folder with a metadata.csv (columns image,prompt) and the images it names")
+    parser.add_argument("--metadata", default="metadata.csv", help="CSV file inside the folder (default: metadata.csv)")
+    parser.add_argument("--out", default=None, help="also write the full result (JSON) to this file")
+    parser.add_argument("--format", choices=("text", "json"), default="text", help="output format")
+
+
+def score_run(args: argparse.Namespace, runtime: Runtime) -> int:
+    """Score the images of a folder against their prompts; return the exit code."""
+    from PIL import Image
+
+    from diffstudio_shapes.analyse import score
+
+    folder = Path(args.folder)
+    table = folder / args.metadata
+    if not table.is_file():
+        raise ConfigError(f"{table} not found; shapes-score needs a CSV with columns image,prompt.")
+    with open(table, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or not {"image", "prompt"} <= set(rows[0]):
+        raise ConfigError(f"{table} has no rows with the columns image,prompt.")
+    images = []
+    for row in rows:
+        with Image.open(folder / row["image"]) as image:
+            images.append(image.convert("RGB"))
+    result = score([row["prompt"] for row in rows], images)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    if args.format == "json":
+        print(json.dumps(result))
+    else:
+        for key, value in result["accuracy"].items():
+            shown = "-" if value is None else f"{value:.3f}"
+            print(f"{key:<10} {shown:>6}  ({result['counted'][key]} images)")
+    return 0
