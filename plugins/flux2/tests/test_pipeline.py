@@ -223,6 +223,42 @@ def test_tokenizer_found_beside_the_text_encoder(klein: Any) -> None:
     assert pipe.tokenizer is not None
 
 
+def test_load_lora_the_diffsynth_way_matches_diffusers_and_unloads(klein: Any, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(0)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in klein.reference.transformer.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.startswith(("transformer_blocks.", "single_transformer")):
+            fan_in, fan_out = module.in_features, module.out_features
+            tensors[f"transformer.{name}.lora_A.weight"] = torch.randn(4, fan_in, generator=gen) / fan_in**0.5
+            tensors[f"transformer.{name}.lora_B.weight"] = 0.25 * torch.randn(fan_out, 4, generator=gen)
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    save_file(tensors, str(path))
+    noise = fp.noise(1, H, W, seed=15)
+    args: dict[str, Any] = {"prompt": PROMPTS[0], "height": H, "width": W, "num_inference_steps": 2}
+    pipe = ours(klein)
+    base, _ = our_run(pipe, latents=pack_latents(noise), **args)
+    report = pipe.load_lora(pipe.dit, str(path), alpha=1)
+    assert report.tensors_matched == len(tensors) and not report.unmatched_keys and not report.fused
+    side, _ = our_run(pipe, latents=pack_latents(noise), **args)
+    klein.reference.load_lora_weights(str(path))
+    try:
+        expected, _ = reference_run(klein, latents=noise, guidance_scale=1.0, **args)
+    finally:
+        klein.reference.unload_lora_weights()
+    assert_close(side, expected, "final latents with a LoRA")
+    assert (side - base).abs().max() > 1e-2
+    assert pipe.unload_lora() == ["pytorch_lora_weights"]
+    assert torch.equal(our_run(pipe, latents=pack_latents(noise), **args)[0], base)
+    assert pipe.load_lora(lora_config=ModelConfig(path=str(path)), hotload=False).fused
+    assert_close(our_run(pipe, latents=pack_latents(noise), **args)[0], side, "fused LoRA")
+    pipe.clear_lora()
+    assert torch.equal(our_run(pipe, latents=pack_latents(noise), **args)[0], base)
+    with pytest.raises(PipelineInputError, match="DiT only"):
+        pipe.load_lora(pipe.vae, str(path))
+
+
 # -- typed errors ------------------------------------------------------------------------------------------
 
 

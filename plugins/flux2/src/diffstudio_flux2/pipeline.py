@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffstudio.config import ModelConfig
@@ -31,6 +31,9 @@ from diffstudio_flux2.text_encoders import (
     check_context_width,
     load_tokenizer,
 )
+
+if TYPE_CHECKING:
+    from diffstudio_flux2.lora import LoraReport
 
 DEFAULT_STEPS = {"klein": 4, "klein-base": 50, "dev": 50}
 
@@ -157,6 +160,72 @@ class Flux2ImagePipeline(BasePipeline):
         if not self.has("dit"):
             return "klein"
         return "dev" if self.dit.use_guidance_embed else "klein"
+
+    # ------------------------------------------------------------------------------------------------------
+    # LoRA
+    # ------------------------------------------------------------------------------------------------------
+
+    def load_lora(
+        self,
+        module: Any = None,
+        lora_config: ModelConfig | str | Path | None = None,
+        alpha: float = 1.0,
+        *,
+        hotload: bool | None = None,
+        state_dict: Mapping[str, Any] | None = None,
+        name: str | None = None,
+    ) -> LoraReport:
+        """Apply a FLUX.2 LoRA (any published layout) to the DiT; DiffSynth's ``pipe.load_lora(pipe.dit, path)``.
+
+        Args:
+            module: The DiT (``pipe.dit``, the default); LoRAs for other components are not supported.
+            lora_config: A ``.safetensors`` path or a ``ModelConfig`` naming one file.
+            alpha: The LoRA's scale.
+            hotload: True or None: a side path (weights untouched, removable, a small per-step cost); False:
+                fused into the weights (no per-step cost; :meth:`unload_lora` still restores them exactly).
+            state_dict: A LoRA state dict instead of ``lora_config``.
+            name: Name to apply it under (default: the file's stem).
+
+        Returns:
+            The report (matched layers, keys that were not applied).
+
+        Raises:
+            PipelineInputError: No DiT is loaded, ``module`` is not the DiT, or no / two sources are given.
+            LoraError: See :func:`diffstudio_flux2.lora.apply_lora` (a LoRA that matches nothing is an error).
+        """
+        from diffstudio_flux2.lora import apply_lora
+
+        if not self.has("dit"):
+            raise PipelineInputError("load_lora needs the DiT; add its ModelConfig to from_pretrained")
+        if module is not None and module is not self.dit:
+            raise PipelineInputError("FLUX.2 LoRAs apply to the DiT only: pass pipe.dit (or nothing) as module")
+        if (lora_config is None) == (state_dict is None):
+            raise PipelineInputError("pass exactly one of lora_config (a path or ModelConfig) and state_dict")
+        source: Any = state_dict
+        if isinstance(lora_config, ModelConfig):
+            from diffstudio.resolve import resolve_files
+
+            embedded = {m.model_id: m.root for m in self.runtime.hooks.embedded_models()}
+            files = [f for f in resolve_files(lora_config, embedded=embedded).files if f.suffix == ".safetensors"]
+            if len(files) != 1:
+                raise PipelineInputError(f"the LoRA ModelConfig should name one .safetensors file, found {files}")
+            source = files[0]
+        elif lora_config is not None:
+            source = lora_config
+        return apply_lora(self.dit, source, scale=alpha, name=name, fuse=hotload is False)
+
+    def unload_lora(self, name: str | None = None) -> list[str]:
+        """Remove one LoRA by name, or every LoRA applied with :meth:`load_lora`; return the names removed."""
+        from diffstudio_flux2.lora import list_loras, remove_lora
+
+        if not self.has("dit"):
+            return []
+        names = [r.name for r in list_loras(self.dit)] if name is None else [name]
+        for each in reversed(names):
+            remove_lora(self.dit, each)
+        return names
+
+    clear_lora = unload_lora
 
     # ------------------------------------------------------------------------------------------------------
     # latent geometry and the VAE

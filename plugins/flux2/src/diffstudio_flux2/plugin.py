@@ -80,9 +80,7 @@ def register_converters(register: Callable[[Converter], None]) -> None:
 @hookimpl
 def register_lora_formats(register: Callable[[LoraFormat], None]) -> None:
     """FLUX.2 LoRA layouts (diffusers/PEFT, BFL/ComfyUI, kohya)."""
-    try:
-        from diffstudio_flux2.lora import lora_formats
-    except ImportError:  # pragma: no cover - the LoRA module is optional while it is being built
-        return
+    from diffstudio_flux2.lora import lora_formats
+
     for spec in lora_formats():
         register(spec)

@@ -1,0 +1,411 @@
+"""LoRA at inference for the FLUX.2 DiT: read a file in any published layout, apply, stack, remove.
+
+The layouts (diffusers/PEFT and DiffSynth, BFL/ComfyUI/ai-toolkit, kohya) are described in
+:mod:`diffstudio_flux2.lora_formats`. Every file is turned into the canonical form of :mod:`diffstudio.lora`
+(module path of one of our ``DeltaLinear`` layers -> ``LoraWeights``) and applied either as a side path (the
+default: ``y = W x + scale * (alpha / r) * up @ down @ x``, weights untouched) or fused into the weights. Several
+LoRAs stack, each under its own name and scale, and :func:`remove_lora` undoes one: a side path is detached; for
+a fused LoRA the weights it touched are restored bit for bit from copies kept (on the CPU) when they were first
+fused, and the other fused LoRAs on those layers are merged again in their original order.
+
+Example::
+
+    report = apply_lora(dit, "style.safetensors", scale=0.8)
+    print(report)  # what matched, and which keys did not
+    remove_lora(dit, report.name)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffstudio._io import atomic_write_bytes
+from diffstudio.loading import Checkpoint
+from diffstudio.lora import CanonicalLora, LoraWeights, attach_lora, detach_lora, lora_names, merge_lora
+from diffstudio.nn import DeltaLinear, delta_linears
+from diffstudio.types import LoraFormat
+from torch import Tensor, nn
+
+from diffstudio_flux2.lora_formats import (
+    BFL,
+    DIFFUSERS,
+    KOHYA,
+    PARSERS,
+    LoraError,
+    LoraFormatError,
+    ParsedLora,
+    fuse_lora_parts,
+    layouts,
+    module_kind,
+    split_lora_parts,
+)
+
+__all__ = [
+    "AmbiguousLoraFormatError",
+    "LoraError",
+    "LoraFormatError",
+    "LoraMatchError",
+    "LoraNameError",
+    "LoraReport",
+    "LoraSource",
+    "UnknownLoraFormatError",
+    "apply_lora",
+    "detect_lora_format",
+    "fuse_lora_parts",
+    "list_loras",
+    "load_lora",
+    "lora_formats",
+    "read_lora_file",
+    "remove_lora",
+    "save_lora_file",
+    "split_lora_parts",
+]
+
+logger = logging.getLogger(__name__)
+
+LoraSource = str | os.PathLike[str] | Mapping[str, Tensor] | Mapping[str, LoraWeights]
+"""A ``.safetensors`` path, a LoRA state dict in any layout, or a canonical LoRA."""
+
+_STATE_ATTRIBUTE = "_diffstudio_flux2_loras"
+_WRITERS = {"diffusers": DIFFUSERS, "bfl": BFL, "comfy": BFL, "kohya": KOHYA}
+_EXAMPLES = (  # one key per layout, in the order of lora_formats()
+    "transformer.transformer_blocks.0.attn.to_q.lora_A.weight",
+    "diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight",
+    "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight",
+)
+
+
+class UnknownLoraFormatError(LoraError):
+    """No FLUX.2 LoRA layout recognises a file's keys."""
+
+
+class AmbiguousLoraFormatError(LoraError):
+    """More than one FLUX.2 LoRA layout recognises a file's keys."""
+
+
+class LoraMatchError(LoraError):
+    """A LoRA does not fit the model: it matches none of its layers, or a matched layer has other sizes."""
+
+
+class LoraNameError(LoraError, KeyError):
+    """A LoRA name is unknown (remove) or already in use (apply)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class LoraReport:
+    """What :func:`apply_lora` did.
+
+    Attributes:
+        name: The name the LoRA is applied under (pass it to :func:`remove_lora`).
+        format: The layout read, e.g. ``"flux2/kohya"`` (``"canonical"`` for a canonical LoRA).
+        source: Where it came from (a path, or ``"<state dict>"``).
+        scale: The multiplier it was applied with.
+        fused: True when merged into the weights, False for a side path.
+        tensors_matched: File tensors (``down``/``up``/``alpha``) that went into applied layers.
+        modules: Applied layers counted per kind, e.g. ``{"double_blocks.*.img_attn.qkv": 2}``.
+        unmatched_keys: File keys that were not applied (unknown names, layers this model lacks, half pairs).
+    """
+
+    name: str
+    format: str
+    source: str
+    scale: float
+    fused: bool
+    tensors_matched: int
+    modules: dict[str, int]
+    unmatched_keys: list[str] = field(default_factory=list)
+
+    @property
+    def modules_matched(self) -> int:
+        """Number of layers the LoRA changes."""
+        return sum(self.modules.values())
+
+    def __str__(self) -> str:
+        how = "fused into the weights" if self.fused else "as a side path"
+        kinds = ", ".join(f"{kind} x{count}" for kind, count in sorted(self.modules.items()))
+        text = (
+            f"LoRA {self.name!r} ({self.format}, from {self.source}) applied {how} with scale {self.scale:g}: "
+            f"{self.tensors_matched} tensors matched {self.modules_matched} layers ({kinds})."
+        )
+        if self.unmatched_keys:
+            shown = ", ".join(self.unmatched_keys[:8]) + (" ..." if len(self.unmatched_keys) > 8 else "")
+            text += f" {len(self.unmatched_keys)} keys were not applied: {shown}."
+        else:
+            text += " Every key was applied."
+        return text
+
+
+@dataclass
+class _Applied:
+    report: LoraReport
+    lora: CanonicalLora  # only the layers that matched
+
+
+@dataclass
+class _LoraState:
+    applied: dict[str, _Applied] = field(default_factory=dict)  # in application order
+    originals: dict[str, Tensor] = field(default_factory=dict)  # layer -> weight before its first fused LoRA
+
+
+def lora_formats() -> list[LoraFormat]:
+    """Every FLUX.2 LoRA layout (for the plugin's ``register_lora_formats`` hook)."""
+    return layouts()
+
+
+def read_lora_file(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Read a LoRA ``.safetensors`` file with the project's validating reader.
+
+    Args:
+        path: The file (a folder holding one ``.safetensors`` file also works).
+
+    Returns:
+        ``(tensors, metadata)``: memory-mapped CPU tensors by name, and the safetensors ``__metadata__``.
+
+    Raises:
+        PickleRefusedError: A ``.bin/.pt/.pth/.ckpt`` pickle (refused: unpickling can run code).
+        SafetensorsFormatError: The file is truncated or corrupt.
+        CheckpointError: Other subclasses for missing or unsupported files.
+    """
+    with Checkpoint.open(path) as checkpoint:
+        return checkpoint.state_dict(), checkpoint.metadata
+
+
+def detect_lora_format(keys: Sequence[str], *, source: str = "the LoRA") -> LoraFormat:
+    """Find the one FLUX.2 layout whose names ``keys`` use.
+
+    Raises:
+        UnknownLoraFormatError: No layout matches (the message shows the first keys and the known layouts).
+        AmbiguousLoraFormatError: Several match (e.g. a file mixing BFL and diffusers names).
+    """
+    keys = list(keys)
+    found = [fmt for fmt in lora_formats() if fmt.detect(keys)]
+    if len(found) == 1:
+        return found[0]
+    known = ", ".join(f"{fmt.name} ({example})" for fmt, example in zip(lora_formats(), _EXAMPLES))
+    first = ", ".join(keys[:6]) + (" ..." if len(keys) > 6 else "") if keys else "(no tensors)"
+    if not found:
+        raise UnknownLoraFormatError(
+            f"{source} is not a FLUX.2 LoRA in any known layout. Its first keys: {first}. Known layouts: {known}. "
+            "Check that the LoRA was trained for FLUX.2 (a FLUX.1 or SDXL LoRA names other layers)."
+        )
+    raise AmbiguousLoraFormatError(
+        f"{source} matches several FLUX.2 LoRA layouts ({', '.join(fmt.name for fmt in found)}); its first keys: "
+        f"{first}. A file should use one naming scheme; convert it to one layout first."
+    )
+
+
+def load_lora(source: LoraSource, metadata: Mapping[str, str] | None = None) -> tuple[ParsedLora, str, str]:
+    """Read a LoRA from a file, a state dict or a canonical LoRA, without applying it.
+
+    Args:
+        source: See :data:`LoraSource`.
+        metadata: Safetensors metadata for a state dict (a file's own metadata is read from the file).
+
+    Returns:
+        ``(parsed, format name, source description)``; ``parsed.lora`` is the canonical LoRA.
+
+    Raises:
+        UnknownLoraFormatError, AmbiguousLoraFormatError: See :func:`detect_lora_format`.
+        LoraFormatError: Inconsistent tensors (e.g. a pair whose ranks differ).
+        CheckpointError: The file cannot be read (see :func:`read_lora_file`).
+    """
+    state: dict[str, Any]
+    if isinstance(source, (str, os.PathLike)):
+        state, metadata = read_lora_file(source)
+        description = str(source)
+    elif isinstance(source, Mapping):
+        state, description = dict(source.items()), "<state dict>"
+        if state and all(isinstance(value, LoraWeights) for value in state.values()):
+            return ParsedLora(state, {key: [key] for key in state}), "canonical", "<canonical LoRA>"
+    else:
+        raise TypeError(f"a LoRA source is a path, a state dict or a canonical LoRA, not {type(source).__name__}")
+    fmt = detect_lora_format(list(state), source=description)
+    return PARSERS[fmt.name](state, metadata), fmt.name, description
+
+
+def _state(model: nn.Module) -> _LoraState:
+    state = model.__dict__.get(_STATE_ATTRIBUTE)
+    if not isinstance(state, _LoraState):
+        state = _LoraState()
+        model.__dict__[_STATE_ATTRIBUTE] = state
+    return state
+
+
+def _default_name(description: str, taken: set[str]) -> str:
+    stem = Path(description).stem if not description.startswith("<") else "lora"
+    name, counter = stem or "lora", 1
+    while name in taken:
+        counter += 1
+        name = f"{stem}_{counter}"
+    return name
+
+
+def _match(parsed: ParsedLora, layers: Mapping[str, DeltaLinear], description: str) -> tuple[CanonicalLora, list[str]]:
+    """Keep the pairs whose layer exists; return them and the keys of the others (in file order)."""
+    matched = {path: w for path, w in parsed.lora.items() if path in layers}
+    missing = [key for path in parsed.lora if path not in layers for key in parsed.sources.get(path, [path])]
+    unmatched = list(parsed.unmatched) + missing
+    wrong = [
+        f"{path} (LoRA {w.down.shape[1]} -> {w.up.shape[0]}, layer {layers[path].in_features} -> "
+        f"{layers[path].out_features})"
+        for path, w in matched.items()
+        if w.down.shape[1] != layers[path].in_features or w.up.shape[0] != layers[path].out_features
+    ]
+    if wrong:
+        raise LoraMatchError(
+            f"{description} does not fit this model: {len(wrong)} layer(s) have other sizes, e.g. "
+            f"{'; '.join(wrong[:3])}. The LoRA was trained for another FLUX.2 variant."
+        )
+    if not matched:
+        keys = unmatched[:6]
+        examples = sorted(layers)[:4]
+        raise LoraMatchError(
+            f"{description} matches none of the model's layers ({len(unmatched)} keys, e.g. {', '.join(keys)}). "
+            f"The model's LoRA-capable layers look like {', '.join(examples)} (BFL names; diffusers and kohya "
+            "names are mapped onto them). The LoRA is for another model or variant."
+        )
+    return matched, unmatched
+
+
+def apply_lora(
+    model: nn.Module,
+    source: LoraSource,
+    *,
+    scale: float = 1.0,
+    name: str | None = None,
+    fuse: bool = False,
+    metadata: Mapping[str, str] | None = None,
+) -> LoraReport:
+    """Apply a LoRA to a FLUX.2 DiT.
+
+    Args:
+        model: The DiT (``Flux2``; any module whose ``DeltaLinear`` paths use BFL names works).
+        source: A ``.safetensors`` path, a state dict in any FLUX.2 layout, or a canonical LoRA.
+        scale: Multiplier of the LoRA's update.
+        name: Name to apply it under; default: the file's stem (``lora`` for dicts), made unique.
+        fuse: Merge into the weights (no per-step cost; :func:`remove_lora` restores the weights exactly)
+            instead of adding a side path.
+        metadata: Safetensors metadata for a state-dict ``source`` (alphas in a diffusers PEFT config).
+
+    Returns:
+        The report; keys that were not applied are listed there and logged as a warning.
+
+    Raises:
+        LoraNameError: ``name`` is already applied to this model.
+        LoraMatchError: The LoRA matches none of the model's layers, or a layer has other sizes.
+        UnknownLoraFormatError, AmbiguousLoraFormatError, LoraFormatError, CheckpointError: See :func:`load_lora`.
+    """
+    parsed, fmt, description = load_lora(source, metadata)
+    state = _state(model)
+    taken = set(state.applied) | set(lora_names(model))
+    if name is None:
+        name = _default_name(description, taken)
+    elif name in taken:
+        raise LoraNameError(f"a LoRA named {name!r} is already applied; remove_lora(model, {name!r}) first")
+    layers = dict(delta_linears(model))
+    matched, unmatched = _match(parsed, layers, description)
+    if fuse:
+        with torch.no_grad():
+            for path in matched:
+                if path not in state.originals:
+                    state.originals[path] = layers[path].weight.detach().to("cpu", copy=True)
+        merge_lora(model, matched, scale)
+    else:
+        attach_lora(model, matched, name, scale)
+    counts = Counter(module_kind(path) for path in matched)
+    report = LoraReport(
+        name=name,
+        format=fmt,
+        source=description,
+        scale=float(scale),
+        fused=fuse,
+        tensors_matched=sum(len(parsed.sources.get(path, [path])) for path in matched),
+        modules=dict(sorted(counts.items())),
+        unmatched_keys=unmatched,
+    )
+    state.applied[name] = _Applied(report, matched)
+    if unmatched:
+        logger.warning(
+            "LoRA %r (%s): %d of its keys were not applied: %s%s",
+            name,
+            description,
+            len(unmatched),
+            ", ".join(unmatched[:10]),
+            " ..." if len(unmatched) > 10 else "",
+        )
+    return report
+
+
+def remove_lora(model: nn.Module, name: str) -> None:
+    """Remove the LoRA applied as ``name``: detach its side paths, or restore the weights it was fused into.
+
+    Restoring is exact: a layer's weight is set back to the copy taken before the first fused LoRA touched it,
+    and the fused LoRAs still applied to that layer are merged again in their original order.
+
+    Raises:
+        LoraNameError: No LoRA of that name is applied.
+    """
+    state = _state(model)
+    applied = state.applied.get(name)
+    if applied is None:
+        if name in lora_names(model):  # a side path attached directly with diffstudio.lora.attach_lora
+            detach_lora(model, name)
+            return
+        raise LoraNameError(f"no LoRA named {name!r} is applied; applied: {sorted(state.applied) or 'none'}")
+    del state.applied[name]
+    if not applied.report.fused:
+        detach_lora(model, name)
+        return
+    layers = dict(delta_linears(model))
+    with torch.no_grad():
+        for path in applied.lora:
+            layer = layers[path]
+            layer.weight.copy_(state.originals[path].to(layer.weight.device))
+            again = [a for a in state.applied.values() if a.report.fused and path in a.lora]
+            for other in again:
+                merge_lora(model, {path: other.lora[path]}, other.report.scale)
+            if not again:
+                del state.originals[path]
+
+
+def list_loras(model: nn.Module) -> list[LoraReport]:
+    """The reports of the LoRAs applied to ``model`` with :func:`apply_lora`, in application order."""
+    return [applied.report for applied in _state(model).applied.values()]
+
+
+def save_lora_file(lora: Mapping[str, LoraWeights], path: str | os.PathLike[str], *, layout: str = "diffusers") -> Path:
+    """Write a canonical LoRA to ``path`` in a published layout, atomically.
+
+    Args:
+        lora: Canonical LoRA (e.g. from ``diffstudio.lora.collect_lora`` after training).
+        path: Target ``.safetensors`` file.
+        layout: ``"diffusers"`` (PEFT keys, config in metadata), ``"bfl"`` / ``"comfy"`` (ComfyUI) or
+            ``"kohya"``; a format name such as ``"flux2/kohya"`` works too.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: Unknown layout.
+        LoraFormatError: See the layout's writer in :mod:`diffstudio_flux2.lora_formats`.
+    """
+    from safetensors.torch import save
+
+    fmt_name = _WRITERS.get(layout, layout)
+    formats = {fmt.name: fmt for fmt in lora_formats()}
+    fmt = formats.get(fmt_name)
+    if fmt is None or fmt.from_canonical is None:
+        raise ValueError(f"unknown LoRA layout {layout!r}; choose one of {sorted(_WRITERS)}")
+    tensors, metadata = fmt.from_canonical(lora)
+    data: Any = save({key: value.contiguous() for key, value in tensors.items()}, metadata=metadata)
+    return atomic_write_bytes(path, bytes(data))
