@@ -11,6 +11,24 @@ from diffstudio.runtime import Runtime
 from diffstudio.types import ModelClaim
 
 
+def open_checkpoint(runtime: Runtime, config: ModelConfig) -> Checkpoint:
+    """Resolve ``config`` offline and open the weight files it names (headers only; no claim asked).
+
+    In a folder, the ``.safetensors`` files are the checkpoint (other weight files only when there are none).
+
+    Raises:
+        ModelNotFoundError: the files cannot be found.
+    """
+    embedded = {m.model_id: m.root for m in runtime.hooks.embedded_models()}
+    resolved = resolve_files(config, embedded=embedded)
+    files = list(resolved.files)
+    if len(files) > 1:  # a folder: config.json, tokenizer files, README ... sit beside the weights
+        weights = [f for f in files if f.suffix.lower() in WEIGHT_SUFFIXES]
+        safetensors = [f for f in weights if f.suffix.lower() == ".safetensors"]
+        files = safetensors or weights or files
+    return Checkpoint.open(files)
+
+
 def identify(runtime: Runtime, config: ModelConfig) -> tuple[Checkpoint, ModelClaim]:
     """Resolve ``config`` offline and ask every family to claim its checkpoint.
 
@@ -22,14 +40,7 @@ def identify(runtime: Runtime, config: ModelConfig) -> tuple[Checkpoint, ModelCl
         UnknownCheckpointError: no family claimed it (names the file, its telling keys, the families asked).
         AmbiguousCheckpointError: two or more plugins claimed it (names them).
     """
-    embedded = {m.model_id: m.root for m in runtime.hooks.embedded_models()}
-    resolved = resolve_files(config, embedded=embedded)
-    files = list(resolved.files)
-    if len(files) > 1:  # a folder: config.json, tokenizer files, README ... sit beside the weights
-        weights = [f for f in files if f.suffix.lower() in WEIGHT_SUFFIXES]
-        safetensors = [f for f in weights if f.suffix.lower() == ".safetensors"]
-        files = safetensors or weights or files
-    checkpoint = Checkpoint.open(files)
+    checkpoint = open_checkpoint(runtime, config)
     claims = runtime.hooks.load_model(checkpoint, config)
     if not claims:
         raise UnknownCheckpointError(checkpoint.source, checkpoint.telling_keys(), runtime.hooks.families_asked())

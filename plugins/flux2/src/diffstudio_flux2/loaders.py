@@ -9,12 +9,18 @@ Every claim is decided from tensor names and shapes only (no data read, no hash 
 * Text encoders: Qwen3 (klein) and Mistral3 (dev) ``text_encoder/`` folders.
 
 Models are built on the meta device and the memory-mapped tensors are assigned, strictly.
+
+Checkpoints of the neighbouring FLUX.1 family are never claimed, but :func:`recognise_foreign` names them (from
+their key patterns), so that ``Flux2ImagePipeline`` can say what a file is when no installed family claims it.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from diffstudio.errors import CheckpointError, UnknownCheckpointError
 from diffstudio.types import LoadRequest, ModelClaim
 
 if TYPE_CHECKING:
@@ -182,4 +188,61 @@ def claim(checkpoint: Checkpoint) -> ModelClaim | None:
         found = probe(checkpoint)
         if found is not None:
             return found
+    return None
+
+
+class NotFlux2CheckpointError(UnknownCheckpointError):
+    """A checkpoint no installed family claims is recognisably another model (FLUX.1), not FLUX.2.
+
+    Attributes:
+        source, telling_keys, families_asked: As in :class:`~diffstudio.errors.UnknownCheckpointError`.
+        detected: What the file is, e.g. ``"a FLUX.1-dev DiT (BFL single-file layout)"``.
+        evidence: The key names that tell.
+    """
+
+    def __init__(self, unknown: UnknownCheckpointError, detected: str, evidence: Sequence[str]) -> None:
+        asked = ", ".join(unknown.families_asked) or "none"
+        CheckpointError.__init__(
+            self,
+            f"{unknown.source} is {detected}, not a FLUX.2 model (it has {', '.join(evidence)}). "
+            f"Flux2ImagePipeline runs FLUX.2 dev / klein checkpoints, and no installed family claims this file "
+            f"(families asked: {asked}). Load it with the FLUX.1 pipeline (pip install diffstudio-flux1), or pass "
+            "a FLUX.2 file: flux2-dev.safetensors, flux-2-klein-*.safetensors, a FLUX.2 transformer/ or vae/ "
+            "folder, or the FLUX.2 ae.safetensors.",
+        )
+        self.source = unknown.source
+        self.telling_keys = list(unknown.telling_keys)
+        self.families_asked = list(unknown.families_asked)
+        self.detected = detected
+        self.evidence = list(evidence)
+
+
+_FLUX1_BFL_MODULATION = re.compile(r"^double_blocks\.\d+\.img_mod\.lin\.weight$")
+_FLUX1_DIFFUSERS_MODULATION = re.compile(r"^transformer_blocks\.\d+\.norm1\.linear\.weight$")
+
+
+def recognise_foreign(checkpoint: Checkpoint) -> tuple[str, list[str]] | None:
+    """Name a FLUX.1 DiT or autoencoder from key patterns: ``(what it is, keys that tell)``, or None.
+
+    FLUX.1 DiTs have a modulation Linear per block (BFL ``double_blocks.N.img_mod.lin``, diffusers
+    ``transformer_blocks.N.norm1.linear``) and a pooled-text input (``vector_in``, ``time_text_embed.text_embedder``)
+    where FLUX.2 shares three modulations; FLUX.1's autoencoder has 16 latent channels and no latent BatchNorm.
+    """
+    keys = checkpoint.keys()
+    prefix = _strip_prefix(keys)
+    names = [k[len(prefix) :] for k in keys]
+    bfl = [n for n in names if _FLUX1_BFL_MODULATION.match(n)] + [n for n in names if n.startswith("vector_in.")]
+    if bfl:
+        variant = "FLUX.1-dev" if any(n.startswith("guidance_in.") for n in names) else "FLUX.1-schnell"
+        layout = "ComfyUI layout" if prefix else "BFL single-file layout"
+        return f"a {variant}-style DiT ({layout})", [prefix + n for n in sorted(bfl)[:2]]
+    diffusers = [n for n in names if _FLUX1_DIFFUSERS_MODULATION.match(n)]
+    diffusers += [n for n in names if n.startswith("time_text_embed.text_embedder.")]
+    if diffusers:
+        return "a FLUX.1 DiT (diffusers FluxTransformer2DModel layout)", sorted(diffusers)[:2]
+    conv_out = next((k for k in keys if k.endswith("encoder.conv_out.weight") and "decoder" not in k), None)
+    if conv_out is not None and not any(n.startswith("bn.") for n in names):
+        channels = checkpoint.shape(conv_out)[0] // 2
+        if channels == 16:
+            return "a 16-channel autoencoder without FLUX.2's latent BatchNorm (FLUX.1's ae)", [conv_out]
     return None

@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from diffstudio.config import ModelConfig
-from diffstudio.errors import PipelineInputError
+from diffstudio.errors import PipelineInputError, UnknownCheckpointError
 from diffstudio.pipeline.base import BasePipeline
 from diffstudio.scheduler import FlowMatchScheduler
+from diffstudio.types import ModelClaim
 from torch import Tensor
 
 from diffstudio_flux2.text_encoders import (
@@ -103,6 +104,26 @@ class Flux2ImagePipeline(BasePipeline):
                 pipe.tokenizer = load_tokenizer(sibling, pipe.text_encoder_kind)
         pipe.check_components()
         return pipe
+
+    def load_component(self, config: ModelConfig) -> ModelClaim:
+        """Load one checkpoint; a file no family claims that is recognisably FLUX.1 gets a FLUX.1-naming error.
+
+        Raises:
+            NotFlux2CheckpointError: No family claims the file and its keys are FLUX.1's.
+            UnknownCheckpointError, WrongFamilyError: As in ``BasePipeline.load_component``.
+        """
+        try:
+            return super().load_component(config)
+        except UnknownCheckpointError as unknown:
+            from diffstudio.identify import open_checkpoint
+
+            from diffstudio_flux2.loaders import NotFlux2CheckpointError, recognise_foreign
+
+            with open_checkpoint(self.runtime, config) as checkpoint:
+                found = recognise_foreign(checkpoint)
+            if found is None:
+                raise
+            raise NotFlux2CheckpointError(unknown, *found) from unknown
 
     def _sibling_tokenizer(self) -> Path | None:
         files = self.loaded["text_encoder"].files
@@ -328,7 +349,7 @@ class Flux2ImagePipeline(BasePipeline):
             return DEFAULT_STEPS["dev"]
         return DEFAULT_STEPS["klein-base"] if cfg_scale > 1 else DEFAULT_STEPS["klein"]
 
-    def __call__(
+    def call_inputs(
         self,
         prompt: str | Sequence[str],
         negative_prompt: str | Sequence[str] = "",
@@ -351,11 +372,9 @@ class Flux2ImagePipeline(BasePipeline):
         latents: Tensor | None = None,
         max_sequence_length: int = 512,
         output_type: str = "pil",
-        progress_bar_cmd: Callable[..., Any] | None = None,
-        callback_on_step_end: Callable[..., Any] | None = None,
         **extra: Any,
-    ) -> Any:
-        """Generate images.
+    ) -> dict[str, Any]:
+        """The state inputs of one call (what ``__call__`` runs; the trainer's entry too).
 
         Args:
             prompt: One prompt (returns one image) or a list (returns a list).
@@ -381,8 +400,6 @@ class Flux2ImagePipeline(BasePipeline):
             latents: Initial noise in token layout ``(B, h*w, C)``.
             max_sequence_length: Text tokens (512).
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
-            progress_bar_cmd: Progress bar factory (tqdm by default; ``lambda x: x`` hides it).
-            callback_on_step_end: ``fn(pipe, step, timestep, {"latents": ...}) -> updates``.
             **extra: Inputs of plugin units (``kv_cache``, ``extra_text_embedding``, ...).
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -419,4 +436,23 @@ class Flux2ImagePipeline(BasePipeline):
             **extra,
         }
         self.check_inputs(extra)
+        return inputs
+
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        *,
+        progress_bar_cmd: Callable[..., Any] | None = None,
+        callback_on_step_end: Callable[..., Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Generate images; the arguments are those of :meth:`call_inputs` (the seed's names).
+
+        Args:
+            prompt: One prompt (returns one image) or a list (returns a list).
+            progress_bar_cmd: Progress bar factory (tqdm by default; ``lambda x: x`` hides it).
+            callback_on_step_end: ``fn(pipe, step, timestep, {"latents": ...}) -> updates``.
+            **kwargs: Every other argument of :meth:`call_inputs`.
+        """
+        inputs = self.call_inputs(prompt, **kwargs)
         return self.generate(inputs, progress_bar_cmd=progress_bar_cmd, callback_on_step_end=callback_on_step_end)
