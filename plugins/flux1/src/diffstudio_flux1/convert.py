@@ -1,0 +1,385 @@
+"""State-dict converters between BFL (canonical) and diffusers layouts of FLUX.1, and format probes.
+
+The BFL layout is what ``Flux`` / ``AutoEncoder`` load by identity. Differences handled here:
+
+* DiT: renames; BFL's fused ``img_attn.qkv`` / ``txt_attn.qkv`` are split into diffusers' ``to_q/to_k/to_v`` /
+  ``add_{q,k,v}_proj`` and single blocks' ``linear1`` into ``to_q/to_k/to_v/proj_mlp`` (weights and biases),
+  and fused back; RMS-norm ``scale`` <-> ``weight``; the final adaptive norm's projection is (shift, scale) in
+  BFL and (scale, shift) in diffusers, so its halves are swapped.
+* VAE: LDM-style renames (``down.i.block.j`` <-> ``down_blocks.i.resnets.j``, decoder levels in reverse
+  order, ``nin_shortcut`` <-> ``conv_shortcut``, ``norm_out`` <-> ``conv_norm_out``); the mid-block attention's
+  1x1 convs ``(C, C, 1, 1)`` <-> linear weights ``(C, C)``. FLUX.1's AE has no quant convs.
+
+Converters are pure: they return a new dict and never modify their input. Unknown keys are an error.
+Probes look at key names and shapes only (never hashes) and tell FLUX.1 from FLUX.2.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Literal
+
+import torch
+from diffstudio.errors import CheckpointError
+from torch import Tensor
+
+Format = Literal["bfl", "diffusers"]
+StateDict = Mapping[str, Tensor]
+Shapes = Mapping[str, Sequence[int]]
+
+
+class Flux1ConversionError(CheckpointError):
+    """A state dict does not have the expected FLUX.1 layout."""
+
+
+def _fail(what: str, keys: list[str]) -> Flux1ConversionError:
+    shown = ", ".join(keys[:12]) + (f", ... ({len(keys)} in all)" if len(keys) > 12 else "")
+    return Flux1ConversionError(f"{what}: {shown}")
+
+
+# --- DiT
+
+DIT_TOP = {  # BFL module -> diffusers module
+    "img_in": "x_embedder",
+    "txt_in": "context_embedder",
+    "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+    "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+    "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
+    "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
+    "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+    "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+    "final_layer.linear": "proj_out",
+    "final_layer.adaLN_modulation.1": "norm_out.linear",
+}
+DIT_DOUBLE = {  # inside double_blocks.N / transformer_blocks.N
+    "img_mod.lin": "norm1.linear",
+    "txt_mod.lin": "norm1_context.linear",
+    "img_attn.norm.query_norm": "attn.norm_q",
+    "img_attn.norm.key_norm": "attn.norm_k",
+    "img_attn.proj": "attn.to_out.0",
+    "img_mlp.0": "ff.net.0.proj",
+    "img_mlp.2": "ff.net.2",
+    "txt_attn.norm.query_norm": "attn.norm_added_q",
+    "txt_attn.norm.key_norm": "attn.norm_added_k",
+    "txt_attn.proj": "attn.to_add_out",
+    "txt_mlp.0": "ff_context.net.0.proj",
+    "txt_mlp.2": "ff_context.net.2",
+}
+DIT_DOUBLE_FUSED = {
+    "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+}
+DIT_SINGLE = {  # inside single_blocks.N / single_transformer_blocks.N
+    "linear2": "proj_out",
+    "norm.query_norm": "attn.norm_q",
+    "norm.key_norm": "attn.norm_k",
+    "modulation.lin": "norm.linear",
+}
+DIT_SINGLE_FUSED = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}
+_SWAPPED = "final_layer.adaLN_modulation.1"
+_BLOCK = re.compile(r"^(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
+
+
+def swap_halves(t: Tensor) -> Tensor:
+    """Exchange the two halves of the first axis ((shift, scale) <-> (scale, shift))."""
+    first, second = t.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
+
+
+def fused_split_sizes(inner: str, rows: int, hidden: int) -> list[int]:
+    """Row sizes of the parts of a fused BFL projection with ``rows`` output rows (q, k, v[, mlp])."""
+    if inner == "linear1":
+        return [hidden, hidden, hidden, rows - 3 * hidden]
+    return [rows // 3] * 3
+
+
+def _bfl_param(module: str, param: str) -> str:
+    # BFL's RMSNorm stores its gain as ``scale``; diffusers' RMSNorm as ``weight``
+    return "scale" if module.endswith("_norm") and param == "weight" else param
+
+
+def _hidden(sd: StateDict, key: str) -> int:
+    if key not in sd:
+        raise _fail("cannot tell the hidden size, missing", [key])
+    return int(sd[key].shape[0])
+
+
+def convert_bfl_to_diffusers_dit(sd: StateDict) -> dict[str, Tensor]:
+    """BFL FLUX.1 DiT keys -> ``FluxTransformer2DModel`` keys.
+
+    Raises:
+        Flux1ConversionError: A key is not part of the BFL FLUX.1 layout.
+    """
+    hidden = _hidden(sd, "img_in.weight")
+    out: dict[str, Tensor] = {}
+    unknown: list[str] = []
+    for key, tensor in sd.items():
+        module, param = key.rsplit(".", 1)
+        dparam = "weight" if param == "scale" else param
+        if module in DIT_TOP:
+            out[f"{DIT_TOP[module]}.{dparam}"] = swap_halves(tensor) if module == _SWAPPED else tensor
+            continue
+        m = _BLOCK.match(module + ".")
+        if m is None or m.group(1) not in ("double_blocks", "single_blocks"):
+            unknown.append(key)
+            continue
+        kind, index, inner = m.group(1), m.group(2), m.group(3).rstrip(".")
+        block = "transformer_blocks" if kind == "double_blocks" else "single_transformer_blocks"
+        fused = DIT_DOUBLE_FUSED if kind == "double_blocks" else DIT_SINGLE_FUSED
+        plain = DIT_DOUBLE if kind == "double_blocks" else DIT_SINGLE
+        if inner in fused:
+            sizes = fused_split_sizes(inner, tensor.shape[0], hidden)
+            for name, part in zip(fused[inner], torch.split(tensor, sizes, dim=0)):
+                out[f"{block}.{index}.{name}.{dparam}"] = part
+        elif inner in plain:
+            out[f"{block}.{index}.{plain[inner]}.{dparam}"] = tensor
+        else:
+            unknown.append(key)
+    if unknown:
+        raise _fail("keys that are not part of a BFL FLUX.1 DiT", unknown)
+    return out
+
+
+def convert_diffusers_to_bfl_dit(sd: StateDict) -> dict[str, Tensor]:
+    """``FluxTransformer2DModel`` keys -> BFL FLUX.1 DiT keys (the layout ``Flux`` loads by identity).
+
+    Raises:
+        Flux1ConversionError: A key is unknown, or a fused q/k/v(/mlp) group is incomplete.
+    """
+    top = {v: k for k, v in DIT_TOP.items()}
+    inverse = {
+        "transformer_blocks": ("double_blocks", {v: k for k, v in DIT_DOUBLE.items()}, DIT_DOUBLE_FUSED),
+        "single_transformer_blocks": ("single_blocks", {v: k for k, v in DIT_SINGLE.items()}, DIT_SINGLE_FUSED),
+    }
+    out: dict[str, Tensor] = {}
+    pending: dict[str, list[Tensor | None]] = {}
+    unknown: list[str] = []
+    for key, tensor in sd.items():
+        module, param = key.rsplit(".", 1)
+        if module in top:
+            bfl = top[module]
+            out[f"{bfl}.{_bfl_param(bfl, param)}"] = swap_halves(tensor) if bfl == _SWAPPED else tensor
+            continue
+        m = _BLOCK.match(module + ".")
+        if m is None or m.group(1) not in inverse:
+            unknown.append(key)
+            continue
+        kind, index, inner = m.group(1), m.group(2), m.group(3).rstrip(".")
+        bfl_kind, plain, fused = inverse[kind]
+        part = next(((f, i, len(ns)) for f, ns in fused.items() for i, n in enumerate(ns) if n == inner), None)
+        if part is not None:
+            name, slot, count = part
+            pending.setdefault(f"{bfl_kind}.{index}.{name}.{param}", [None] * count)[slot] = tensor
+        elif inner in plain:
+            bfl = plain[inner]
+            out[f"{bfl_kind}.{index}.{bfl}.{_bfl_param(bfl, param)}"] = tensor
+        else:
+            unknown.append(key)
+    if unknown:
+        raise _fail("keys that are not part of a diffusers FluxTransformer2DModel", unknown)
+    incomplete = [key for key, parts in pending.items() if any(p is None for p in parts)]
+    if incomplete:
+        raise _fail("incomplete fused projections (q, k, v[, proj_mlp]) for", incomplete)
+    for key, parts in pending.items():
+        out[key] = torch.cat([p for p in parts if p is not None], dim=0)
+    return out
+
+
+# --- VAE
+
+_VAE_TOP = {  # BFL module -> diffusers module
+    "encoder.conv_in": "encoder.conv_in",
+    "encoder.conv_out": "encoder.conv_out",
+    "encoder.norm_out": "encoder.conv_norm_out",
+    "decoder.conv_in": "decoder.conv_in",
+    "decoder.conv_out": "decoder.conv_out",
+    "decoder.norm_out": "decoder.conv_norm_out",
+}
+_VAE_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
+_ATTN_PROJ = re.compile(r"(encoder|decoder)\.mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)")
+
+
+def _vae_rules(levels: int) -> list[tuple[str, Callable[[re.Match[str]], str | None]]]:
+    """(BFL regex, builder of the diffusers name) pairs; decoder levels are numbered in reverse."""
+
+    def resnet(prefix: Callable[[re.Match[str]], str]) -> Callable[[re.Match[str]], str | None]:
+        return lambda m: None if m.group("part") not in _RESNET else f"{prefix(m)}.{_RESNET[m.group('part')]}"
+
+    return [
+        (
+            r"encoder\.down\.(\d+)\.block\.(\d+)\.(?P<part>\w+)",
+            resnet(lambda m: f"encoder.down_blocks.{m.group(1)}.resnets.{m.group(2)}"),
+        ),
+        (r"encoder\.down\.(\d+)\.downsample\.conv", lambda m: f"encoder.down_blocks.{m.group(1)}.downsamplers.0.conv"),
+        (
+            r"decoder\.up\.(\d+)\.block\.(\d+)\.(?P<part>\w+)",
+            resnet(lambda m: f"decoder.up_blocks.{levels - 1 - int(m.group(1))}.resnets.{m.group(2)}"),
+        ),
+        (
+            r"decoder\.up\.(\d+)\.upsample\.conv",
+            lambda m: f"decoder.up_blocks.{levels - 1 - int(m.group(1))}.upsamplers.0.conv",
+        ),
+        (
+            r"(encoder|decoder)\.mid\.block_([12])\.(?P<part>\w+)",
+            resnet(lambda m: f"{m.group(1)}.mid_block.resnets.{int(m.group(2)) - 1}"),
+        ),
+        (
+            r"(encoder|decoder)\.mid\.attn_1\.(\w+)",
+            lambda m: (
+                None if m.group(2) not in _VAE_ATTN else f"{m.group(1)}.mid_block.attentions.0.{_VAE_ATTN[m.group(2)]}"
+            ),
+        ),
+    ]
+
+
+def _vae_levels(keys: Sequence[str], pattern: str) -> int:
+    indices = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
+    return max(indices) + 1 if indices else 0
+
+
+def _bfl_vae_module_to_diffusers(module: str, levels: int) -> str | None:
+    if module in _VAE_TOP:
+        return _VAE_TOP[module]
+    for pattern, build in _vae_rules(levels):
+        if m := re.fullmatch(pattern, module):
+            return build(m)
+    return None
+
+
+def convert_bfl_to_diffusers_vae(sd: StateDict) -> dict[str, Tensor]:
+    """BFL FLUX.1 ``ae.safetensors`` keys -> ``AutoencoderKL`` keys (FLUX configuration, no quant convs).
+
+    Raises:
+        Flux1ConversionError: A key is not part of the BFL FLUX.1 autoencoder layout.
+    """
+    levels = _vae_levels(list(sd), r"decoder\.up\.(\d+)\.")
+    out: dict[str, Tensor] = {}
+    unknown: list[str] = []
+    for key, tensor in sd.items():
+        module, param = key.rsplit(".", 1)
+        new = _bfl_vae_module_to_diffusers(module, levels)
+        if new is None:
+            unknown.append(key)
+            continue
+        if param == "weight" and _ATTN_PROJ.fullmatch(new):
+            tensor = tensor.reshape(tensor.shape[:2])  # 1x1 conv (C, C, 1, 1) -> linear (C, C)
+        out[f"{new}.{param}"] = tensor
+    if unknown:
+        raise _fail("keys that are not part of a BFL FLUX.1 autoencoder", unknown)
+    return out
+
+
+def convert_diffusers_to_bfl_vae(sd: StateDict) -> dict[str, Tensor]:
+    """``AutoencoderKL`` (FLUX configuration) keys -> BFL FLUX.1 autoencoder keys.
+
+    The mapping is the inverse of :func:`convert_bfl_to_diffusers_vae`, built from the same rules.
+
+    Raises:
+        Flux1ConversionError: A key is not part of the diffusers FLUX.1 AutoencoderKL layout (e.g. quant convs).
+    """
+    levels = _vae_levels(list(sd), r"decoder\.up_blocks\.(\d+)\.")
+    candidates = _bfl_vae_names(levels)
+    out: dict[str, Tensor] = {}
+    unknown: list[str] = []
+    for key, tensor in sd.items():
+        module, param = key.rsplit(".", 1)
+        bfl = candidates.get(module)
+        if bfl is None:
+            unknown.append(key)
+            continue
+        if param == "weight" and _ATTN_PROJ.fullmatch(module):
+            tensor = tensor.reshape(*tensor.shape, 1, 1)  # linear (C, C) -> 1x1 conv
+        out[f"{bfl}.{param}"] = tensor
+    if unknown:
+        raise _fail("keys that are not part of a diffusers FLUX.1 AutoencoderKL", unknown)
+    return out
+
+
+def _bfl_vae_names(levels: int, max_blocks: int = 8) -> dict[str, str]:
+    """Every diffusers module name of a ``levels``-level AE mapped to its BFL name (inverse table)."""
+    names: list[str] = list(_VAE_TOP)
+    parts = [*_RESNET]
+    for level in range(levels):
+        for block in range(max_blocks):
+            names += [f"encoder.down.{level}.block.{block}.{p}" for p in parts]
+            names += [f"decoder.up.{level}.block.{block}.{p}" for p in parts]
+        names += [f"encoder.down.{level}.downsample.conv", f"decoder.up.{level}.upsample.conv"]
+    for side in ("encoder", "decoder"):
+        names += [f"{side}.mid.block_{i}.{p}" for i in (1, 2) for p in parts]
+        names += [f"{side}.mid.attn_1.{p}" for p in _VAE_ATTN]
+    table: dict[str, str] = {}
+    for name in names:
+        new = _bfl_vae_module_to_diffusers(name, levels)
+        if new is not None:
+            table[new] = name
+    return table
+
+
+# --- probes
+
+
+def _shape(shapes: Shapes, key: str) -> tuple[int, ...] | None:
+    return tuple(int(s) for s in shapes[key]) if key in shapes else None
+
+
+DIT_PROBES: dict[Format, tuple[str, str, str]] = {
+    # embedding, per-block double modulation (6 D x D), pooled-vector embedder
+    "bfl": ("img_in.weight", "double_blocks.0.img_mod.lin.weight", "vector_in.in_layer.weight"),
+    "diffusers": (
+        "x_embedder.weight",
+        "transformer_blocks.0.norm1.linear.weight",
+        "time_text_embed.text_embedder.linear_1.weight",
+    ),
+}
+
+
+def detect_flux1_dit_format(shapes: Shapes) -> Format | None:
+    """Tell whether tensors (name -> shape) are a FLUX.1 DiT, and in which layout.
+
+    FLUX.1 has a per-block modulation of width ``6 D`` in every double block (``img_mod`` / ``norm1``) and a
+    pooled-text embedder; FLUX.2 has shared ``double_stream_modulation_*`` projections and no pooled vector,
+    so it is never claimed here. ControlNets (``controlnet_*`` keys) are adapters, not DiTs.
+
+    Returns:
+        ``"bfl"``, ``"diffusers"`` or None (not a FLUX.1 DiT, or keys under an unknown prefix).
+    """
+    if any("controlnet" in k for k in shapes):
+        return None
+    for fmt, (embed_key, mod_key, vector_key) in DIT_PROBES.items():
+        embed, mod, vector = _shape(shapes, embed_key), _shape(shapes, mod_key), _shape(shapes, vector_key)
+        if embed is None or mod is None or vector is None or len(embed) != 2:
+            continue
+        hidden = embed[0]
+        if mod == (6 * hidden, hidden) and vector[0] == hidden:
+            return fmt
+    return None
+
+
+VAE_PROBES: dict[Format, str] = {
+    "bfl": "encoder.down.0.block.0.conv1.weight",
+    "diffusers": "encoder.down_blocks.0.resnets.0.conv1.weight",
+}
+_QUANT_OR_BN = ("quant_conv.", "post_quant_conv.", "encoder.quant_conv.", "decoder.post_quant_conv.", "bn.")
+
+
+def detect_flux1_vae_format(shapes: Shapes) -> Format | None:
+    """Tell whether tensors (name -> shape) are a FLUX.1 autoencoder, and in which layout.
+
+    FLUX.1's AE is an LDM autoencoder with 16 latent channels (``encoder.conv_out`` has ``2 * 16`` outputs)
+    and no quant convs; FLUX.2's has quant convs and a latent BatchNorm, SD/SDXL VAEs have quant convs and 4
+    latent channels.
+
+    Returns:
+        ``"bfl"``, ``"diffusers"`` or None.
+    """
+    if any(k.startswith(_QUANT_OR_BN) for k in shapes):
+        return None
+    moments = _shape(shapes, "encoder.conv_out.weight")
+    if moments is None or len(moments) != 4 or moments[0] != 32:
+        return None
+    for fmt, probe in VAE_PROBES.items():
+        if probe in shapes:
+            return fmt
+    return None

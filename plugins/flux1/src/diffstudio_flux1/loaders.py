@@ -1,0 +1,175 @@
+"""Checkpoint detection and loading for the FLUX.1 family (what the ``load_model`` hook returns).
+
+Every claim is decided from tensor names and shapes only (no data read, no hash table):
+
+* DiT, BFL single file (``flux1-dev``, ``flux1-schnell``, ``flux1-kontext-dev``, ``flux1-fill-dev``; also under
+  ComfyUI's ``model.diffusion_model.`` / ``diffusion_model.`` prefixes) or diffusers ``transformer/`` folder
+  (sharded or not). The variant (``dev``, ``schnell``, ``fill``, ``custom``) comes from widths and the
+  guidance embedder; dev and Kontext share every shape, so both are ``dev`` (Kontext is a way of calling it).
+* VAE, BFL ``ae.safetensors`` or diffusers ``vae/`` (``AutoencoderKL``; its ``config.json`` supplies the
+  latent scale and shift when present).
+* Text encoders: CLIP-L (``text_encoder/``, legacy ``text_model.*`` or transformers-5 keys) and T5-XXL
+  encoders (``text_encoder_2/``, sharded).
+
+Models are built on the meta device and the memory-mapped tensors are assigned, strictly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from diffstudio.types import LoadRequest, ModelClaim
+
+if TYPE_CHECKING:
+    from diffstudio.loading import Checkpoint
+    from torch import nn
+
+FAMILY = "flux1"
+COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+
+
+def strip_prefix(keys: list[str]) -> str:
+    """The ComfyUI-style prefix every key carries ('' when none)."""
+    for prefix in COMFY_PREFIXES:
+        if keys and all(k.startswith(prefix) for k in keys):
+            return prefix
+    return ""
+
+
+def variant_name(hidden: int, in_channels: int, guidance: bool) -> str:
+    """Name the official variant with these sizes (``custom`` for any other consistent size)."""
+    if hidden != 3072:
+        return "custom"
+    if in_channels == 384:
+        return "fill"
+    if in_channels == 64:
+        return "dev" if guidance else "schnell"
+    return "custom"
+
+
+def claim_dit(checkpoint: Checkpoint) -> ModelClaim | None:
+    """Claim a FLUX.1 DiT in BFL (optionally ComfyUI-prefixed) or diffusers layout."""
+    from diffstudio_flux1.convert import DIT_PROBES, detect_flux1_dit_format
+
+    keys = checkpoint.keys()
+    prefix = strip_prefix(keys)
+    names = {k[len(prefix) :] for k in keys}
+    probes = {p for trio in DIT_PROBES.values() for p in trio}
+    shapes: dict[str, tuple[int, ...]] = {p: checkpoint.shape(prefix + p) for p in probes if p in names}
+    if any("controlnet" in n for n in names):
+        shapes["controlnet"] = (1,)
+    fmt = detect_flux1_dit_format(shapes)
+    if fmt is None:
+        return None
+    hidden, in_channels = shapes[DIT_PROBES[fmt][0]]
+    guidance = any(n.startswith(("guidance_in.", "time_text_embed.guidance_embedder.")) for n in names)
+    variant = variant_name(hidden, in_channels, guidance)
+    source = ("comfy" if prefix else "bfl") if fmt == "bfl" else "diffusers"
+    return ModelClaim(FAMILY, f"flux1-dit/{variant}", "dit", source, load_dit)
+
+
+def load_dit(checkpoint: Checkpoint, request: LoadRequest) -> nn.Module:
+    """Build :class:`~diffstudio_flux1.model.Flux` from a claimed checkpoint (any layout)."""
+    from diffstudio.loading import build_on_meta, load_state_dict_into
+
+    from diffstudio_flux1.convert import convert_diffusers_to_bfl_dit
+    from diffstudio_flux1.model import Flux
+    from diffstudio_flux1.params import FluxParams
+
+    keys = checkpoint.keys()
+    prefix = strip_prefix(keys)
+    state = {k[len(prefix) :]: checkpoint.tensor(k) for k in keys}
+    if "x_embedder.weight" in state:
+        state = convert_diffusers_to_bfl_dit(state)
+    params = FluxParams.from_state_dict_shapes({k: tuple(v.shape) for k, v in state.items()})
+    model = build_on_meta(lambda: Flux(params))
+    load_state_dict_into(model, state, dtype=request.torch_dtype, device=request.device)
+    return model.eval().requires_grad_(False)
+
+
+def claim_vae(checkpoint: Checkpoint) -> ModelClaim | None:
+    """Claim a FLUX.1 autoencoder in BFL or diffusers layout."""
+    from diffstudio_flux1.convert import VAE_PROBES, detect_flux1_vae_format
+
+    keys = checkpoint.keys()
+    shapes = {k: checkpoint.shape(k) for k in keys if k == "encoder.conv_out.weight" or k in VAE_PROBES.values()}
+    marks = ("quant_conv.", "post_quant_conv.", "encoder.quant_conv.", "decoder.post_quant_conv.", "bn.")
+    shapes.update({k: (1,) for k in keys if k.startswith(marks)})
+    fmt = detect_flux1_vae_format(shapes)
+    if fmt is None:
+        return None
+    return ModelClaim(FAMILY, "flux1-vae", "vae", fmt, load_vae)
+
+
+def _vae_config(checkpoint: Checkpoint) -> dict[str, Any]:
+    """The diffusers ``config.json`` next to the weights, if any (scaling/shift factors, groups)."""
+    path = Path(checkpoint.files[0]).parent / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) and data.get("_class_name") == "AutoencoderKL" else {}
+
+
+def load_vae(checkpoint: Checkpoint, request: LoadRequest) -> nn.Module:
+    """Build :class:`~diffstudio_flux1.vae.AutoEncoder` from a claimed checkpoint (either layout)."""
+    from diffstudio.loading import build_on_meta, load_state_dict_into
+
+    from diffstudio_flux1.convert import convert_diffusers_to_bfl_vae
+    from diffstudio_flux1.params import AutoEncoderParams
+    from diffstudio_flux1.vae import AutoEncoder
+
+    state = {k: checkpoint.tensor(k) for k in checkpoint.keys()}
+    factors: dict[str, Any] = {}
+    if "encoder.down_blocks.0.resnets.0.conv1.weight" in state:
+        state = convert_diffusers_to_bfl_vae(state)
+        config = _vae_config(checkpoint)
+        for ours, theirs in (("scale_factor", "scaling_factor"), ("shift_factor", "shift_factor")):
+            if config.get(theirs) is not None:
+                factors[ours] = float(config[theirs])
+        if config.get("norm_num_groups"):
+            factors["norm_groups"] = int(config["norm_num_groups"])
+    params = AutoEncoderParams.from_state_dict_shapes({k: tuple(v.shape) for k, v in state.items()}, **factors)
+    model = build_on_meta(lambda: AutoEncoder(params))
+    load_state_dict_into(model, state, dtype=request.torch_dtype, device=request.device)
+    return model.eval().requires_grad_(False)
+
+
+def claim_text_encoder(checkpoint: Checkpoint) -> ModelClaim | None:
+    """Claim a CLIP text encoder or a T5 encoder."""
+    from diffstudio_flux1.text_encoders import clip_prefix, is_t5_encoder
+
+    keys = checkpoint.keys()
+    if clip_prefix(keys) is not None:
+        layout = "legacy" if clip_prefix(keys) == "text_model." else "transformers5"
+        return ModelClaim(FAMILY, "flux1-text-encoder/clip", "text_encoder", layout, load_clip)
+    if is_t5_encoder(keys):
+        return ModelClaim(FAMILY, "flux1-text-encoder/t5", "text_encoder_2", "transformers", load_t5)
+    return None
+
+
+def load_clip(checkpoint: Checkpoint, request: LoadRequest) -> Any:
+    """Build the CLIP text model (``transformers.CLIPTextModel``)."""
+    from diffstudio_flux1.text_encoders import load_clip_encoder
+
+    return load_clip_encoder(checkpoint, request.torch_dtype, request.device)
+
+
+def load_t5(checkpoint: Checkpoint, request: LoadRequest) -> Any:
+    """Build the T5 encoder (``transformers.T5EncoderModel``)."""
+    from diffstudio_flux1.text_encoders import load_t5_encoder
+
+    return load_t5_encoder(checkpoint, request.torch_dtype, request.device)
+
+
+def claim(checkpoint: Checkpoint) -> ModelClaim | None:
+    """The family's answer to ``load_model``: the first of DiT, VAE, text encoder that matches."""
+    for probe in (claim_dit, claim_vae, claim_text_encoder):
+        found = probe(checkpoint)
+        if found is not None:
+            return found
+    return None
