@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # pragma: no cover - import-time only for type checkers
     from diffstudio.run_api import run
     from diffstudio.runtime import Runtime
     from diffstudio.scheduler import FlowMatchScheduler
+    from diffstudio.templates import TemplatePipeline, load_state_dict, load_template_model
 
 _LAZY: dict[str, str] = {
     "ModelConfig": "diffstudio.config",
@@ -31,6 +32,9 @@ _LAZY: dict[str, str] = {
     "Runtime": "diffstudio.runtime",
     "FlowMatchScheduler": "diffstudio.scheduler",
     "run": "diffstudio.run_api",
+    "TemplatePipeline": "diffstudio.templates",
+    "load_template_model": "diffstudio.templates",
+    "load_state_dict": "diffstudio.templates",
 }
 
 __all__ = [
@@ -42,8 +46,11 @@ __all__ = [
     "OutputParam",
     "PipelineUnit",
     "Runtime",
+    "TemplatePipeline",
     "__version__",
     "hookimpl",
+    "load_state_dict",
+    "load_template_model",
     "run",
 ]
 

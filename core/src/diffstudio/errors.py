@@ -154,5 +154,41 @@ class UntrustedCodeError(TemplateError):
     """A folder ships Python code and the caller did not opt in with trust_code=True."""
 
 
+class RemoteCodeDisabledError(UntrustedCodeError):
+    """Template code was refused because ``DIFFSTUDIO_DISABLE_REMOTE_CODE=1`` is set (even with trust_code)."""
+
+
+class CodeHashMismatchError(UntrustedCodeError):
+    """A template's ``model.py`` does not have the SHA-256 the caller pinned with ``code_sha256``."""
+
+
+class TemplateFormatError(TemplateError):
+    """A template folder, ``template.json`` or template class breaks the template format."""
+
+
+class TemplateInputError(TemplateError, ValueError):
+    """Template inputs do not fit the template they are routed to (unknown or missing keys, bad model_id)."""
+
+
+class TemplateCacheKeyError(TemplateError, ValueError):
+    """A template's cache names an input the base pipeline does not declare."""
+
+    def __init__(self, template: str, key: str, accepted: Sequence[str], branch: str = "positive") -> None:
+        shown = ", ".join(sorted(accepted)) or "(none)"
+        side = "negative " if branch == "negative" else ""
+        super().__init__(
+            f"The template {template!r} produced the {side}cache key {key!r}, which the base pipeline does not "
+            f"accept. A template cache may only name inputs of the base pipeline; accepted {side}keys: {shown}. "
+            f"Install the medium plugin that serves {key!r} (see `diffstudio plugins`), or fix the template."
+        )
+        self.template = template
+        self.key = key
+        self.accepted = sorted(accepted)
+
+
 class CacheMergeError(TemplateError):
     """Template caches for one pipeline input cannot be merged."""
+
+
+class CacheFormatError(TemplateError, ValueError):
+    """A template cache value has the wrong structure or shapes for its medium (KV cache, LoRA, residuals)."""

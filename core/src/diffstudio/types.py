@@ -148,12 +148,29 @@ class CommandSpec:
 
 @dataclass(frozen=True)
 class TemplateSpec:
-    """A Diffusion Template model class offered by an installed package (``register_templates``)."""
+    """A Diffusion Template model class offered by an installed package (``register_templates``).
+
+    Attributes:
+        name: Registry name, e.g. ``"diffstudio-example/brightness"``. ``ModelConfig(model_id=name)`` loads the
+            installed template itself; a data-only folder's ``template.json`` names the class by it.
+        factory: Returns the template model class (an ``nn.Module`` with ``process_inputs`` and ``forward``),
+            imported lazily.
+        description: One line for listings.
+        base_pipeline: The registered pipeline the template's cache is made for.
+        config: Constructor keyword arguments used when the installed template is loaded by name.
+        weights: Returns the safetensors file(s) shipped with the package for loading by name (None: the
+            class's own initialisation).
+        data_processor: Returns the data-processor class used by trainers (None: template inputs pass as they
+            are).
+    """
 
     name: str
     factory: Callable[[], type[Any]]
     description: str
     base_pipeline: str = "flux2"
+    config: Mapping[str, Any] = field(default_factory=dict)
+    weights: Callable[[], Sequence[Path]] | None = None
+    data_processor: Callable[[], type[Any]] | None = None
 
 
 @dataclass(frozen=True)

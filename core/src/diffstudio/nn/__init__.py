@@ -9,19 +9,21 @@ Importing this package imports torch.
 from __future__ import annotations
 
 from diffstudio.nn.attention import SDPAProcessor, attention
-from diffstudio.nn.delta import DeltaFn, DeltaLinear, delta_linears, to_delta_linears
+from diffstudio.nn.delta import DeltaFn, DeltaLinear, DeltaMap, delta_linears, scoped_deltas, to_delta_linears
 from diffstudio.nn.embeddings import timestep_embedding
 from diffstudio.nn.rope import RopeFreqs, apply_rope, rope_frequencies
 
 __all__ = [
     "DeltaFn",
     "DeltaLinear",
+    "DeltaMap",
     "RopeFreqs",
     "SDPAProcessor",
     "apply_rope",
     "attention",
     "delta_linears",
     "rope_frequencies",
+    "scoped_deltas",
     "timestep_embedding",
     "to_delta_linears",
 ]

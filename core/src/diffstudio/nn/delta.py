@@ -9,7 +9,8 @@ owns weights moves them itself (its owner, e.g. an adapter plugin, is responsibl
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -112,3 +113,44 @@ def to_delta_linears(module: nn.Module) -> int:
             setattr(parent, child_name, new)
             count += 1
     return count
+
+
+DeltaMap = Mapping[str, DeltaFn]
+"""Side paths for one call, keyed by the module path of a :class:`DeltaLinear` (``double_blocks.0.img_attn.qkv``)."""
+
+
+@contextmanager
+def scoped_deltas(module: nn.Module, deltas: DeltaMap | None, name: str = "scoped") -> Iterator[None]:
+    """Attach side paths for the duration of a ``with`` block, then remove them (also on errors).
+
+    This is how per-call (per CFG branch) LoRA tensors enter a model without being merged: the pipeline wraps
+    one denoiser call in it. Nothing is cloned, so gradients flow from the output into whatever the side paths
+    close over (e.g. LoRA tensors a template produced).
+
+    Args:
+        module: The model whose layers are :class:`DeltaLinear`.
+        deltas: ``{module path: fn}``; None or empty attaches nothing.
+        name: The side-path name used on every layer (must not already be attached there).
+
+    Raises:
+        KeyError: A path names no ``DeltaLinear`` of ``module`` (the message shows valid paths).
+    """
+    if not deltas:
+        yield
+        return
+    layers = dict(delta_linears(module))
+    unknown = sorted(set(deltas) - set(layers))
+    if unknown:
+        raise KeyError(
+            f"side paths target {len(unknown)} module(s) the model does not have, e.g. {unknown[:3]}; "
+            f"DeltaLinear paths look like {sorted(layers)[:3]}"
+        )
+    attached: list[DeltaLinear] = []
+    try:
+        for path, fn in deltas.items():
+            layers[path].add_delta(name, fn)
+            attached.append(layers[path])
+        yield
+    finally:
+        for layer in attached:
+            layer.remove_delta(name, missing_ok=True)

@@ -71,6 +71,10 @@ class BasePipeline:
         denoise_components: Slots used inside the denoising loop (onloaded for it).
         size_multiple: Height and width must be multiples of this.
         plugin_inputs: Call arguments served by optional plugins, mapped to the distribution to install.
+        extension_inputs: Branch-state keys that :meth:`predict_velocity` hands to the denoiser's extension
+            points (e.g. ``kv_extension``, ``dit_deltas``, ``block_residual``). Adapter and template-medium
+            plugins contribute units that write these keys only to pipelines that list them, so a family opts
+            in to a medium by honouring the key and naming it here.
     """
 
     family: ClassVar[str] = ""
@@ -79,6 +83,7 @@ class BasePipeline:
     denoise_components: ClassVar[tuple[str, ...]] = ("dit",)
     size_multiple: ClassVar[int] = 16
     plugin_inputs: ClassVar[Mapping[str, str]] = {}
+    extension_inputs: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(
         self,

@@ -1,0 +1,420 @@
+"""Loading template models: installed packages, data-only folders, seed-format folders (see :mod:`.trust`).
+
+Data-only folder (the format ``diffstudio template export`` writes and the docs recommend for publishing)::
+
+    my-template/
+      template.json        {"format": "diffstudio-template", "format_version": 1,
+                            "template": "<registered name>", "config": {...constructor kwargs...},
+                            "weights": ["model.safetensors"]}
+      model.safetensors
+
+Seed-format folder (DiffSynth's): ``model.py`` defining ``TEMPLATE_MODEL`` (the class), optionally
+``TEMPLATE_MODEL_PATH`` (a relative safetensors path, a list of shards, or None for the class's own
+initialisation), ``TEMPLATE_MODEL_CONFIG`` (constructor kwargs) and ``TEMPLATE_DATA_PROCESSOR`` (a class), plus
+the weights. When both ``template.json`` and ``model.py`` are present, ``template.json`` wins and no code runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Literal
+
+from diffstudio.config import ModelConfig
+from diffstudio.errors import TemplateError, TemplateFormatError
+from diffstudio.loading.assign import MetaTensorsRemainError
+from diffstudio.registry import UnknownNameError
+from diffstudio.templates.protocol import check_template_class
+from diffstudio.templates.trust import check_code_allowed
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from diffstudio.runtime import Runtime
+
+logger = logging.getLogger("diffstudio.templates")
+
+TEMPLATE_JSON = "template.json"
+CODE_FILE = "model.py"
+FORMAT_NAME = "diffstudio-template"
+FORMAT_VERSION = 1
+
+TemplateKind = Literal["installed", "data", "code"]
+
+__all__ = [
+    "CODE_FILE",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "TEMPLATE_JSON",
+    "LoadedTemplate",
+    "build_template",
+    "load_state_dict",
+    "load_template",
+    "load_template_data_processor",
+    "load_template_model",
+    "read_template_json",
+    "template_kind",
+]
+
+
+@dataclass
+class LoadedTemplate:
+    """One loaded template model and where it came from.
+
+    Attributes:
+        model: The template model (``nn.Module``), in eval mode.
+        name: Display name: the registered name, or the folder name.
+        kind: ``"installed"``, ``"data"`` or ``"code"``.
+        source: The folder, or ``"package <distribution plugin>"`` for installed templates.
+        model_id: What ``template_inputs[i]["model_id"]`` may name to route to it (the config's model_id or
+            path), besides its index.
+        registered_name: The registry name of its class (installed and data-only templates).
+        config: The constructor keyword arguments used.
+        data_processor: The data-processor class for training, or None.
+        code_sha256: SHA-256 of the executed ``model.py`` (code templates).
+    """
+
+    model: nn.Module
+    name: str
+    kind: TemplateKind
+    source: str
+    model_id: str | None = None
+    registered_name: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    data_processor: type[Any] | None = None
+    code_sha256: str | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# weights
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _safetensors_files(path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Path]:
+    entries = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    files: list[Path] = []
+    for entry in entries:
+        p = Path(os.fspath(entry))
+        if p.is_dir():
+            files.extend(sorted(p.glob("*.safetensors")))
+        elif p.suffix != ".safetensors":
+            raise TemplateFormatError(
+                f"{p} is not a safetensors file; template weights are read from safetensors only (pickle files can "
+                f"run code when loaded). Convert it with safetensors.torch.save_file."
+            )
+        elif not p.is_file():
+            raise TemplateFormatError(f"the template weights file {p} does not exist")
+        else:
+            files.append(p)
+    return files
+
+
+def load_state_dict(
+    path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    torch_dtype: torch.dtype | None = None,
+    device: str = "cpu",
+) -> dict[str, torch.Tensor]:
+    """Read safetensors weights (a file, a list of shards or a folder) into one state dict.
+
+    Args:
+        path: File, files or folder of ``*.safetensors``.
+        torch_dtype: Cast floating-point tensors to this dtype (None keeps the file's).
+        device: Where the tensors go.
+
+    Returns:
+        ``{name: tensor}``.
+    """
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for file in _safetensors_files(path):
+        for key, tensor in load_file(str(file), device=device).items():
+            if torch_dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(torch_dtype)
+            state[key] = tensor
+    return state
+
+
+def build_template(
+    cls: type[Any],
+    config: Mapping[str, Any],
+    weights: Sequence[Path],
+    *,
+    torch_dtype: torch.dtype | None,
+    device: str,
+    where: str,
+) -> nn.Module:
+    """Instantiate a template class and load its weights strictly.
+
+    With weights, the module is built on the meta device and the tensors assigned (no random initialisation);
+    a class whose non-persistent buffers cannot be rebuilt that way is built normally instead. Without weights
+    the class's own initialisation is used.
+    """
+    from diffstudio.loading.assign import build_on_meta, load_state_dict_into
+
+    check_template_class(cls, where)
+    kwargs = dict(config)
+    try:
+        if not weights:
+            model: nn.Module = cls(**kwargs)
+            model = model.to(device=device, dtype=torch_dtype) if torch_dtype is not None else model.to(device)
+            return model.eval()
+        state = load_state_dict(list(weights))
+        try:
+            model = build_on_meta(lambda: cls(**kwargs))
+            load_state_dict_into(model, state, dtype=torch_dtype, device=device)
+        except MetaTensorsRemainError:
+            model = cls(**kwargs)
+            load_state_dict_into(model, state, dtype=torch_dtype, device=device)
+    except TypeError as exc:
+        message = f"cannot build the template class {cls.__name__} ({where}) with {kwargs}: {exc}"
+        raise TemplateFormatError(message) from exc
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the three kinds
+# ----------------------------------------------------------------------------------------------------------
+
+
+def template_kind(folder: Path) -> Literal["data", "code"]:
+    """``"data"`` when the folder has ``template.json``, ``"code"`` when it has only ``model.py``."""
+    if (folder / TEMPLATE_JSON).is_file():
+        return "data"
+    if (folder / CODE_FILE).is_file():
+        return "code"
+    shown = ", ".join(sorted(p.name for p in folder.iterdir())[:12]) if folder.is_dir() else "(not a folder)"
+    raise TemplateFormatError(
+        f"{folder} is not a template folder: it has neither {TEMPLATE_JSON} (data-only template) nor {CODE_FILE} "
+        f"(seed format). Files: {shown}"
+    )
+
+
+def read_template_json(folder: Path) -> dict[str, Any]:
+    """Read and validate ``template.json``."""
+    path = folder / TEMPLATE_JSON
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise TemplateFormatError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+        raise TemplateFormatError(f"{path} is not a diffstudio template description (expected format={FORMAT_NAME!r})")
+    version = data.get("format_version", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise TemplateFormatError(
+            f"{path} has format_version {version!r}; this diffstudio reads up to {FORMAT_VERSION}. Upgrade diffstudio."
+        )
+    if not isinstance(data.get("template"), str) or not data["template"]:
+        raise TemplateFormatError(f"{path} must name the registered template class under 'template'")
+    if not isinstance(data.get("config", {}), dict):
+        raise TemplateFormatError(f"{path}: 'config' must be an object of constructor arguments")
+    return data
+
+
+def _inside(folder: Path, relative: str | os.PathLike[str], what: str) -> Path:
+    path = (folder / relative).resolve()
+    if not path.is_relative_to(folder.resolve()):
+        raise TemplateFormatError(f"{what} {relative!r} points outside the template folder {folder}")
+    return path
+
+
+def _registered_class(runtime: Runtime, name: str, where: str) -> tuple[type[Any], Any]:
+    try:
+        spec = runtime.hooks.templates().get(name)
+    except UnknownNameError as exc:
+        raise TemplateError(
+            f"{where} names the template class {name!r}, which no installed package registers. Install the "
+            f"template package that provides it (data-only templates run no code, so the class must be installed). "
+            f"{exc}"
+        ) from exc
+    return spec.factory(), spec
+
+
+def _load_data(folder: Path, runtime: Runtime, torch_dtype: torch.dtype | None, device: str) -> LoadedTemplate:
+    data = read_template_json(folder)
+    where = str(folder / TEMPLATE_JSON)
+    if (folder / CODE_FILE).exists():
+        logger.info("diffstudio: %s has a template.json; its %s is ignored and not executed", folder, CODE_FILE)
+    cls, spec = _registered_class(runtime, data["template"], where)
+    listed = data.get("weights")
+    if listed is None:
+        weights = sorted(folder.glob("*.safetensors"))
+    else:
+        weights = [_inside(folder, w, "weights file") for w in ([listed] if isinstance(listed, str) else listed)]
+    config = dict(data.get("config", {}))
+    model = build_template(cls, config, weights, torch_dtype=torch_dtype, device=device, where=where)
+    processor = spec.data_processor() if spec.data_processor is not None else None
+    return LoadedTemplate(model, data["template"], "data", str(folder), registered_name=data["template"],
+                          config=config, data_processor=processor)  # fmt: skip
+
+
+def _exec_code(code: Path, digest: str) -> ModuleType:
+    module_name = f"diffstudio_template_code_{digest[:16]}"
+    cached = sys.modules.get(module_name)
+    if cached is not None:
+        return cached
+    spec = importlib.util.spec_from_file_location(module_name, code)
+    if spec is None or spec.loader is None:
+        raise TemplateFormatError(f"cannot import {code}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[module_name]
+        raise TemplateFormatError(f"executing {code} failed: {type(exc).__name__}: {exc}") from exc
+    return module
+
+
+def _code_module(
+    folder: Path, *, trust_code: bool, code_sha256: str | None, env: Mapping[str, str] | None
+) -> tuple[ModuleType, str]:
+    code = folder / CODE_FILE
+    digest = check_code_allowed(code, trust_code=trust_code, code_sha256=code_sha256, env=env)
+    module = _exec_code(code, digest)
+    if not isinstance(getattr(module, "TEMPLATE_MODEL", None), type):
+        raise TemplateFormatError(f"{code} must define TEMPLATE_MODEL, the template model class")
+    return module, digest
+
+
+def _load_code(
+    folder: Path,
+    *,
+    torch_dtype: torch.dtype | None,
+    device: str,
+    trust_code: bool,
+    code_sha256: str | None,
+    env: Mapping[str, str] | None,
+) -> LoadedTemplate:
+    module, digest = _code_module(folder, trust_code=trust_code, code_sha256=code_sha256, env=env)
+    code = folder / CODE_FILE
+    listed = getattr(module, "TEMPLATE_MODEL_PATH", None)
+    entries = [] if listed is None else [listed] if isinstance(listed, (str, os.PathLike)) else list(listed)
+    weights = [_inside(folder, w, "TEMPLATE_MODEL_PATH") for w in entries]
+    config = dict(getattr(module, "TEMPLATE_MODEL_CONFIG", None) or {})
+    model = build_template(module.TEMPLATE_MODEL, config, weights, torch_dtype=torch_dtype, device=device,
+                           where=str(code))  # fmt: skip
+    processor = getattr(module, "TEMPLATE_DATA_PROCESSOR", None)
+    return LoadedTemplate(model, folder.name, "code", str(folder), config=config, data_processor=processor,
+                          code_sha256=digest)  # fmt: skip
+
+
+def _load_installed(name: str, runtime: Runtime, torch_dtype: torch.dtype | None, device: str) -> LoadedTemplate:
+    cls, spec = _registered_class(runtime, name, "ModelConfig(model_id=...)")
+    weights = [Path(p) for p in spec.weights()] if spec.weights is not None else []
+    config = dict(spec.config)
+    owner = runtime.hooks.templates().owner(name)
+    model = build_template(cls, config, weights, torch_dtype=torch_dtype, device=device, where=f"plugin {owner}")
+    processor = spec.data_processor() if spec.data_processor is not None else None
+    return LoadedTemplate(model, name, "installed", f"package plugin {owner}", model_id=name, registered_name=name,
+                          config=config, data_processor=processor)  # fmt: skip
+
+
+def _folder_of(config: ModelConfig, runtime: Runtime) -> Path:
+    from diffstudio.resolve import resolve_files
+
+    if config.path is not None and not isinstance(config.path, list) and Path(os.fspath(config.path)).is_dir():
+        return Path(os.fspath(config.path))
+    embedded = {m.model_id: m.root for m in runtime.hooks.embedded_models()}
+    resolved = resolve_files(config, embedded=embedded)
+    return resolved.folder if resolved.is_folder or config.path is None else resolved.root
+
+
+def load_template(
+    source: ModelConfig | str | os.PathLike[str],
+    *,
+    runtime: Runtime | None = None,
+    torch_dtype: torch.dtype | None = None,
+    device: str = "cpu",
+    trust_code: bool = False,
+    code_sha256: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> LoadedTemplate:
+    """Load one template by registered name, folder or ``ModelConfig``.
+
+    Order: a ``model_id`` (or string) that is a registered template name loads the installed template; else the
+    folder is found (``path``, or ``model_id`` resolved from the local caches) and loaded as data-only
+    (``template.json``) or, only when trusted, as seed-format code (``model.py``).
+
+    Args:
+        source: ``ModelConfig(model_id=...)`` / ``ModelConfig(path=...)``, a registered name, or a folder.
+        runtime: Plugin runtime holding the template registry (default: a new one).
+        torch_dtype: Dtype of the template's floating-point weights (None keeps the file's).
+        device: Where the template runs.
+        trust_code: Allow executing a seed-format ``model.py`` for this call.
+        code_sha256: Pin the SHA-256 of that ``model.py``.
+        env: Environment for ``DIFFSTUDIO_DISABLE_REMOTE_CODE`` (default ``os.environ``).
+
+    Raises:
+        UntrustedCodeError: A seed-format folder without ``trust_code`` (or under the kill switch, or with a
+            pin that does not match). Nothing from the folder was executed.
+        TemplateFormatError: The folder is not a template, or the class breaks the protocol.
+        TemplateError: The class a data-only template names is not installed.
+    """
+    from diffstudio.runtime import Runtime
+
+    runtime = runtime if runtime is not None else Runtime()
+    if isinstance(source, ModelConfig):
+        config = source
+    elif isinstance(source, str) and not Path(source).exists():
+        config = ModelConfig(model_id=source)
+    else:
+        config = ModelConfig(path=os.fspath(source))
+    if any(v is not None for v in config.memory_config().values()):
+        logger.warning("diffstudio: memory settings on a template ModelConfig are ignored (%s)", config.describe())
+    if config.path is None and config.model_id is not None and config.model_id in runtime.hooks.templates():
+        return _load_installed(config.model_id, runtime, torch_dtype, device)
+    folder = _folder_of(config, runtime)
+    if template_kind(folder) == "data":
+        loaded = _load_data(folder, runtime, torch_dtype, device)
+    else:
+        loaded = _load_code(folder, torch_dtype=torch_dtype, device=device, trust_code=trust_code,
+                            code_sha256=code_sha256, env=env)  # fmt: skip
+    loaded.model_id = config.model_id if config.model_id is not None else config.describe()
+    return loaded
+
+
+def load_template_model(
+    path: ModelConfig | str | os.PathLike[str],
+    torch_dtype: torch.dtype | None = None,
+    device: str = "cpu",
+    *,
+    trust_code: bool = False,
+    code_sha256: str | None = None,
+    runtime: Runtime | None = None,
+) -> nn.Module:
+    """Load a template model (the seed's ``load_template_model``); see :func:`load_template` for the rules."""
+    return load_template(path, runtime=runtime, torch_dtype=torch_dtype, device=device, trust_code=trust_code,
+                         code_sha256=code_sha256).model  # fmt: skip
+
+
+def load_template_data_processor(
+    path: ModelConfig | str | os.PathLike[str],
+    *,
+    trust_code: bool = False,
+    code_sha256: str | None = None,
+    runtime: Runtime | None = None,
+) -> type[Any] | None:
+    """Return a template's data-processor class (None when it has none), without building the model."""
+    from diffstudio.runtime import Runtime
+
+    runtime = runtime if runtime is not None else Runtime()
+    if isinstance(path, str) and path in runtime.hooks.templates():
+        spec = runtime.hooks.templates().get(path)
+        return spec.data_processor() if spec.data_processor is not None else None
+    config = path if isinstance(path, ModelConfig) else ModelConfig(path=os.fspath(path))
+    folder = _folder_of(config, runtime)
+    if template_kind(folder) == "data":
+        _, spec = _registered_class(runtime, read_template_json(folder)["template"], str(folder / TEMPLATE_JSON))
+        return spec.data_processor() if spec.data_processor is not None else None
+    module, _ = _code_module(folder, trust_code=trust_code, code_sha256=code_sha256, env=None)
+    processor = getattr(module, "TEMPLATE_DATA_PROCESSOR", None)
+    return processor if isinstance(processor, type) else None
