@@ -10,13 +10,40 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from diffstudio._markers import hookimpl
-from diffstudio.errors import CacheMergeError, DiffstudioError, TemplateError, UntrustedCodeError
+from diffstudio.errors import (
+    CacheFormatError,
+    CacheMergeError,
+    CodeHashMismatchError,
+    DiffstudioError,
+    RemoteCodeDisabledError,
+    TemplateCacheKeyError,
+    TemplateError,
+    TemplateFormatError,
+    TemplateInputError,
+    UntrustedCodeError,
+)
 from diffstudio.types import ModelClaim, PipelineSpec, TemplateSpec
+
+from diffstudio_template_sdk.protocols import DataProcessor, TemplateModel
+from diffstudio_template_sdk.registration import template, templates_hook
 
 if TYPE_CHECKING:
     from diffstudio.config import ModelConfig
     from diffstudio.pipeline.base import BasePipeline
     from diffstudio.pipeline.units import InputParam, OutputParam, PipelineUnit
+    from diffstudio.templates import (
+        RESERVED_INPUTS,
+        LoadedTemplate,
+        TemplatePipeline,
+        check_template_class,
+        export_template,
+        forward_template,
+        load_state_dict,
+        load_template,
+        load_template_model,
+        process_template_inputs,
+        run_template,
+    )
 
 #: Version of this SDK's API (semantic versioning; the major changes rarely).
 SDK_VERSION = "1.0.0"
@@ -27,23 +54,55 @@ _LAZY: dict[str, str] = {
     "PipelineUnit": "diffstudio.pipeline.units",
     "InputParam": "diffstudio.pipeline.units",
     "OutputParam": "diffstudio.pipeline.units",
+    "RESERVED_INPUTS": "diffstudio.templates",
+    "LoadedTemplate": "diffstudio.templates",
+    "TemplatePipeline": "diffstudio.templates",
+    "check_template_class": "diffstudio.templates",
+    "export_template": "diffstudio.templates",
+    "forward_template": "diffstudio.templates",
+    "load_state_dict": "diffstudio.templates",
+    "load_template": "diffstudio.templates",
+    "load_template_model": "diffstudio.templates",
+    "process_template_inputs": "diffstudio.templates",
+    "run_template": "diffstudio.templates",
 }
 
 __all__ = [
+    "RESERVED_INPUTS",
     "SDK_VERSION",
     "BasePipeline",
+    "CacheFormatError",
     "CacheMergeError",
+    "CodeHashMismatchError",
+    "DataProcessor",
     "DiffstudioError",
     "InputParam",
+    "LoadedTemplate",
     "ModelClaim",
     "ModelConfig",
     "OutputParam",
     "PipelineSpec",
     "PipelineUnit",
+    "RemoteCodeDisabledError",
+    "TemplateCacheKeyError",
     "TemplateError",
+    "TemplateFormatError",
+    "TemplateInputError",
+    "TemplateModel",
+    "TemplatePipeline",
     "TemplateSpec",
     "UntrustedCodeError",
+    "check_template_class",
+    "export_template",
+    "forward_template",
     "hookimpl",
+    "load_state_dict",
+    "load_template",
+    "load_template_model",
+    "process_template_inputs",
+    "run_template",
+    "template",
+    "templates_hook",
 ]
 
 
