@@ -38,6 +38,7 @@ from diffstudio.types import PluginStatus
 #: Core's own plugins: (module, essential). Essential ones cannot be blocked.
 BUILTIN_PLUGINS: tuple[tuple[str, bool], ...] = (
     ("diffstudio.builtin.fallbacks", True),
+    ("diffstudio.builtin.vram", True),
     ("diffstudio.builtin.schedulers", False),
     ("diffstudio.builtin.commands", True),
 )

@@ -25,6 +25,9 @@ class LoadRequest:
     Attributes:
         config: The user's ModelConfig for this file set.
         torch_dtype: The pipeline's dtype (e.g. ``torch.bfloat16``); the family may keep parts in float32.
+            None means *as stored*: keep the file's dtypes (zero-copy memory-mapped tensors). Core asks for
+            that, with ``device="cpu"``, when the config has memory fields, because the memory strategy then
+            places and casts every tensor itself (per layer, never a whole state dict at once).
         device: The computation device string (``"cpu"``, ``"cuda"``).
     """
 
@@ -187,6 +190,9 @@ class MemoryBudget:
         computation_device: Where the layer computes.
         computation_dtype: The dtype it computes in.
         vram_limit_bytes: The pipeline's budget on the computation device, or None for no limit.
+        managed: The user set an offload, onload or preparing field; False means "not wrapped at all" (the
+            builtin layer-wise policy declines and the model stays resident).
+        prefetch_depth: Units streamed ahead of the running one on CUDA (``from_pretrained(vram_prefetch=)``).
     """
 
     offload_device: str
@@ -198,6 +204,8 @@ class MemoryBudget:
     computation_device: str
     computation_dtype: Any
     vram_limit_bytes: int | None = None
+    managed: bool = False
+    prefetch_depth: int = 1
 
 
 @runtime_checkable

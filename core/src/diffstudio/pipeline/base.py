@@ -92,6 +92,7 @@ class BasePipeline:
         torch_dtype: torch.dtype = torch.float32,
         runtime: Runtime | None = None,
         scheduler: Any = None,
+        vram_prefetch: int = 1,
     ) -> None:
         self.runtime = runtime if runtime is not None else Runtime()
         self.device = device or default_device()
@@ -99,6 +100,8 @@ class BasePipeline:
         self.loaded: dict[str, LoadedComponent] = {}
         self.scheduler = scheduler if scheduler is not None else self.default_scheduler()
         self.vram_limit: float | None = None
+        self.vram_prefetch = int(vram_prefetch)
+        self._vram_ledgers: dict[str, Any] = {}
         self.progress_bar_config: dict[str, Any] = {}
         self.last_run = RunInfo()
         self._units: list[PipelineUnit] | None = None
@@ -158,12 +161,16 @@ class BasePipeline:
             device: Computation device (default: CUDA if available, else CPU).
             model_configs: One config per component; each checkpoint is identified by the installed families.
             tokenizer_config: The tokenizer folder, for families that need one.
-            vram_limit: Memory budget on the computation device, in GiB (None: no limit).
+            vram_limit: Memory budget on the computation device, in GiB (None: no limit). It is this pipeline's
+                own budget, shared by its models and accounted by their memory strategies.
             runtime: The plugin runtime to use (default: a new one reading the installed plugins).
-            **kwargs: Family-specific options.
+            **kwargs: Family-specific options; ``vram_prefetch=N`` sets how many streamed units are copied
+                ahead on CUDA (default 1).
         """
+        if vram_limit is not None and (isinstance(vram_limit, bool) or not isinstance(vram_limit, (int, float))):
+            raise PipelineInputError(f"vram_limit={vram_limit!r} is not a number of GiB; pass e.g. 8.0, or None")
         if vram_limit is not None and vram_limit < 0:
-            raise PipelineInputError(f"vram_limit must be >= 0 GiB, got {vram_limit}")
+            raise PipelineInputError(f"vram_limit={vram_limit} GiB must be >= 0 GiB (or None for no limit)")
         pipe = cls(device=device, torch_dtype=torch_dtype, runtime=runtime, **kwargs)
         pipe.vram_limit = vram_limit
         for config in model_configs:
@@ -181,10 +188,12 @@ class BasePipeline:
                 f"(claimed by plugin {claim.plugin!r}); {type(self).__name__} runs {self.family!r} models. "
                 f"Use the {claim.family} pipeline for it."
             )
-        memory = config.memory_config()
-        computation_device = str(memory.get("computation_device") or self.device)
-        module = claim.load(checkpoint, LoadRequest(config, self.torch_dtype, computation_device))
         budget = self.memory_budget(config)
+        if budget.managed:  # as stored (file dtypes, memory-mapped on CPU): the strategy places every tensor
+            request = LoadRequest(config, None, "cpu")
+        else:
+            request = LoadRequest(config, budget.computation_dtype, budget.computation_device)
+        module = claim.load(checkpoint, request)
         strategy = self.runtime.hooks.vram_policy(module, claim.component, budget, self)
         module = strategy.apply(module)
         self.set_component(
@@ -213,7 +222,43 @@ class BasePipeline:
             computation_device=device,
             computation_dtype=dtype,
             vram_limit_bytes=limit,
+            managed=config.has_memory_fields,
+            prefetch_depth=self.vram_prefetch,
         )
+
+    def vram_ledger(self, device: str) -> Any:
+        """The budget ledger of ``device`` shared by this pipeline's memory strategies (created on first use)."""
+        from diffstudio.vram.ledger import DeviceLedger
+
+        key = str(torch.device(device))
+        ledger = self._vram_ledgers.get(key)
+        if ledger is None:
+            limit = None if self.vram_limit is None else int(self.vram_limit * 1024**3)
+            ledger = self._vram_ledgers[key] = DeviceLedger(key, limit)
+        return ledger
+
+    def vram_report(self) -> dict[str, dict[str, Any]]:
+        """What each component's memory strategy placed where, as plain data (``{slot: report dict}``).
+
+        Components without a reporting strategy are described by their tensors' devices, dtypes and bytes.
+        """
+        reports: dict[str, dict[str, Any]] = {}
+        for name, component in self.loaded.items():
+            report = getattr(component.strategy, "report", None)
+            if callable(report):
+                reports[name] = report().as_dict()
+                continue
+            module = component.module
+            tensors = list(module.parameters()) + list(module.buffers()) if isinstance(module, torch.nn.Module) else []
+            places = sorted({f"{t.device}/{str(t.dtype).removeprefix('torch.')}" for t in tensors})
+            reports[name] = {
+                "component": name,
+                "strategy": getattr(component.strategy, "name", "none"),
+                "onloaded": True,
+                "computation": "+".join(places),
+                "resident_bytes": sum(t.numel() * t.element_size() for t in tensors),
+            }
+        return reports
 
     def load_tokenizer(self, config: ModelConfig) -> None:
         """Load the tokenizer(s) named by ``tokenizer_config`` (families that use one override this)."""
@@ -222,13 +267,13 @@ class BasePipeline:
     def activate(self, slots: Iterable[str]) -> None:
         """Onload the components in ``slots`` and offload every other (memory strategies decide how)."""
         wanted = set(slots)
-        for name, component in self.loaded.items():
-            if component.strategy is None:
-                continue
+        strategies = [(name, c.strategy) for name, c in self.loaded.items() if c.strategy is not None]
+        for name, strategy in strategies:  # release first, so the budget is free for what comes next
+            if name not in wanted:
+                strategy.offload()
+        for name, strategy in strategies:
             if name in wanted:
-                component.strategy.onload()
-            else:
-                component.strategy.offload()
+                strategy.onload()
 
     # ----------------------------------------------------------------------------------------------------------
     # units
@@ -370,6 +415,15 @@ class BasePipeline:
             return result
         return progress_bar_cmd(iterable)  # type: ignore[no-any-return]
 
+    def call_inputs(self, prompt: Any, **kwargs: Any) -> dict[str, Any]:
+        """Turn call arguments into the state inputs that :meth:`generate` runs (the trainer's entry too).
+
+        Families implement it with the seed's argument names and defaults; their ``__call__`` is
+        ``self.generate(self.call_inputs(prompt, **kwargs))``. The trainer calls it with one prompt, the
+        training image as ``input_image`` and ``denoising_strength=1`` to get a complete set of inputs.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement call_inputs()")
+
     def predict_velocity(self, inputs: Mapping[str, Any], step_index: int, timestep: torch.Tensor) -> torch.Tensor:
         """Run the denoiser for one branch (the family's ``model_fn``).
 
@@ -482,5 +536,6 @@ class BasePipeline:
             for unit in self.units:
                 if unit.stage == "finish":
                     self.run_unit(unit, state, cfg)
+            self.activate(())
         self.last_run = RunInfo(seeds=list(state.shared.get("seeds") or []), arguments=dict(inputs))
         return state.shared.get("output")
