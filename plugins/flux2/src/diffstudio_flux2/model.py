@@ -25,6 +25,7 @@ from diffstudio_flux2.layers import (
     LastLayer,
     MLPEmbedder,
     Modulation,
+    RMSNorm,
     SingleStreamBlock,
 )
 from diffstudio_flux2.math import match_batch, text_ids
@@ -48,12 +49,14 @@ class BlockResidualHook(Protocol):
 class Flux2(nn.Module):
     """FLUX.2 flow-matching transformer (dev and klein variants).
 
-    Memory metadata (read by VRAM policies and trainers): ``repeated_blocks`` names the ModuleLists of
-    identical blocks, ``keep_in_high_precision`` holds fnmatch patterns over state-dict keys that should stay
-    in float32 when the model is cast down (norm scales, timestep/guidance embedders).
+    Memory metadata (read by VRAM policies and trainers, see ``diffstudio.vram.metadata``): ``repeated_blocks``
+    names the ModuleLists of identical blocks, ``memory_leaves`` the layers whose weights are only read in their
+    own forward, ``keep_in_high_precision`` holds fnmatch patterns over state-dict keys that are never stored
+    below the computation dtype (norm scales, timestep/guidance embedders).
     """
 
     repeated_blocks: ClassVar[tuple[str, ...]] = ("double_blocks", "single_blocks")
+    memory_leaves: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, RMSNorm)
     no_split_modules: ClassVar[tuple[str, ...]] = ("DoubleStreamBlock", "SingleStreamBlock")
     keep_in_high_precision: ClassVar[tuple[str, ...]] = ("*norm*", "time_in.*", "guidance_in.*")
     supports_gradient_checkpointing: ClassVar[bool] = True

@@ -285,6 +285,10 @@ def _assign(
 
     load_state_dict_into(model, state, dtype=torch_dtype, device=device, init_non_persistent=rebuild_rotary)
     model.eval().requires_grad_(False)
+    # memory metadata for VRAM policies (diffstudio.vram.metadata); the decoder classes are transformers'
+    model.repeated_blocks = ("layers",)  # type: ignore[assignment]
+    model.memory_leaves = (nn.Linear, nn.Embedding, "*RMSNorm")  # type: ignore[assignment]
+    model.keep_in_high_precision = ("norm.*", "*_norm.*", "*layernorm*")  # type: ignore[assignment]
 
 
 def load_qwen3_encoder(

@@ -208,6 +208,7 @@ class Flux2AutoEncoder(nn.Module):
     """
 
     repeated_blocks: ClassVar[tuple[str, ...]] = ()
+    memory_leaves: ClassVar[tuple[type[nn.Module], ...]] = (nn.Conv2d, nn.GroupNorm)  # bn stats: read by helpers
     no_split_modules: ClassVar[tuple[str, ...]] = ("ResnetBlock", "AttnBlock")
     keep_in_high_precision: ClassVar[tuple[str, ...]] = ("bn.*",)
     supports_gradient_checkpointing: ClassVar[bool] = False
