@@ -47,7 +47,9 @@ def perturb(model: nn.Module, seed: int) -> None:
             p.copy_(noise / fan_in**0.5)
 
 
-def diffusers_dit(guidance: bool, seed: int = 0, in_channels: int = IN_CHANNELS) -> nn.Module:
+def diffusers_dit(
+    guidance: bool, seed: int = 0, in_channels: int = IN_CHANNELS, context: int = CONTEXT_DIM, pooled: int = POOLED_DIM
+) -> nn.Module:
     from diffusers import FluxTransformer2DModel
 
     model = FluxTransformer2DModel(
@@ -58,8 +60,8 @@ def diffusers_dit(guidance: bool, seed: int = 0, in_channels: int = IN_CHANNELS)
         num_single_layers=2,
         attention_head_dim=HEAD_DIM,
         num_attention_heads=HEADS,
-        joint_attention_dim=CONTEXT_DIM,
-        pooled_projection_dim=POOLED_DIM,
+        joint_attention_dim=context,
+        pooled_projection_dim=pooled,
         guidance_embeds=guidance,
         axes_dims_rope=AXES,
     )
