@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from diffstudio.config import ModelConfig
 from diffstudio.errors import PipelineInputError, UnknownCheckpointError
+from diffstudio.nn.delta import scoped_deltas
 from diffstudio.pipeline.base import BasePipeline
 from diffstudio.scheduler import FlowMatchScheduler
 from diffstudio.types import ModelClaim
@@ -51,6 +52,7 @@ class Flux2ImagePipeline(BasePipeline):
     }
     denoise_components = ("dit",)
     size_multiple = 16
+    extension_inputs = frozenset({"kv_extension", "extra_ctx", "attention_kwargs", "dit_deltas", "block_residual"})
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -305,7 +307,8 @@ class Flux2ImagePipeline(BasePipeline):
         Args:
             inputs: Branch view with ``latents`` ``(B, L, C)``, ``image_ids``, ``prompt_embeds``, ``text_ids``,
                 optionally ``edit_latents``/``edit_image_ids``, ``kv_extension``, ``extra_ctx``,
-                ``embedded_guidance``.
+                ``embedded_guidance``, ``dit_deltas`` (``{DeltaLinear path: fn}`` side paths attached for this
+                call only, e.g. a template's LoRA) and ``block_residual`` (a ``BlockResidualHook``).
             step_index: Denoising step.
             timestep: ``sigma * 1000``, scalar or ``(B,)``.
 
@@ -328,19 +331,21 @@ class Flux2ImagePipeline(BasePipeline):
             from diffstudio_flux2.units import merge_kv
 
             edit, kv_extension = None, merge_kv(kv_extension, cached)
-        velocity: Tensor = dit(
-            latents,
-            inputs["image_ids"],
-            t.to(latents.device, dtype),
-            inputs["prompt_embeds"].to(dtype),
-            inputs["text_ids"],
-            guidance,
-            extra_x=None if edit is None else edit.to(latents.device, dtype),
-            extra_x_ids=inputs.get("edit_image_ids"),
-            extra_ctx=inputs.get("extra_ctx"),
-            kv_extension=kv_extension,
-            attention_kwargs=inputs.get("attention_kwargs"),
-        )
+        with scoped_deltas(dit, inputs.get("dit_deltas"), "branch_side_path"):
+            velocity: Tensor = dit(
+                latents,
+                inputs["image_ids"],
+                t.to(latents.device, dtype),
+                inputs["prompt_embeds"].to(dtype),
+                inputs["text_ids"],
+                guidance,
+                extra_x=None if edit is None else edit.to(latents.device, dtype),
+                extra_x_ids=inputs.get("edit_image_ids"),
+                extra_ctx=inputs.get("extra_ctx"),
+                kv_extension=kv_extension,
+                attention_kwargs=inputs.get("attention_kwargs"),
+                block_residual=inputs.get("block_residual"),
+            )
         return velocity
 
     def default_steps(self, cfg_scale: float) -> int:
