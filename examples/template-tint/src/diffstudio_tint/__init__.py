@@ -1,0 +1,1 @@
+"""diffstudio-tint: an example third-party Diffusion Template package (template ``example/tint``)."""
