@@ -248,3 +248,33 @@ def test_a_flux2_checkpoint_is_refused_naming_its_family(tmp_path: Path) -> None
             runtime=Runtime(),
         )  # fmt: skip
     assert "flux2-dit" in str(info.value) and "FluxImagePipeline" in str(info.value)
+
+
+def test_pipeline_lora_matches_diffusers_and_unloads(repo: Any, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(0)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in repo.components["transformer"].named_modules():
+        if isinstance(module, torch.nn.Linear) and name.startswith(("transformer_blocks.", "single_transformer")):
+            tensors[f"transformer.{name}.lora_A.weight"] = torch.randn(4, module.in_features, generator=gen) / 8
+            tensors[f"transformer.{name}.lora_B.weight"] = 0.25 * torch.randn(module.out_features, 4, generator=gen)
+    path = tmp_path / "style.safetensors"
+    save_file(tensors, str(path))
+    noise = fp.packed_noise(1, H, W, seed=15)
+    args: dict[str, Any] = {"prompt": PROMPTS[0], "height": H, "width": W, "num_inference_steps": 2, "latents": noise}
+    pipe = ours(repo)
+    base, _ = our_run(pipe, **args)
+    report = pipe.load_lora(ModelConfig(path=str(path)), scale=1.0)
+    assert report.tensors_matched == len(tensors) and not report.unmatched_keys
+    side, _ = our_run(pipe, **args)
+    reference = repo.pipeline()
+    reference.load_lora_weights(str(path))
+    try:
+        expected, _ = reference_run(reference, guidance_scale=3.5, **args)
+    finally:
+        reference.unload_lora_weights()
+    assert_close(side, expected, "final latents with a LoRA")
+    assert (side - base).abs().max() > 1e-2
+    assert pipe.unload_lora() == ["style"]
+    assert torch.equal(our_run(pipe, **args)[0], base)

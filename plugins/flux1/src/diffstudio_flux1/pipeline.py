@@ -25,6 +25,7 @@ from diffstudio.pipeline.base import BasePipeline
 from diffstudio.scheduler import FlowMatchScheduler
 from torch import Tensor
 
+from diffstudio_flux1.lora import LoraReport
 from diffstudio_flux1.text_encoders import PromptEncoder, TokenizerConfigError, load_tokenizer
 
 _SIBLINGS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
@@ -139,6 +140,33 @@ class FluxImagePipeline(BasePipeline):
                 self.text_encoder, self.tokenizer_1, self.text_encoder_2, self.tokenizer_2
             )
         return self._prompt_encoder
+
+    def load_lora(self, source: Any, scale: float = 1.0, *, fuse: bool = False, name: str | None = None) -> LoraReport:
+        """Apply a LoRA file (path, ``ModelConfig`` or state dict; any FLUX.1 layout) to the DiT and CLIP.
+
+        Returns the match report (also for CLIP layers of kohya ``lora_te1_*`` / diffusers ``text_encoder.*``).
+        See :func:`diffstudio_flux1.lora.apply_lora` for the errors.
+        """
+        from diffstudio_flux1.lora import apply_lora
+
+        if isinstance(source, ModelConfig):
+            from diffstudio.resolve import resolve_files
+
+            source = resolve_files(source).files[0]
+        if not self.has("dit"):
+            raise PipelineInputError("load_lora needs the DiT; add its ModelConfig to from_pretrained")
+        text_encoder = self.text_encoder if self.has("text_encoder") else None
+        return apply_lora(self.dit, source, scale=scale, fuse=fuse, name=name, text_encoder=text_encoder)
+
+    def unload_lora(self, name: str | None = None) -> list[str]:
+        """Remove one LoRA (by name) or all of them; return the names removed."""
+        from diffstudio_flux1.lora import list_loras, remove_lora
+
+        names = [r.name for r in list_loras(self.dit)] if name is None else [name]
+        text_encoder = self.text_encoder if self.has("text_encoder") else None
+        for each in reversed(names):
+            remove_lora(self.dit, each, text_encoder=text_encoder)
+        return names
 
     # ------------------------------------------------------------------------------------------------------
     # latent geometry and the VAE
