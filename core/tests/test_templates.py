@@ -294,3 +294,25 @@ def test_cli_inspect_shows_code_without_running_it(tmp_path: Path, capsys: pytes
     assert code_sha256_of(folder / "model.py") in shown and "TEMPLATE_MODEL = Offset" in shown
     assert cli_main(["template", "export", str(folder), str(tmp_path / "out")]) == 1
     assert "Refusing to run" in capsys.readouterr().err and not marker.exists()
+
+
+def test_run_api_applies_templates_and_records_them(tmp_path: Path, runtime: Runtime) -> None:
+    import json
+
+    import numpy as np
+    from diffstudio import run
+    from diffstudio.errors import PipelineInputError
+    from PIL import Image
+
+    checkpoint = write_toy_checkpoint(tmp_path / "toy.safetensors")
+    common = {"model": str(checkpoint), "runtime": runtime, "device": "cpu", "progress": False, "height": 32,
+              "width": 32, "num_inference_steps": 2}  # fmt: skip
+    plain = run("a toy", out=tmp_path / "plain", **common)
+    jobs = [{"prompt": "a toy", "seed": 0}, {"prompt": "a toy", "seed": 0, "template_inputs": [{"scale": 3.0}]}]
+    templated = run(jobs=jobs, out=tmp_path / "t", templates=["toy/scale"], template_inputs=[{"scale": -1.0}], **common)
+    pixels = [torch.from_numpy(np.asarray(Image.open(r["path"]).convert("L"), dtype=np.float32))
+              for r in (*plain, *templated)]  # fmt: skip
+    assert (pixels[0] - pixels[1]).abs().max() > 0 and (pixels[1] - pixels[2]).abs().max() > 0
+    assert "toy/scale" in json.dumps(Image.open(templated[1]["path"]).info.get("diffstudio", ""))
+    with pytest.raises(PipelineInputError, match="no templates are loaded"):
+        run(jobs=jobs[1:], out=tmp_path / "none", **common)

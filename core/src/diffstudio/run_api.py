@@ -190,6 +190,11 @@ def run(
     device: str | None = None,
     torch_dtype: Any = None,
     progress: bool = True,
+    templates: Sequence[ModelConfig | str] | None = None,
+    template_inputs: Sequence[Mapping[str, Any]] | None = None,
+    negative_template_inputs: Sequence[Mapping[str, Any]] | None = None,
+    trust_code: bool = False,
+    code_sha256: str | Sequence[str | None] | None = None,
     **options: Any,
 ) -> list[dict[str, Any]]:
     """Generate images for a prompt, a list of prompts, or a job file; save them as PNGs with metadata.
@@ -205,6 +210,12 @@ def run(
         device: Computation device.
         torch_dtype: Computation dtype (default float32 on CPU, bfloat16 on CUDA).
         progress: Show progress bars (main process only).
+        templates: Diffusion Templates to load (registered names, folders or ``ModelConfig`` entries); every job then
+            runs through a :class:`~diffstudio.templates.TemplatePipeline`.
+        template_inputs: Template inputs for every job (a job's own ``template_inputs`` key wins).
+        negative_template_inputs: The same for the negative CFG branch.
+        trust_code: Allow running seed-format template ``model.py`` files (see :mod:`diffstudio.templates.trust`).
+        code_sha256: SHA-256 pin(s) of those files.
         **options: Pipeline arguments applied to every job (``num_inference_steps``, ``cfg_scale``, ``height``...).
 
     Returns:
@@ -241,11 +252,30 @@ def run(
         pipe, defaults = load_pipeline(runtime, model, device=device, torch_dtype=torch_dtype)
         if not progress or rank != 0:
             pipe.set_progress_bar_config(disable=True)
+        template_pipeline = None
+        if templates:
+            from diffstudio.templates import TemplatePipeline
+
+            template_pipeline = TemplatePipeline.from_pretrained(
+                torch_dtype=pipe.torch_dtype, device=str(pipe.device), model_configs=list(templates),
+                trust_code=trust_code, code_sha256=code_sha256, runtime=runtime,
+            )  # fmt: skip
         for job in todo:
             arguments = {**defaults, **options, **job.options}
-            images = pipe([job.prompt] * job.num_images, seed=job.seed, **arguments)
+            positive = arguments.pop("template_inputs", template_inputs)
+            negative = arguments.pop("negative_template_inputs", negative_template_inputs)
+            used: list[tuple[str, dict[str, Any]]] = []
+            if template_pipeline is not None:
+                images = template_pipeline(pipe, [job.prompt] * job.num_images, seed=job.seed,
+                                           template_inputs=positive, negative_template_inputs=negative,
+                                           **arguments)  # fmt: skip
+                used = template_pipeline.last_templates
+            elif positive or negative:
+                raise PipelineInputError("template_inputs were given but no templates are loaded (pass templates=)")
+            else:
+                images = pipe([job.prompt] * job.num_images, seed=job.seed, **arguments)
             for i, (image, path) in enumerate(zip(images, job.outputs(folder))):
-                record = _record(pipe, job, i, image, arguments)
+                record = _record(pipe, job, i, image, arguments, used)
                 save_image(image, path, record, metadata=metadata)
                 results.append({"prompt": job.prompt, "seed": job.seed + i, "path": str(path), "skipped": False})
     if state is not None:
@@ -253,10 +283,19 @@ def run(
     return results
 
 
-def _record(pipe: Any, job: Job, index: int, image: Any, arguments: Mapping[str, Any]) -> Any:
+def _record(
+    pipe: Any,
+    job: Job,
+    index: int,
+    image: Any,
+    arguments: Mapping[str, Any],
+    templates: Sequence[tuple[str, Mapping[str, Any]]] = (),
+) -> Any:
     from diffstudio.outputs import record_for
 
-    return record_for(pipe, prompt=job.prompt, seed=job.seed + index, image=image, arguments=arguments)
+    return record_for(
+        pipe, prompt=job.prompt, seed=job.seed + index, image=image, arguments=arguments, templates=templates
+    )
 
 
 def run_cli(args: argparse.Namespace, runtime: Runtime) -> int:
