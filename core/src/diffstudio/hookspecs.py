@@ -187,12 +187,14 @@ def template_cache_merge(key: str, values: Sequence[Any], pipeline: BasePipeline
 def vram_policy(model: Any, component: str, budget: MemoryBudget, pipeline: BasePipeline) -> VramStrategy | None:
     """Choose where one model's weights live and in which dtype.
 
-    Called once per model while a pipeline is loaded, after the model was built. The returned strategy is a
-    plain object: it installs its own interceptors in ``apply`` and the runner calls its ``onload``/``offload``
-    at stage boundaries. Core's builtin (``trylast``) implements the seed semantics: with no memory fields,
-    everything on the computation device.
+    Called once per model while a pipeline is loaded, after the model was built (as stored, memory-mapped on
+    CPU, when ``budget.managed``). The returned strategy is a plain object: it installs its own interceptors in
+    ``apply`` and the runner calls its ``onload``/``offload`` at stage boundaries. Core's builtin layer-wise
+    policy answers for managed models (the seed's offload/onload/preparing/computation semantics per layer);
+    its ``trylast`` fallback keeps every other model resident on the computation device, unwrapped.
 
-    :param model: The built module (declares ``repeated_blocks`` and ``keep_in_high_precision`` metadata).
+    :param model: The built module (declares ``repeated_blocks``, ``memory_leaves`` and
+        ``keep_in_high_precision``; see :mod:`diffstudio.vram.metadata`).
     :param component: Its slot name in the pipeline (``"dit"``, ``"vae"``, ...).
     :param budget: The user's offload/onload/preparing/computation settings and ``vram_limit``.
     :param pipeline: The pipeline being loaded.

@@ -26,14 +26,14 @@ class VramReport:
         onloaded: Whether the model's stage is active now.
         units: Streaming units (repeated blocks, plus leaves outside them).
         leaves: Managed layers.
-        resident_units: Units resident for the current stage (0 when offloaded).
-        streamed_units: Units streamed every call in the current stage (0 when offloaded).
+        resident_units: Units resident in the current (or last) stage's plan; all of them before any plan.
+        streamed_units: Units streamed every call in that plan.
         offload: ``device/dtype(s)`` of the stores at rest.
         onload: ``device/dtype(s)`` in the onload state.
         preparing: ``device/dtype(s)`` in the preparing state.
         computation: ``device/dtype`` of computation.
         offload_bytes: Bytes of the stores at rest (memory-mapped for ``"disk"``).
-        resident_bytes: Bytes of the resident units now.
+        resident_bytes: Bytes of the resident units in that plan.
         pinned_bytes: Bytes of tensors outside the leaves (moved with the model as a whole).
         high_precision_tensors: Tensors kept in the computation dtype by ``keep_in_high_precision``.
         vram_limit_bytes: The pipeline's budget (None: no limit).
