@@ -38,7 +38,8 @@ def test_accelerate_two_processes_write_each_image_once(job_setup: tuple[Path, P
     model, jobs, out = job_setup
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
     command = [
-        accelerate, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+        accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--main_process_port", "0",
+        "--mixed_precision", "no",
         "--dynamo_backend", "no", "-m", "diffstudio", "run", "--jobs", str(jobs), "--model", str(model),
         "--out", str(out), "--format", "json",
     ]

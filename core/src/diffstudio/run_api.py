@@ -110,9 +110,11 @@ def _process_split() -> tuple[int, int, Any]:
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1, None
+    import torch
     from accelerate import PartialState
 
-    state = PartialState()
+    # Without CUDA, accelerate only joins the process group (gloo) when told to run on the CPU.
+    state = PartialState(cpu=not torch.cuda.is_available())
     return int(state.process_index), int(state.num_processes), state
 
 

@@ -1,4 +1,4 @@
-"""Core's own sub-commands: ``diffstudio plugins`` and ``diffstudio run``."""
+"""Core's own sub-commands: ``diffstudio plugins``, ``diffstudio run`` and ``diffstudio train``."""
 
 from __future__ import annotations
 
@@ -60,8 +60,24 @@ def _run_run(args: argparse.Namespace, runtime: Runtime) -> int:
     return run_cli(args, runtime)
 
 
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    from diffstudio.train.config import add_arguments
+
+    add_arguments(parser)
+
+
+def _train_run(args: argparse.Namespace, runtime: Runtime) -> int:
+    from diffstudio.train import config_from_args, train
+
+    result = train(config_from_args(args), runtime=runtime)
+    if result.losses:
+        print(json.dumps({"steps": result.steps, "last_loss": result.losses[-1], "files": result.files[-3:]}))
+    return 0
+
+
 @hookimpl
 def register_commands(register: Callable[[CommandSpec], None]) -> None:
-    """Register ``plugins`` and ``run``."""
+    """Register ``plugins``, ``run`` and ``train``."""
     register(CommandSpec("plugins", "list installed plugins and their load status", _plugins_arguments, _plugins_run))
     register(CommandSpec("run", "generate images from a prompt or a job file", _run_arguments, _run_run))
+    register(CommandSpec("train", "train a model, a LoRA or a template (accelerate)", _train_arguments, _train_run))

@@ -415,6 +415,15 @@ class BasePipeline:
             return result
         return progress_bar_cmd(iterable)  # type: ignore[no-any-return]
 
+    def call_inputs(self, prompt: Any, **kwargs: Any) -> dict[str, Any]:
+        """Turn call arguments into the state inputs that :meth:`generate` runs (the trainer's entry too).
+
+        Families implement it with the seed's argument names and defaults; their ``__call__`` is
+        ``self.generate(self.call_inputs(prompt, **kwargs))``. The trainer calls it with one prompt, the
+        training image as ``input_image`` and ``denoising_strength=1`` to get a complete set of inputs.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement call_inputs()")
+
     def predict_velocity(self, inputs: Mapping[str, Any], step_index: int, timestep: torch.Tensor) -> torch.Tensor:
         """Run the denoiser for one branch (the family's ``model_fn``).
 

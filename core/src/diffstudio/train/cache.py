@@ -1,0 +1,125 @@
+"""Split training: the outputs of the units that touch no trainable model, stored once per sample.
+
+``--task sft:data_process`` runs, for every row, each ``prepare``-stage unit whose components are not trained
+(and whose inputs no trained unit writes): typically prompt encoding and VAE encoding. Their outputs go to
+``<output_path>/cache/<row>.safetensors`` (tensors; JSON-able values in the metadata; never pickles), next to
+``units.json`` naming the units. ``--task sft:train`` then skips those units and reads the files, so the
+text encoder and the VAE need not run (or fit in memory) while training. Both stages draw the same noise and
+sigmas, so the loss curve equals one-stage training's.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffstudio._io import atomic_write_text
+from diffstudio.errors import ConfigError
+from diffstudio.pipeline.state import PipelineState
+from diffstudio.pipeline.units import Branch
+from diffstudio.train.checkpoints import save_weights
+
+_BRANCHES: tuple[Branch, ...] = ("shared", "positive", "negative")
+
+
+def prepared_units(pipe: Any, trained: set[str]) -> list[str]:
+    """Names of the ``prepare`` units that split training runs in its first stage."""
+    cached: list[str] = []
+    tainted: set[str] = set()
+    for unit in pipe.units:
+        if unit.stage != "prepare":
+            continue
+        reads = {p.name for p in unit.inputs}
+        if set(unit.components) & trained or reads & tainted:
+            tainted.update(p.name for p in unit.outputs)
+            continue
+        cached.append(unit.name)
+    return cached
+
+
+class SampleCache:
+    """The per-row files of split training.
+
+    Args:
+        folder: ``<output_path>/cache``.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+
+    def start(self, units: list[str]) -> None:
+        """Record which units the cache holds (refuses a cache made with other units)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        index = self.folder / "units.json"
+        if index.is_file():
+            before = json.loads(index.read_text(encoding="utf-8"))["units"]
+            if before != units:
+                raise ConfigError(
+                    f"{self.folder} was made with the units {before}, this run caches {units}; use another "
+                    "--output_path or delete the cache"
+                )
+            return
+        atomic_write_text(index, json.dumps({"units": units}) + "\n")
+
+    def units(self) -> set[str]:
+        """The units whose outputs the cache holds (stage 2 skips them)."""
+        index = self.folder / "units.json"
+        if not index.is_file():
+            raise ConfigError(
+                f"{self.folder} holds no split-training cache; run --task sft:data_process with the same "
+                "--output_path first"
+            )
+        return set(json.loads(index.read_text(encoding="utf-8"))["units"])
+
+    def path(self, row: int) -> Path:
+        """File of metadata row ``row``."""
+        return self.folder / f"{row:08d}.safetensors"
+
+    def has(self, row: int) -> bool:
+        """True when row ``row`` was processed (a re-run skips it)."""
+        return self.path(row).is_file()
+
+    def store(self, row: int, state: PipelineState, inputs: Mapping[str, Any]) -> Path:
+        """Write the values the cached units produced (anything in the state that is not a call input)."""
+        tensors: dict[str, torch.Tensor] = {}
+        values: dict[str, Any] = {}
+        for branch in _BRANCHES:
+            for key, value in state.branch(branch).items():
+                if branch == "shared" and key in inputs and value is inputs[key]:
+                    continue
+                name = f"{branch}/{key}"
+                if isinstance(value, torch.Tensor):
+                    tensors[name] = value
+                elif _jsonable(value):
+                    values[name] = value
+        return save_weights(self.path(row), tensors, {"diffstudio.values": json.dumps(values)})
+
+    def load(self, row: int, device: str | torch.device = "cpu") -> PipelineState:
+        """Read row ``row`` back as a state (tensors on ``device``)."""
+        from safetensors import safe_open
+
+        path = self.path(row)
+        if not path.is_file():
+            raise ConfigError(f"split-training cache {path} is missing; re-run --task sft:data_process")
+        state = PipelineState(shared={})
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            for name in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
+                branch, key = name.split("/", 1)
+                state.branch(branch).__setitem__(key, handle.get_tensor(name).to(device))
+            metadata = handle.metadata() or {}
+        for name, value in json.loads(metadata.get("diffstudio.values", "{}")).items():
+            branch, key = name.split("/", 1)
+            state.branch(branch).__setitem__(key, value)
+        return state
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True

@@ -1,0 +1,432 @@
+"""The training loop (``diffstudio train`` and :func:`train`), on accelerate.
+
+One process or many (``accelerate launch``): each process prepares its own batches, accelerate synchronises
+gradients (DDP by default; FSDP / DeepSpeed through an accelerate config file), accumulates them over
+``--gradient_accumulation_steps`` micro-steps and applies mixed precision. Batches are assigned so that one
+optimizer step always sees the same samples whatever the process count: the epoch's batch ``k`` goes to process
+``k % P`` as micro-step ``(k // P) % A``. Only the main process writes files and shows the progress bar.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffstudio.config import ModelConfig
+from diffstudio.lora import collect_lora, merge_lora
+from diffstudio.pipeline.base import BasePipeline
+from diffstudio.pipeline.state import PipelineState
+from diffstudio.runtime import Runtime
+from diffstudio.train.cache import SampleCache, prepared_units
+from diffstudio.train.checkpoints import (
+    TrainerState,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    save_weights,
+)
+from diffstudio.train.config import TrainConfig, TrainConfigError
+from diffstudio.train.data import TrainingDataset, epoch_batches
+from diffstudio.train.ema import EmaWeights
+from diffstudio.train.lora_train import TRAINED_LORA, add_trainable_lora, lora_module
+from diffstudio.train.objective import FlowMatchingObjective, collate, sample_generator, training_inputs
+from diffstudio.train.outputs import full_state, lora_reader, save_lora, strip_prefix
+
+logger = logging.getLogger("diffstudio.train")
+
+
+@dataclass
+class TrainResult:
+    """What a run did: steps, the losses of every optimizer step (main process), the files written."""
+
+    steps: int = 0
+    losses: list[float] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def model_configs(config: TrainConfig) -> list[ModelConfig]:
+    """``ModelConfig`` entries from ``--model_paths`` and ``--model_id_with_origin_paths``."""
+    configs = [ModelConfig(path=p) for p in config.model_paths]
+    for entry in config.model_id_with_origin_paths:
+        model_id, sep, pattern = entry.partition(":")
+        if not sep or not model_id or not pattern:
+            raise TrainConfigError(f"--model_id_with_origin_paths entry {entry!r} is not model_id:origin_pattern")
+        configs.append(ModelConfig(model_id=model_id, origin_file_pattern=pattern))
+    return configs
+
+
+def load_training_pipeline(config: TrainConfig, runtime: Runtime, device: str) -> BasePipeline:
+    """Load the family pipeline for the models; ``--fp8_models`` ones keep float8 storage."""
+    from diffstudio.identify import identify
+
+    configs = model_configs(config)
+    dtype = getattr(torch, config.torch_dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        raise TrainConfigError(f"--torch_dtype {config.torch_dtype!r} is not a torch dtype")
+    _, claim = identify(runtime, configs[0])
+    specs = [s for s in runtime.hooks.pipelines() if s.family == claim.family]
+    if not specs:
+        raise TrainConfigError(f"no installed pipeline runs {claim.family!r} models ({claim.describe()})")
+    cls = specs[0].factory()
+    fp8 = set(config.fp8_models)
+    if fp8:
+        configs = [_fp8_config(runtime, c, fp8, dtype) for c in configs]
+    tokenizer = ModelConfig(path=config.tokenizer_path) if config.tokenizer_path else None
+    pipe: BasePipeline = cls.from_pretrained(
+        torch_dtype=dtype, device=device, model_configs=configs, tokenizer_config=tokenizer, runtime=runtime
+    )
+    unknown = fp8 - set(pipe.loaded)
+    if unknown:
+        raise TrainConfigError(
+            f"--fp8_models names {sorted(unknown)}, which are not loaded; loaded: {sorted(pipe.loaded)}"
+        )
+    return pipe
+
+
+def _fp8_config(runtime: Runtime, config: ModelConfig, fp8: set[str], dtype: torch.dtype) -> ModelConfig:
+    from dataclasses import replace
+
+    from diffstudio.identify import identify
+
+    _, claim = identify(runtime, config)
+    if claim.component not in fp8:
+        return config
+    return replace(config, offload_dtype=torch.float8_e4m3fn, onload_dtype=torch.float8_e4m3fn,
+                   computation_dtype=dtype)  # fmt: skip
+
+
+def _own_memory(module: nn.Module) -> None:
+    """Give every tensor of a trained module its own storage.
+
+    Loaded weights are views of the memory-mapped checkpoint (one shared storage); updating them in place
+    would touch file-backed pages, and checkpoint writers would see them as one shared tensor.
+    """
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            tensor.data = tensor.data.clone()
+
+
+class Trainer:
+    """Runs one training job described by a :class:`TrainConfig`."""
+
+    def __init__(self, config: TrainConfig, runtime: Runtime | None = None) -> None:
+        self.config = config
+        self.runtime = runtime if runtime is not None else Runtime()
+        self.ema: EmaWeights | None = None
+
+    @property
+    def unconditioned(self) -> bool:
+        """Whether samples also need the negative (empty-prompt) branch, for caption dropout."""
+        return self.config.caption_dropout > 0
+
+    # -- setup ----------------------------------------------------------------------------------------------
+
+    def _accelerator(self) -> Any:
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        cpu = not torch.cuda.is_available()
+        return Accelerator(
+            gradient_accumulation_steps=self.config.gradient_accumulation_steps,
+            mixed_precision=self.config.mixed_precision,
+            cpu=cpu,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=self.config.find_unused_parameters)],
+        )
+
+    def _trainable(self, pipe: BasePipeline) -> tuple[list[str], dict[str, nn.Module]]:
+        cfg = self.config
+        for name in [*cfg.trainable_models, *([cfg.lora_base_model] if cfg.lora_base_model else [])]:
+            if name not in pipe.loaded:
+                raise TrainConfigError(
+                    f"--trainable_models / --lora_base_model names {name!r}, which matches no loaded component; "
+                    f"loaded: {', '.join(sorted(pipe.loaded))}"
+                )
+        for name, component in pipe.loaded.items():
+            module = component.module
+            if isinstance(module, nn.Module):
+                trained = name in cfg.trainable_models
+                if trained:
+                    _own_memory(module)
+                module.requires_grad_(trained)
+                module.train(trained)
+                if cfg.use_gradient_checkpointing and hasattr(module, "use_gradient_checkpointing"):
+                    flag: Any = trained or name == cfg.lora_base_model
+                    module.use_gradient_checkpointing = flag
+        if cfg.preset_lora_path:
+            target = pipe.loaded[str(cfg.preset_lora_model)].module
+            merge_lora(target, self._read_lora(pipe, cfg.preset_lora_path), 1.0)
+        extra: dict[str, nn.Module] = {}
+        if cfg.lora_base_model:
+            base = pipe.loaded[cfg.lora_base_model].module
+            deltas = add_trainable_lora(
+                base, cfg.lora_target_modules, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed,
+                component=cfg.lora_base_model,
+            )  # fmt: skip
+            if cfg.lora_checkpoint:
+                saved = self._read_lora(pipe, cfg.lora_checkpoint)
+                with torch.no_grad():
+                    for path, delta in deltas.items():
+                        if path in saved:
+                            delta.down.copy_(saved[path].down)
+                            delta.up.copy_(saved[path].up)
+            extra["lora"] = lora_module(deltas)
+        return list(cfg.trainable_models), extra
+
+    def _read_lora(self, pipe: BasePipeline, path: str) -> Any:
+        from safetensors.torch import load_file
+
+        return lora_reader(self.runtime, pipe.family, load_file(path), path)
+
+    # -- data -----------------------------------------------------------------------------------------------
+
+    def _dataset(self, pipe: BasePipeline) -> TrainingDataset:
+        cfg = self.config
+        return TrainingDataset(
+            cfg.dataset_base_path,
+            cfg.dataset_metadata_path,
+            data_file_keys=cfg.data_file_keys,
+            extra_inputs=cfg.extra_inputs,
+            height=cfg.height,
+            width=cfg.width,
+            max_pixels=cfg.max_pixels,
+            repeat=cfg.dataset_repeat,
+            multiple=type(pipe).size_multiple,
+        )
+
+    def _prepare(self, pipe: BasePipeline, dataset: TrainingDataset, cache: SampleCache | None,
+                 positions: list[int], skip: set[str]) -> PipelineState:  # fmt: skip
+        states = []
+        for position in positions:
+            sample = dataset.load(position, with_files=cache is None)
+            inputs = training_inputs(pipe, sample, self.config.pipeline_args)
+            if cache is None:
+                states.append(pipe.prepare(inputs, cfg=self.unconditioned))
+                continue
+            state = cache.load(dataset.sample(position).index, device=pipe.device)
+            state.shared = {**inputs, **state.shared}
+            states.append(pipe.prepare({}, skip=skip, state=state, cfg=self.unconditioned))
+        return collate(states)
+
+    # -- run ------------------------------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        """Train; returns the losses and files (the main process's view)."""
+        cfg = self.config
+        started = time.monotonic()
+        accelerator = self._accelerator()
+        torch.manual_seed(cfg.seed)
+        pipe = load_training_pipeline(cfg, self.runtime, str(accelerator.device))
+        pipe.set_progress_bar_config(disable=True)
+        dataset = self._dataset(pipe)
+        output = Path(cfg.output_path)
+        if cfg.task == "sft:data_process":
+            return self._data_process(accelerator, pipe, dataset, output, started)
+        trainable, extra = self._trainable(pipe)
+        objective = FlowMatchingObjective(
+            pipe,
+            trainable,
+            extra,
+            timestep_sampling=cfg.timestep_sampling,
+            loss_weighting=cfg.loss_weighting,
+            caption_dropout=cfg.caption_dropout,
+        )
+        params = [p for p in objective.parameters() if p.requires_grad]
+        if not params:
+            raise TrainConfigError("the chosen --trainable_models / LoRA have no trainable parameters")
+        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        model, optimizer = accelerator.prepare(objective, optimizer)
+        self.ema = EmaWeights(objective, cfg.ema_decay) if cfg.ema_decay else None
+        if self.ema is not None:
+            accelerator.register_for_checkpointing(self.ema)
+        state = TrainerState()
+        if cfg.resume:
+            folder = latest_checkpoint(output)
+            if folder is not None:
+                state = load_checkpoint(accelerator, folder)
+                logger.info("resumed from %s (step %d)", folder, state.step)
+        cache, skip = None, set()
+        if cfg.task == "sft:train":
+            cache = SampleCache(output / "cache")
+            skip = cache.units()
+        result = TrainResult(steps=state.step)
+        bar = self._progress(accelerator, dataset, state)
+        for epoch in range(state.epoch, cfg.num_epochs):
+            for update, micro in self._updates(accelerator, dataset, epoch, state):
+                for positions in micro:
+                    with accelerator.accumulate(model):
+                        batch = self._prepare(pipe, dataset, cache, positions, skip)
+                        generators = [sample_generator(cfg.seed, epoch, p) for p in positions]
+                        loss = model(batch, generators)
+                        accelerator.backward(loss)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                        if self.ema is not None and accelerator.sync_gradients:
+                            self.ema.update()
+                    value = float(accelerator.gather(loss.detach().reshape(1)).mean())
+                    result.losses.append(value) if len(micro) == 1 else None
+                if len(micro) > 1:
+                    result.losses.append(value)
+                state.step, state.update_in_epoch = state.step + 1, update + 1
+                self._after_step(accelerator, pipe, objective, state, result, bar, value)
+                if self._done(state):
+                    break
+            if self._done(state) and state.update_in_epoch < self._updates_per_epoch(accelerator, dataset, epoch):
+                if accelerator.is_main_process:  # stopped inside the epoch by --max_steps
+                    path = output / f"step-{state.step}.safetensors"
+                    result.files.append(str(self._save_weights(pipe, objective, path)))
+                save_checkpoint(accelerator, output, state)
+                break
+            state.epoch, state.update_in_epoch = epoch + 1, 0
+            if accelerator.is_main_process:
+                result.files.append(str(self._save_weights(pipe, objective, output / f"epoch-{epoch}.safetensors")))
+            save_checkpoint(accelerator, output, state)
+            if self._done(state):
+                break
+        if bar is not None:
+            bar.close()
+        accelerator.wait_for_everyone()
+        result.steps, result.seconds = state.step, time.monotonic() - started
+        if accelerator.is_main_process:
+            (output / "train_log.json").write_text(json.dumps(asdict(result)) + "\n", encoding="utf-8")
+        accelerator.end_training()
+        return result
+
+    def _done(self, state: TrainerState) -> bool:
+        return self.config.max_steps is not None and state.step >= self.config.max_steps
+
+    def _updates_per_epoch(self, accelerator: Any, dataset: TrainingDataset, epoch: int) -> int:
+        batches = epoch_batches(dataset, epoch, self.config.seed, self.config.batch_size)
+        return len(batches) // (int(accelerator.num_processes) * self.config.gradient_accumulation_steps)
+
+    def _updates(
+        self, accelerator: Any, dataset: TrainingDataset, epoch: int, state: TrainerState
+    ) -> Iterator[tuple[int, list[list[int]]]]:
+        """This process's micro-batches of each optimizer step of ``epoch``, from the resume point on."""
+        cfg = self.config
+        processes, accumulation = accelerator.num_processes, cfg.gradient_accumulation_steps
+        batches = epoch_batches(dataset, epoch, cfg.seed, cfg.batch_size)
+        per_update = processes * accumulation
+        first = state.update_in_epoch if epoch == state.epoch else 0
+        for update in range(first, len(batches) // per_update):
+            group = batches[update * per_update : (update + 1) * per_update]
+            yield update, [group[a * processes + accelerator.process_index] for a in range(accumulation)]
+
+    def _progress(self, accelerator: Any, dataset: TrainingDataset, state: TrainerState) -> Any:
+        if not accelerator.is_main_process:
+            return None
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        per_epoch = len(dataset) // (cfg.batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps)
+        total = per_epoch * cfg.num_epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.num_epochs)
+        return tqdm(total=total, initial=state.step, desc="train", dynamic_ncols=True)
+
+    def _after_step(self, accelerator: Any, pipe: BasePipeline, objective: FlowMatchingObjective,
+                    state: TrainerState, result: TrainResult, bar: Any, loss: float) -> None:  # fmt: skip
+        cfg = self.config
+        output = Path(cfg.output_path)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+        if cfg.save_steps and state.step % cfg.save_steps == 0 and accelerator.is_main_process:
+            result.files.append(str(self._save_weights(pipe, objective, output / f"step-{state.step}.safetensors")))
+        every = cfg.checkpoint_steps or cfg.save_steps
+        if every and state.step % every == 0:
+            save_checkpoint(accelerator, output, state)
+        if cfg.validation_prompt and cfg.validation_steps and state.step % cfg.validation_steps == 0:
+            if accelerator.is_main_process:
+                self._validate(pipe, objective, output / "validation" / f"step-{state.step}.png")
+            accelerator.wait_for_everyone()
+
+    def _validate(self, pipe: BasePipeline, objective: FlowMatchingObjective, path: Path) -> None:
+        from diffstudio.outputs import record_for, save_image
+
+        was_training = [m.training for m in objective.trained.values()]
+        for module in objective.trained.values():
+            module.eval()
+        arguments = {"seed": 0, **self.config.pipeline_args}
+        generate: Any = pipe
+        image = generate(self.config.validation_prompt, **arguments)
+        record = record_for(pipe, prompt=str(self.config.validation_prompt), seed=0, image=image, arguments=arguments)
+        save_image(image, path, record)
+        for module, flag in zip(objective.trained.values(), was_training):
+            module.train(flag)
+
+    def _save_weights(self, pipe: BasePipeline, objective: FlowMatchingObjective, path: Path) -> Path:
+        if self.ema is None:
+            return self._write_weights(pipe, objective, path)
+        with self.ema.applied():
+            return self._write_weights(pipe, objective, path)
+
+    def _write_weights(self, pipe: BasePipeline, objective: FlowMatchingObjective, path: Path) -> Path:
+        cfg = self.config
+        if cfg.lora_base_model:
+            lora = collect_lora(pipe.loaded[cfg.lora_base_model].module, TRAINED_LORA)
+            layout = "diffusers" if cfg.align_to_opensource_format else cfg.lora_format
+            return save_lora(self.runtime, pipe.family, lora, path, layout, rank=cfg.lora_rank,
+                             alpha=cfg.lora_alpha, base_model=cfg.lora_base_model)  # fmt: skip
+        if len(objective.trained) == 1 and not cfg.remove_prefix_in_ckpt:
+            (slot,) = objective.trained.keys()
+            tensors, fmt = full_state(objective.trained[slot], self.runtime, pipe.loaded[slot].claim)
+            metadata = dict(self._source_metadata(pipe, slot))
+            metadata["diffstudio.train"] = json.dumps({"component": slot, "format": fmt})
+            return save_weights(path, tensors, metadata)
+        tensors = {f"pipe.{slot}.{k}": v for slot, m in objective.trained.items() for k, v in m.state_dict().items()}
+        return save_weights(path, strip_prefix(tensors, cfg.remove_prefix_in_ckpt))
+
+    @staticmethod
+    def _source_metadata(pipe: BasePipeline, slot: str) -> dict[str, str]:
+        """Metadata of the component's original file that must survive a fine-tune (e.g. ``norm_groups``)."""
+        from diffstudio.loading import Checkpoint
+
+        files = pipe.loaded[slot].files
+        if not files:
+            return {}
+        try:
+            return {k: v for k, v in Checkpoint.open(files[0]).metadata.items() if not k.startswith("diffstudio.")}
+        except Exception:  # noqa: BLE001 - metadata is a courtesy; the weights are what matter
+            return {}
+
+    # -- split training, stage 1 ------------------------------------------------------------------------------
+
+    def _data_process(self, accelerator: Any, pipe: BasePipeline, dataset: TrainingDataset, output: Path,
+                      started: float) -> TrainResult:  # fmt: skip
+        """Run every unit that touches no trainable model on every row once and store the outputs."""
+        cfg = self.config
+        trained = set(cfg.trainable_models) | ({cfg.lora_base_model} if cfg.lora_base_model else set())
+        units = prepared_units(pipe, trained)
+        cache = SampleCache(output / "cache")
+        cache.start(units)
+        result = TrainResult()
+        rows = dataset.rows[accelerator.process_index :: accelerator.num_processes]
+        with torch.no_grad():
+            for sample in rows:
+                if cache.has(sample.index):
+                    continue
+                position = dataset.rows.index(sample)
+                inputs = training_inputs(pipe, dataset.load(position), cfg.pipeline_args)
+                state = PipelineState(shared=dict(inputs))
+                for unit in pipe.units:
+                    if unit.name in units:
+                        pipe.run_unit(unit, state, self.unconditioned)
+                cache.store(sample.index, state, inputs)
+                result.steps += 1
+        accelerator.wait_for_everyone()
+        result.seconds = time.monotonic() - started
+        return result
+
+
+def train(config: TrainConfig | None = None, *, runtime: Runtime | None = None, **options: Any) -> TrainResult:
+    """Train from a :class:`TrainConfig` or keyword options with the same names (the Python API)."""
+    if config is None:
+        config = TrainConfig(**options)
+    return Trainer(config, runtime).run()
