@@ -16,7 +16,7 @@ from diffstudio.nn import DeltaLinear, RopeFreqs, SDPAProcessor, apply_rope, rop
 from einops import rearrange
 from torch import Tensor, nn
 
-from diffstudio_flux2.math import extend_kv, modulate, swiglu
+from diffstudio_flux2.math import extend_kv, gated, modulate, swiglu
 
 BlockKind = Literal["double", "single"]
 ModParams = tuple[Tensor, Tensor, Tensor]
@@ -253,10 +253,10 @@ class DoubleStreamBlock(nn.Module):
         attn = rearrange(self.processor(q, k, v, context), "b l h d -> b l (h d)")
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
 
-        img = img + img_gate1 * self.img_attn.proj(img_attn)
-        img = img + img_gate2 * self.img_mlp(modulate(self.img_norm2(img), img_shift2, img_scale2))
-        txt = txt + txt_gate1 * self.txt_attn.proj(txt_attn)
-        txt = txt + txt_gate2 * self.txt_mlp(modulate(self.txt_norm2(txt), txt_shift2, txt_scale2))
+        img = gated(img, img_gate1, self.img_attn.proj(img_attn))
+        img = gated(img, img_gate2, self.img_mlp(modulate(self.img_norm2(img), img_shift2, img_scale2)))
+        txt = gated(txt, txt_gate1, self.txt_attn.proj(txt_attn))
+        txt = gated(txt, txt_gate2, self.txt_mlp(modulate(self.txt_norm2(txt), txt_shift2, txt_scale2)))
         return img, _clip_fp16(txt)
 
 
@@ -313,4 +313,4 @@ class SingleStreamBlock(nn.Module):
         k, v = extend_kv(k, v, kv_extension)
         attn = rearrange(self.processor(q, k, v, context), "b l h d -> b l (h d)")
         out = self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=2))
-        return _clip_fp16(x + gate * out)
+        return _clip_fp16(gated(x, gate, out))
