@@ -71,7 +71,7 @@ class LoadedTemplate:
 
     Attributes:
         model: The template model (``nn.Module``), in eval mode.
-        name: Display name: the registered name, or the folder name.
+        name: Display name: the registered name (installed templates), else the folder name.
         kind: ``"installed"``, ``"data"`` or ``"code"``.
         source: The folder, or ``"package <distribution plugin>"`` for installed templates.
         model_id: What ``template_inputs[i]["model_id"]`` may name to route to it (the config's model_id or
@@ -252,7 +252,7 @@ def _load_data(folder: Path, runtime: Runtime, torch_dtype: torch.dtype | None, 
     config = dict(data.get("config", {}))
     model = build_template(cls, config, weights, torch_dtype=torch_dtype, device=device, where=where)
     processor = spec.data_processor() if spec.data_processor is not None else None
-    return LoadedTemplate(model, data["template"], "data", str(folder), registered_name=data["template"],
+    return LoadedTemplate(model, folder.name, "data", str(folder), registered_name=data["template"],
                           config=config, data_processor=processor)  # fmt: skip
 
 
