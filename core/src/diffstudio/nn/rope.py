@@ -62,7 +62,7 @@ def apply_rope(x: Tensor, freqs: RopeFreqs) -> Tensor:
     """
     # A pair (x0, x1) rotated by angle a is the complex product (x0 + i x1) * (cos a + i sin a): one pass over x
     # instead of four products, a difference, a sum and a stack (about 3x faster on CPU, same float32 result).
-    pairs = x.float().unflatten(-1, (-1, 2))  # (..., L, H, D // 2, 2)
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)  # (..., L, H, D // 2, 2), a view when x is float32
     if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(s % 2 for s in pairs.stride()[:-1]):
         pairs = pairs.contiguous()
     rotation = torch.complex(freqs.cos, freqs.sin).unsqueeze(-2)  # (..., L, 1, D // 2)
