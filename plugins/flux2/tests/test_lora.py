@@ -307,6 +307,20 @@ def test_diffusers_file_written_by_us_loads_in_diffusers(klein, helpers, tmp_pat
     _assert_close(fx.run(model, helpers), fx.diffusers_output(klein, helpers, str(path)), what="diffusers")
 
 
+@pytest.mark.parametrize("layout", ["kohya", "comfy"])
+def test_kohya_and_comfy_files_written_by_us_load_in_diffusers(klein, helpers, tmp_path, layout):
+    # diffusers' kohya and ai-toolkit readers know no final-norm LoRA and (kohya) no modulation LoRA, and the
+    # ai-toolkit one reads no alphas: write what they can read
+    exclude = ("final_layer.adaLN_modulation", "modulation") if layout == "kohya" else ("final_layer.adaLN",)
+    lora = load_lora(fx.bfl_keys(_bfl_spec(klein, seed=24, exclude=exclude, alphas=layout == "kohya")))[0].lora
+    path = save_lora_file(lora, tmp_path / f"{layout}.safetensors", layout=layout)
+    model = klein.load("bfl")
+    apply_lora(model, path)
+    got = fx.run(model, helpers)
+    _assert_close(got, fx.diffusers_output(klein, helpers, str(path)), what=f"{layout} file in diffusers")
+    assert (got - fx.run(klein.load("bfl"), helpers)).abs().max() > 0.1
+
+
 def test_writer_rejects_unknown_modules():
     from diffstudio_flux2.lora_formats import LoraFormatError
 
