@@ -95,3 +95,86 @@ def score_run(args: argparse.Namespace, runtime: Runtime) -> int:
             shown = "-" if value is None else f"{value:.3f}"
             print(f"{key:<10} {shown:>6}  ({result['counted'][key]} images)")
     return 0
+
+
+STAGES = ("text", "vae", "dit-init", "install")
+
+
+def build_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``diffstudio shapes-build``."""
+    parser.add_argument("stage", choices=STAGES, help="recipe stage (see plugins/shapes/README.md)")
+    parser.add_argument("root", help="build folder (the stages read and write their files there)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the stage (default: 0)")
+    parser.add_argument("--vae-steps", type=int, default=None, help="VAE optimizer steps (default: the recipe's)")
+    parser.add_argument("--dit", default=None, help="install: the trained DiT file (default: ROOT/train/last)")
+    parser.add_argument("--target", default=None, help="install: where the weights go (default: the package)")
+
+
+def build_run(args: argparse.Namespace, runtime: Runtime) -> int:
+    """Run one recipe stage; return the exit code."""
+    root = Path(args.root)
+    if args.stage == "text":
+        from diffstudio_shapes.recipe.text import build_text
+
+        print(json.dumps({"stage": "text", **build_text(root, seed=args.seed)}))
+    elif args.stage == "vae":
+        from dataclasses import replace
+
+        from diffstudio_shapes.recipe.vae import VaeTraining, build_vae
+
+        cfg = VaeTraining(seed=args.seed)
+        if args.vae_steps is not None:
+            cfg = replace(cfg, steps=args.vae_steps)
+        build_vae(root, cfg)
+    elif args.stage == "dit-init":
+        from diffstudio_shapes.recipe.dit import write_random_dit
+
+        target = root / "dit-init.safetensors"
+        if not target.exists():
+            write_random_dit(target, seed=args.seed)
+        print(json.dumps({"stage": "dit-init", "file": str(target)}))
+    else:
+        from diffstudio_shapes.recipe.install import install
+
+        print(json.dumps({"stage": "install", **install(root, args.dit, args.target)}))
+    return 0
+
+
+def eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``diffstudio eval-shapes``."""
+    parser.add_argument("--count", type=int, default=200, help="held-out captions to render (default: 200)")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the caption draw and of the images")
+    parser.add_argument("--model", action="append", default=None, help="model files (default: the embedded one)")
+    parser.add_argument("--lora", default=None, help="a LoRA file applied to the DiT (side path)")
+    parser.add_argument("--shapes", default=_BASE, help=f"shapes of the captions (default: {_BASE})")
+    parser.add_argument("--split", choices=("train", "heldout"), default="heldout", help="caption combinations")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    parser.add_argument("--cfg-scale", type=float, default=None, help="CFG scale (default: the model's)")
+    parser.add_argument("--batch", type=int, default=16, help="images per pipeline call")
+    parser.add_argument("--out", default=None, help="also save the images and a metadata.csv here")
+
+
+def eval_run(args: argparse.Namespace, runtime: Runtime) -> int:
+    """Render held-out captions with the model and print the analyser's accuracies (JSON)."""
+    from diffstudio_shapes.evaluate import evaluate
+
+    shapes = tuple(name.strip() for name in args.shapes.split(",") if name.strip())
+    options = {}
+    if args.steps is not None:
+        options["num_inference_steps"] = args.steps
+    if args.cfg_scale is not None:
+        options["cfg_scale"] = args.cfg_scale
+    result = evaluate(
+        runtime,
+        count=args.count,
+        seed=args.seed,
+        model=args.model,
+        lora=args.lora,
+        shapes=shapes,
+        split=args.split,
+        batch=args.batch,
+        out=args.out,
+        **options,
+    )
+    print(json.dumps(result))
+    return 0

@@ -1,0 +1,73 @@
+"""``diffstudio eval-shapes``: render captions with a model and score the images with the analyser."""
+
+from __future__ import annotations
+
+import csv
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from diffstudio_shapes.analyse import score
+from diffstudio_shapes.data import BASE_SHAPES, caption, sample_specs
+
+
+def evaluate(
+    runtime: Any,
+    *,
+    count: int = 200,
+    seed: int = 1,
+    model: Sequence[str] | None = None,
+    lora: str | None = None,
+    shapes: Sequence[str] = BASE_SHAPES,
+    split: str = "heldout",
+    batch: int = 16,
+    out: str | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Generate one image per drawn caption and return the analyser's accuracies.
+
+    Args:
+        runtime: The plugin runtime.
+        count: Captions to draw (``sample_specs(count, seed, split=split)``).
+        seed: Seed of the caption draw; image ``i`` uses seed ``seed * 100_000 + i``.
+        model: Model files (default: the embedded ``diffstudio/shapes``).
+        lora: Optional LoRA file applied to the DiT as a side path.
+        shapes: Shapes the captions use.
+        split: ``"heldout"`` (combinations never trained on) or ``"train"``.
+        batch: Prompts per pipeline call.
+        out: Folder to also save the images in (with ``metadata.csv``).
+        **options: Pipeline arguments over the model's defaults.
+
+    Returns:
+        ``score``'s result plus ``count``, ``seconds`` and the arguments used.
+    """
+    from diffstudio.run_api import load_pipeline
+
+    pipe, defaults = load_pipeline(runtime, list(model) if model else None)
+    pipe.set_progress_bar_config(disable=True)
+    if lora is not None:
+        from diffstudio_flux2 import apply_lora
+
+        apply_lora(pipe.dit, lora, name="eval")
+    arguments = {**defaults, **options}
+    specs = sample_specs(count, seed=seed, shapes=shapes, split=split)
+    captions = [caption(spec) for spec in specs]
+    started = time.monotonic()
+    images = []
+    for start in range(0, count, batch):
+        chunk = captions[start : start + batch]
+        images.extend(pipe(chunk, seed=seed * 100_000 + start, **arguments))
+    seconds = time.monotonic() - started
+    if out is not None:
+        folder = Path(out)
+        (folder / "images").mkdir(parents=True, exist_ok=True)
+        with open(folder / "metadata.csv", "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["image", "prompt"])
+            for i, (image, text) in enumerate(zip(images, captions)):
+                image.save(folder / "images" / f"{i:05d}.png")
+                writer.writerow([f"images/{i:05d}.png", text])
+    result = score(specs, images)
+    result.update({"count": count, "seconds": round(seconds, 2), "arguments": arguments, "split": split})
+    return result
