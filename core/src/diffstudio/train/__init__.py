@@ -30,7 +30,17 @@ _LAZY = {
     "train": "diffstudio.train.loop",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = [
+    "DatasetError",
+    "TrainConfig",
+    "TrainConfigError",
+    "TrainResult",
+    "Trainer",
+    "TrainingDataset",
+    "add_arguments",
+    "config_from_args",
+    "train",
+]
 
 
 def __getattr__(name: str) -> Any:
