@@ -90,32 +90,6 @@ def claim_dit(checkpoint: Checkpoint) -> ModelClaim | None:
     return ModelClaim(FAMILY, f"flux2-dit/{variant}", "dit", source, load_dit)
 
 
-def prefetch(checkpoint: Checkpoint, request: LoadRequest) -> None:
-    """Ask the kernel to start reading the checkpoint's files now (``POSIX_FADV_WILLNEED``), for full loads.
-
-    The tensors are memory-mapped, so a cold file is otherwise read one page fault at a time, each waiting for
-    a small synchronous read-around; queuing the whole file up front lets the reads run ahead of (and overlap
-    with) building the model, which makes a cold load until every weight is resident several times faster on
-    a busy disk. Skipped when a memory strategy places the weights itself (``torch_dtype`` None: offloading may
-    never need them all) and where ``posix_fadvise`` does not exist.
-    """
-    import os
-
-    if request.torch_dtype is None or not hasattr(os, "posix_fadvise"):
-        return
-    for path in checkpoint.files:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-
-
 def load_dit(checkpoint: Checkpoint, request: LoadRequest) -> nn.Module:
     """Build :class:`~diffstudio_flux2.model.Flux2` from a claimed checkpoint (any layout)."""
     from diffstudio.loading import build_on_meta, load_state_dict_into
@@ -124,7 +98,6 @@ def load_dit(checkpoint: Checkpoint, request: LoadRequest) -> nn.Module:
     from diffstudio_flux2.model import Flux2
     from diffstudio_flux2.params import Flux2Params
 
-    prefetch(checkpoint, request)
     keys = checkpoint.keys()
     prefix = _strip_prefix(keys)
     state = {k[len(prefix) :]: checkpoint.tensor(k) for k in keys}
