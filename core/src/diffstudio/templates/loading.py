@@ -257,10 +257,9 @@ def _load_data(folder: Path, runtime: Runtime, torch_dtype: torch.dtype | None, 
 
 
 def _exec_code(code: Path, digest: str) -> ModuleType:
+    # Executed afresh on every load, as the seed does: a model.py may compute TEMPLATE_MODEL_PATH from the files
+    # present ("model.safetensors" if it exists else None), which the packaging steps change between two loads.
     module_name = f"diffstudio_template_code_{digest[:16]}"
-    cached = sys.modules.get(module_name)
-    if cached is not None:
-        return cached
     spec = importlib.util.spec_from_file_location(module_name, code)
     if spec is None or spec.loader is None:
         raise TemplateFormatError(f"cannot import {code}")

@@ -77,6 +77,7 @@ class TrainConfig:
     validation_steps: int | None = None
     distill_steps: int = 4
     template_model_id_or_path: str | None = None
+    trust_code: bool = False
     caption_dropout: float = 0.0
     ema_decay: float | None = None
     log_every: int = 10
@@ -162,6 +163,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--trainable_models", type=_csv, default=[], help="comma-separated components to train")
     model.add_argument("--fp8_models", type=_csv, default=[], help="frozen components stored in float8")
     model.add_argument("--template_model_id_or_path", default=None, help="template model to load (templates)")
+    model.add_argument("--trust_code", action="store_true", help="allow running a seed-format template's model.py")
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--lora_base_model", default=None, help="component the LoRA is added to (e.g. dit)")
     lora.add_argument("--lora_target_modules", type=_csv, default=[], help="comma-separated module name patterns")

@@ -39,6 +39,7 @@ from diffstudio.train.ema import EmaWeights
 from diffstudio.train.lora_train import TRAINED_LORA, add_trainable_lora, lora_module
 from diffstudio.train.objective import FlowMatchingObjective, collate, sample_generator, training_inputs
 from diffstudio.train.outputs import full_state, lora_reader, save_lora, strip_prefix
+from diffstudio.train.templates import TemplateTraining, base_trainable
 
 logger = logging.getLogger("diffstudio.train")
 
@@ -122,6 +123,7 @@ class Trainer:
         self.config = config
         self.runtime = runtime if runtime is not None else Runtime()
         self.ema: EmaWeights | None = None
+        self.templates: TemplateTraining | None = None  # --template_model_id_or_path (train/templates.py)
 
     @property
     def unconditioned(self) -> bool:
@@ -144,7 +146,7 @@ class Trainer:
 
     def _trainable(self, pipe: BasePipeline) -> tuple[list[str], dict[str, nn.Module]]:
         cfg = self.config
-        for name in [*cfg.trainable_models, *([cfg.lora_base_model] if cfg.lora_base_model else [])]:
+        for name in [*base_trainable(cfg.trainable_models), *([cfg.lora_base_model] if cfg.lora_base_model else [])]:
             if name not in pipe.loaded:
                 raise TrainConfigError(
                     f"--trainable_models / --lora_base_model names {name!r}, which matches no loaded component; "
@@ -179,7 +181,9 @@ class Trainer:
                             delta.down.copy_(saved[path].down)
                             delta.up.copy_(saved[path].up)
             extra["lora"] = lora_module(deltas)
-        return list(cfg.trainable_models), extra
+        if self.templates is not None:  # templates: trained through the objective's extra modules
+            extra["template_model"] = self.templates.model
+        return base_trainable(cfg.trainable_models), extra
 
     def _read_lora(self, pipe: BasePipeline, path: str) -> Any:
         from safetensors.torch import load_file
@@ -207,6 +211,8 @@ class Trainer:
         states = []
         for position in positions:
             sample = dataset.load(position, with_files=cache is None)
+            if self.templates is not None:  # templates: template_inputs -> cache tensors (with gradients)
+                self.templates.add_cache(pipe, sample, dataset.sample(position).index, cached=cache is not None)
             inputs = training_inputs(pipe, sample, self.config.pipeline_args)
             if cache is None:
                 states.append(pipe.prepare(inputs, cfg=self.unconditioned))
@@ -226,6 +232,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         pipe = load_training_pipeline(cfg, self.runtime, str(accelerator.device))
         pipe.set_progress_bar_config(disable=True)
+        self.templates = TemplateTraining.from_config(cfg, self.runtime, pipe)
         dataset = self._dataset(pipe)
         output = Path(cfg.output_path)
         if cfg.task == "sft:data_process":
@@ -369,6 +376,8 @@ class Trainer:
 
     def _write_weights(self, pipe: BasePipeline, objective: FlowMatchingObjective, path: Path) -> Path:
         cfg = self.config
+        if self.templates is not None:  # templates: pipe.template_model.* (+ trained slots), data-only export
+            return self.templates.save(path, objective.trained)
         if cfg.lora_base_model:
             lora = collect_lora(pipe.loaded[cfg.lora_base_model].module, TRAINED_LORA)
             layout = "diffusers" if cfg.align_to_opensource_format else cfg.lora_format
@@ -404,6 +413,8 @@ class Trainer:
         cfg = self.config
         trained = set(cfg.trainable_models) | ({cfg.lora_base_model} if cfg.lora_base_model else set())
         units = prepared_units(pipe, trained)
+        if self.templates is not None:  # templates: units reading the template cache run in stage 2
+            units = self.templates.cacheable_units(pipe, units, dataset.load(0))
         cache = SampleCache(output / "cache")
         cache.start(units)
         result = TrainResult()
@@ -413,7 +424,10 @@ class Trainer:
                 if cache.has(sample.index):
                     continue
                 position = dataset.rows.index(sample)
-                inputs = training_inputs(pipe, dataset.load(position), cfg.pipeline_args)
+                loaded = dataset.load(position)
+                if self.templates is not None:  # templates: store process_inputs' output of the row
+                    self.templates.store(pipe, loaded, sample.index)
+                inputs = training_inputs(pipe, loaded, cfg.pipeline_args)
                 state = PipelineState(shared=dict(inputs))
                 for unit in pipe.units:
                     if unit.name in units:
