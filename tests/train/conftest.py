@@ -23,9 +23,12 @@ class TinyModel:
     def dit(self) -> Path:
         return self.root / "dit.safetensors"
 
-    def model_paths(self) -> str:
+    def model_paths_list(self) -> list[str]:
         files = [self.dit, self.root / "ae.safetensors", self.root / "text_encoder" / "model.safetensors"]
-        return json.dumps([str(f) for f in files])
+        return [str(f) for f in files]
+
+    def model_paths(self) -> str:
+        return json.dumps(self.model_paths_list())
 
     def options(self, output: Path, **overrides: object) -> dict[str, object]:
         """Keyword options of ``diffstudio.train.train`` for a small full fine-tune of the DiT."""

@@ -4,7 +4,8 @@ The seed's arguments keep their names (``--dataset_base_path``, ``--model_paths`
 ``--lora_rank``, ...). Added here: ``--batch_size`` (with size buckets), ``--resume``, ``--lora_format``,
 ``--seed``, ``--mixed_precision``, ``--validation_prompt`` / ``--validation_steps``, ``--pipeline_args``
 (fixed pipeline call arguments such as ``{"max_sequence_length": 32}``), ``--timestep_sampling`` /
-``--loss_weighting``, ``--max_steps``, ``--checkpoint_steps``, ``--caption_dropout`` and ``--ema_decay``.
+``--loss_weighting``, ``--max_steps``, ``--checkpoint_steps``, ``--caption_dropout``, ``--ema_decay``,
+``--offload_models`` and ``--distill_steps``.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class TrainConfig:
     use_gradient_checkpointing: bool = False
     use_gradient_checkpointing_offload: bool = False
     fp8_models: list[str] = field(default_factory=list)
+    offload_models: list[str] = field(default_factory=list)
     task: str = "sft"
     remove_prefix_in_ckpt: str | None = None
     output_path: str = "models/train"
@@ -116,6 +118,12 @@ class TrainConfig:
             raise TrainConfigError(f"--ema_decay must be in (0, 1), got {self.ema_decay}")
         if self.preset_lora_path and not self.preset_lora_model:
             raise TrainConfigError("--preset_lora_path needs --preset_lora_model (the model it applies to)")
+        if self.distill_steps < 1:
+            raise TrainConfigError(f"--distill_steps must be >= 1, got {self.distill_steps}")
+        if self.dataset_num_workers < 0:
+            raise TrainConfigError(f"--dataset_num_workers must be >= 0, got {self.dataset_num_workers}")
+        if self.use_gradient_checkpointing_offload and not self.use_gradient_checkpointing:
+            self.use_gradient_checkpointing = True  # the seed's offload flag implies checkpointing
         if not self.model_paths and not self.model_id_with_origin_paths:
             raise TrainConfigError("no model given: pass --model_paths or --model_id_with_origin_paths")
 
@@ -155,13 +163,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--dataset_num_workers", type=int, default=0, help="data loading worker processes")
     data.add_argument("--extra_inputs", type=_csv, default=[], help="comma-separated extra pipeline inputs")
     model = parser.add_argument_group("model")
-    model.add_argument("--model_paths", type=_json_list, default=[], help="JSON list of model files")
+    model.add_argument(
+        "--model_paths", type=_json_list, default=[], help="JSON list of model files (or ModelConfig objects)"
+    )
     model.add_argument(
         "--model_id_with_origin_paths", type=_csv, default=[], help="comma-separated model_id:origin_pattern"
     )
     model.add_argument("--tokenizer_path", default=None, help="tokenizer folder")
     model.add_argument("--trainable_models", type=_csv, default=[], help="comma-separated components to train")
-    model.add_argument("--fp8_models", type=_csv, default=[], help="frozen components stored in float8")
+    model.add_argument(
+        "--fp8_models", type=_csv, default=[],
+        help="frozen components stored in float8 (names like dit, or the --model_paths / model_id:pattern strings)",
+    )  # fmt: skip
+    model.add_argument(
+        "--offload_models", type=_csv, default=[], help="frozen components whose weights rest on the CPU"
+    )
     model.add_argument("--template_model_id_or_path", default=None, help="template model to load (templates)")
     model.add_argument("--trust_code", action="store_true", help="allow running a seed-format template's model.py")
     lora = parser.add_argument_group("LoRA")
@@ -197,7 +213,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--save_steps", type=int, default=None, help="save the trained weights every N steps")
     run.add_argument("--checkpoint_steps", type=int, default=None, help="resumable checkpoint every N steps")
     run.add_argument("--remove_prefix_in_ckpt", default=None, help="strip this prefix from saved keys")
-    run.add_argument("--align_to_opensource_format", action="store_true", help="save LoRAs in diffusers layout")
+    run.add_argument(
+        "--align_to_opensource_format", action="store_true", help="save LoRAs in the kohya layout (--lora_format kohya)"
+    )
     run.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output_path")
     run.add_argument("--pipeline_args", type=_json_object, default={}, help="JSON object of pipeline arguments")
     run.add_argument("--validation_prompt", default=None, help="render this prompt every --validation_steps")

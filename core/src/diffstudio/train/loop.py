@@ -20,8 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffstudio.config import ModelConfig
-from diffstudio.lora import collect_lora, merge_lora
+from diffstudio.lora import attach_lora, collect_lora
 from diffstudio.pipeline.base import BasePipeline
 from diffstudio.pipeline.state import PipelineState
 from diffstudio.runtime import Runtime
@@ -36,12 +35,16 @@ from diffstudio.train.checkpoints import (
 from diffstudio.train.config import TrainConfig, TrainConfigError
 from diffstudio.train.data import TrainingDataset, epoch_batches
 from diffstudio.train.ema import EmaWeights
-from diffstudio.train.lora_train import TRAINED_LORA, add_trainable_lora, lora_module
+from diffstudio.train.loader import loaded_batches
+from diffstudio.train.lora_train import PRESET_LORA, TRAINED_LORA, add_trainable_lora, continue_from, lora_module
+from diffstudio.train.models import load_training_pipeline, model_configs, own_memory
 from diffstudio.train.objective import FlowMatchingObjective, collate, sample_generator, training_inputs
-from diffstudio.train.outputs import full_state, lora_reader, save_lora, strip_prefix
+from diffstudio.train.outputs import full_state, lora_reader, lora_writer, save_lora, strip_prefix
 from diffstudio.train.templates import TemplateTraining, base_trainable
 
 logger = logging.getLogger("diffstudio.train")
+
+__all__ = ["TrainResult", "Trainer", "load_training_pipeline", "model_configs", "train"]
 
 
 @dataclass
@@ -52,68 +55,6 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
     seconds: float = 0.0
-
-
-def model_configs(config: TrainConfig) -> list[ModelConfig]:
-    """``ModelConfig`` entries from ``--model_paths`` and ``--model_id_with_origin_paths``."""
-    configs = [ModelConfig(path=p) for p in config.model_paths]
-    for entry in config.model_id_with_origin_paths:
-        model_id, sep, pattern = entry.partition(":")
-        if not sep or not model_id or not pattern:
-            raise TrainConfigError(f"--model_id_with_origin_paths entry {entry!r} is not model_id:origin_pattern")
-        configs.append(ModelConfig(model_id=model_id, origin_file_pattern=pattern))
-    return configs
-
-
-def load_training_pipeline(config: TrainConfig, runtime: Runtime, device: str) -> BasePipeline:
-    """Load the family pipeline for the models; ``--fp8_models`` ones keep float8 storage."""
-    from diffstudio.identify import identify
-
-    configs = model_configs(config)
-    dtype = getattr(torch, config.torch_dtype, None)
-    if not isinstance(dtype, torch.dtype):
-        raise TrainConfigError(f"--torch_dtype {config.torch_dtype!r} is not a torch dtype")
-    _, claim = identify(runtime, configs[0])
-    specs = [s for s in runtime.hooks.pipelines() if s.family == claim.family]
-    if not specs:
-        raise TrainConfigError(f"no installed pipeline runs {claim.family!r} models ({claim.describe()})")
-    cls = specs[0].factory()
-    fp8 = set(config.fp8_models)
-    if fp8:
-        configs = [_fp8_config(runtime, c, fp8, dtype) for c in configs]
-    tokenizer = ModelConfig(path=config.tokenizer_path) if config.tokenizer_path else None
-    pipe: BasePipeline = cls.from_pretrained(
-        torch_dtype=dtype, device=device, model_configs=configs, tokenizer_config=tokenizer, runtime=runtime
-    )
-    unknown = fp8 - set(pipe.loaded)
-    if unknown:
-        raise TrainConfigError(
-            f"--fp8_models names {sorted(unknown)}, which are not loaded; loaded: {sorted(pipe.loaded)}"
-        )
-    return pipe
-
-
-def _fp8_config(runtime: Runtime, config: ModelConfig, fp8: set[str], dtype: torch.dtype) -> ModelConfig:
-    from dataclasses import replace
-
-    from diffstudio.identify import identify
-
-    _, claim = identify(runtime, config)
-    if claim.component not in fp8:
-        return config
-    return replace(config, offload_dtype=torch.float8_e4m3fn, onload_dtype=torch.float8_e4m3fn,
-                   computation_dtype=dtype)  # fmt: skip
-
-
-def _own_memory(module: nn.Module) -> None:
-    """Give every tensor of a trained module its own storage.
-
-    Loaded weights are views of the memory-mapped checkpoint (one shared storage); updating them in place
-    would touch file-backed pages, and checkpoint writers would see them as one shared tensor.
-    """
-    with torch.no_grad():
-        for tensor in [*module.parameters(), *module.buffers()]:
-            tensor.data = tensor.data.clone()
 
 
 class Trainer:
@@ -157,15 +98,16 @@ class Trainer:
             if isinstance(module, nn.Module):
                 trained = name in cfg.trainable_models
                 if trained:
-                    _own_memory(module)
+                    own_memory(module)
                 module.requires_grad_(trained)
                 module.train(trained)
                 if cfg.use_gradient_checkpointing and hasattr(module, "use_gradient_checkpointing"):
                     flag: Any = trained or name == cfg.lora_base_model
                     module.use_gradient_checkpointing = flag
+                    if flag:  # families checkpoint blocks in training mode only; the LoRA base needs it too
+                        module.train(True)
         if cfg.preset_lora_path:
-            target = pipe.loaded[str(cfg.preset_lora_model)].module
-            merge_lora(target, self._read_lora(pipe, cfg.preset_lora_path), 1.0)
+            self._preset_lora(pipe)
         extra: dict[str, nn.Module] = {}
         if cfg.lora_base_model:
             base = pipe.loaded[cfg.lora_base_model].module
@@ -174,16 +116,27 @@ class Trainer:
                 component=cfg.lora_base_model,
             )  # fmt: skip
             if cfg.lora_checkpoint:
-                saved = self._read_lora(pipe, cfg.lora_checkpoint)
-                with torch.no_grad():
-                    for path, delta in deltas.items():
-                        if path in saved:
-                            delta.down.copy_(saved[path].down)
-                            delta.up.copy_(saved[path].up)
+                deltas = continue_from(base, deltas, self._read_lora(pipe, cfg.lora_checkpoint))
             extra["lora"] = lora_module(deltas)
         if self.templates is not None:  # templates: trained through the objective's extra modules
             extra["template_model"] = self.templates.model
         return base_trainable(cfg.trainable_models), extra
+
+    def _preset_lora(self, pipe: BasePipeline) -> None:
+        """Differential LoRA: the preset LoRA becomes part of the frozen base before the new one is added.
+
+        It is attached as a frozen side path rather than fused into the weights: the same function, exact in
+        any storage dtype (fusing into float8 weights would round it away) and without writing to the
+        memory-mapped checkpoint. Saved files hold only the new LoRA: the difference to the preset.
+        """
+        cfg = self.config
+        slot = str(cfg.preset_lora_model)
+        if slot not in pipe.loaded:
+            raise TrainConfigError(
+                f"--preset_lora_model {slot!r} matches no loaded component; loaded: {', '.join(sorted(pipe.loaded))}"
+            )
+        module = pipe.loaded[slot].module
+        attach_lora(module, self._read_lora(pipe, str(cfg.preset_lora_path)), PRESET_LORA)
 
     def _read_lora(self, pipe: BasePipeline, path: str) -> Any:
         from safetensors.torch import load_file
@@ -207,10 +160,11 @@ class Trainer:
         )
 
     def _prepare(self, pipe: BasePipeline, dataset: TrainingDataset, cache: SampleCache | None,
-                 positions: list[int], skip: set[str]) -> PipelineState:  # fmt: skip
+                 positions: list[int], skip: set[str],
+                 loaded: list[dict[str, Any]] | None = None) -> PipelineState:  # fmt: skip
         states = []
-        for position in positions:
-            sample = dataset.load(position, with_files=cache is None)
+        for i, position in enumerate(positions):
+            sample = dataset.load(position, with_files=cache is None) if loaded is None else loaded[i]
             if self.templates is not None:  # templates: template_inputs -> cache tensors (with gradients)
                 self.templates.add_cache(pipe, sample, dataset.sample(position).index, cached=cache is not None)
             inputs = training_inputs(pipe, sample, self.config.pipeline_args)
@@ -231,6 +185,7 @@ class Trainer:
         accelerator = self._accelerator()
         torch.manual_seed(cfg.seed)
         pipe = load_training_pipeline(cfg, self.runtime, str(accelerator.device))
+        self.pipeline = pipe
         pipe.set_progress_bar_config(disable=True)
         self.templates = TemplateTraining.from_config(cfg, self.runtime, pipe)
         dataset = self._dataset(pipe)
@@ -238,14 +193,9 @@ class Trainer:
         if cfg.task == "sft:data_process":
             return self._data_process(accelerator, pipe, dataset, output, started)
         trainable, extra = self._trainable(pipe)
-        objective = FlowMatchingObjective(
-            pipe,
-            trainable,
-            extra,
-            timestep_sampling=cfg.timestep_sampling,
-            loss_weighting=cfg.loss_weighting,
-            caption_dropout=cfg.caption_dropout,
-        )
+        if cfg.lora_base_model:  # a missing writer stops now, not after the first epoch
+            lora_writer(self.runtime, pipe.family, self._lora_layout())
+        objective = self.objective = self._objective(pipe, trainable, extra)
         params = [p for p in objective.parameters() if p.requires_grad]
         if not params:
             raise TrainConfigError("the chosen --trainable_models / LoRA have no trainable parameters")
@@ -267,10 +217,12 @@ class Trainer:
         result = TrainResult(steps=state.step)
         bar = self._progress(accelerator, dataset, state)
         for epoch in range(state.epoch, cfg.num_epochs):
-            for update, micro in self._updates(accelerator, dataset, epoch, state):
+            updates = list(self._updates(accelerator, dataset, epoch, state))
+            samples = self._loaded(dataset, [p for _, micro in updates for p in micro], cache is None)
+            for update, micro in updates:
                 for positions in micro:
                     with accelerator.accumulate(model):
-                        batch = self._prepare(pipe, dataset, cache, positions, skip)
+                        batch = self._prepare(pipe, dataset, cache, positions, skip, next(samples, None))
                         generators = [sample_generator(cfg.seed, epoch, p) for p in positions]
                         loss = model(batch, generators)
                         accelerator.backward(loss)
@@ -306,6 +258,33 @@ class Trainer:
             (output / "train_log.json").write_text(json.dumps(asdict(result)) + "\n", encoding="utf-8")
         accelerator.end_training()
         return result
+
+    def _objective(self, pipe: BasePipeline, trainable: list[str], extra: dict[str, nn.Module]) -> Any:
+        cfg = self.config
+        offload = cfg.use_gradient_checkpointing_offload
+        if cfg.task == "direct_distill":
+            from diffstudio.train.distill import DirectDistillObjective
+
+            return DirectDistillObjective(pipe, trainable, extra, steps=cfg.distill_steps,
+                                          caption_dropout=cfg.caption_dropout, activation_offload=offload)  # fmt: skip
+        return FlowMatchingObjective(
+            pipe,
+            trainable,
+            extra,
+            timestep_sampling=cfg.timestep_sampling,
+            loss_weighting=cfg.loss_weighting,
+            caption_dropout=cfg.caption_dropout,
+            activation_offload=offload,
+        )
+
+    def _loaded(self, dataset: TrainingDataset, batches: list[list[int]], with_files: bool) -> Iterator[Any]:
+        """Samples read ahead by ``--dataset_num_workers`` processes; none (read in ``_prepare``) without workers."""
+        if self.config.dataset_num_workers <= 0:
+            return iter(())
+        return loaded_batches(dataset, batches, workers=self.config.dataset_num_workers, with_files=with_files)
+
+    def _lora_layout(self) -> str:
+        return "kohya" if self.config.align_to_opensource_format else self.config.lora_format
 
     def _done(self, state: TrainerState) -> bool:
         return self.config.max_steps is not None and state.step >= self.config.max_steps
@@ -360,7 +339,8 @@ class Trainer:
         was_training = [m.training for m in objective.trained.values()]
         for module in objective.trained.values():
             module.eval()
-        arguments = {"seed": 0, **self.config.pipeline_args}
+        size = {"height": self.config.height, "width": self.config.width} if self.config.height else {}
+        arguments = {"seed": 0, **size, **self.config.pipeline_args}
         generate: Any = pipe
         image = generate(self.config.validation_prompt, **arguments)
         record = record_for(pipe, prompt=str(self.config.validation_prompt), seed=0, image=image, arguments=arguments)
@@ -380,9 +360,9 @@ class Trainer:
             return self.templates.save(path, objective.trained)
         if cfg.lora_base_model:
             lora = collect_lora(pipe.loaded[cfg.lora_base_model].module, TRAINED_LORA)
-            layout = "diffusers" if cfg.align_to_opensource_format else cfg.lora_format
-            return save_lora(self.runtime, pipe.family, lora, path, layout, rank=cfg.lora_rank,
-                             alpha=cfg.lora_alpha, base_model=cfg.lora_base_model)  # fmt: skip
+            return save_lora(self.runtime, pipe.family, lora, path, self._lora_layout(), rank=cfg.lora_rank,
+                             alpha=cfg.lora_alpha, base_model=cfg.lora_base_model,
+                             remove_prefix=cfg.remove_prefix_in_ckpt)  # fmt: skip
         if len(objective.trained) == 1 and not cfg.remove_prefix_in_ckpt:
             (slot,) = objective.trained.keys()
             tensors, fmt = full_state(objective.trained[slot], self.runtime, pipe.loaded[slot].claim)

@@ -24,6 +24,9 @@ from diffstudio.train.config import TrainConfigError
 TRAINED_LORA = "trained"
 """Side-path name of the LoRA being trained."""
 
+PRESET_LORA = "preset"
+"""Side-path name of the frozen ``--preset_lora_path`` LoRA (differential LoRA training)."""
+
 
 def matches(path: str, patterns: Sequence[str]) -> bool:
     """True when the module ``path`` matches one of ``patterns`` (exact, ``.suffix`` or glob)."""
@@ -79,3 +82,61 @@ def add_trainable_lora(
 def lora_module(deltas: dict[str, LoraDelta]) -> nn.ModuleDict:
     """The side paths as one module (for the optimizer, DDP and checkpoints); keys use ``/`` for dots."""
     return nn.ModuleDict({path.replace(".", "/"): delta for path, delta in deltas.items()})
+
+
+def compact(weights: LoraWeights) -> LoraWeights:
+    """Undo a split-and-fuse round trip: ``k`` identical stacked downs with block-diagonal ups become one pair.
+
+    Layouts that store a fused layer (BFL ``qkv``) as separate projections (diffusers ``to_q/to_k/to_v``) copy
+    its down matrix to each part; reading them back stacks the copies along the rank. The delta is unchanged,
+    the rank is the original one again.
+    """
+    down, up = weights.down, weights.up
+    rank = down.shape[0]
+    for parts in range(rank, 1, -1):
+        if rank % parts:
+            continue
+        size = rank // parts
+        blocks = down.reshape(parts, size, down.shape[1])
+        if all(torch.equal(blocks[0], blocks[i]) for i in range(1, parts)):
+            folded = up.reshape(up.shape[0], parts, size).sum(dim=1)
+            return LoraWeights(blocks[0].clone(), folded, weights.factor * size)
+    return weights
+
+
+def continue_from(
+    model: nn.Module, deltas: dict[str, LoraDelta], saved: dict[str, LoraWeights]
+) -> dict[str, LoraDelta]:
+    """Start the trained LoRA from a saved one (``--lora_checkpoint``): same function, any layout it was saved in.
+
+    Each saved layer's pair is compacted (see :func:`compact`) and rescaled to the trained delta's
+    ``alpha / rank``; a layer whose saved rank still differs gets a trainable delta of the saved rank.
+
+    Raises:
+        TrainConfigError: the checkpoint holds layers the trained LoRA does not target.
+    """
+    unknown = sorted(set(saved) - set(deltas))
+    if unknown:
+        raise TrainConfigError(
+            f"--lora_checkpoint holds layers that --lora_target_modules does not select, e.g. {unknown[:3]}"
+        )
+    out = dict(deltas)
+    replaced: dict[str, LoraWeights] = {}
+    with torch.no_grad():
+        for path, weights in saved.items():
+            weights = compact(weights)
+            delta = deltas[path]
+            factor = 1.0 if delta.alpha is None else float(delta.alpha) / delta.rank
+            if weights.down.shape == delta.down.shape:
+                delta.down.copy_(weights.down)
+                delta.up.copy_(weights.up * (weights.factor / factor))
+            else:
+                replaced[path] = weights
+    if replaced:
+        from diffstudio.nn.delta import delta_linears
+
+        layers = dict(delta_linears(model))
+        for path in replaced:
+            layers[path].remove_delta(TRAINED_LORA)
+        out.update(attach_lora(model, replaced, TRAINED_LORA, trainable=True))
+    return out

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 from collections import ChainMap
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -101,6 +102,8 @@ class FlowMatchingObjective(nn.Module):
         loss_weighting: See ``FlowMatchScheduler.training_weight``.
         caption_dropout: Probability that a sample is trained unconditioned: its positive conditioning is
             replaced by the negative branch's (the empty prompt), so real CFG works at sampling time.
+        activation_offload: Keep the tensors autograd saves for the backward pass (with gradient
+            checkpointing: the block inputs) in CPU memory (``--use_gradient_checkpointing_offload``).
     """
 
     def __init__(
@@ -112,9 +115,11 @@ class FlowMatchingObjective(nn.Module):
         timestep_sampling: str = "uniform",
         loss_weighting: str = "bump",
         caption_dropout: float = 0.0,
+        activation_offload: bool = False,
     ) -> None:
         super().__init__()
         self.caption_dropout = caption_dropout
+        self.activation_offload = activation_offload
         self.pipe = [pipe]  # a list: the pipeline is not a module and must not be registered as one
         self.trained = nn.ModuleDict({slot: pipe.loaded[slot].module for slot in trainable})
         self.extra = nn.ModuleDict(dict(extra_modules or {}))
@@ -162,11 +167,18 @@ class FlowMatchingObjective(nn.Module):
         target = noise - clean
         conditioning = self._conditioning(state, generators, batch)
         view = ChainMap({"latents": noisy}, conditioning, state.view("positive"))
-        velocity = pipe.predict_velocity(view, 0, (sigmas * 1000).to(clean.device))
+        with self.saved_activations():
+            velocity = pipe.predict_velocity(view, 0, (sigmas * 1000).to(clean.device))
         per_sample = (velocity.float() - target.float()).pow(2).flatten(1).mean(dim=1)
         weights = scheduler.training_weight(sigmas, weighting=self.loss_weighting, image_seq_len=length)
         loss: Tensor = (per_sample * weights.to(per_sample.device)).mean()
         return loss
+
+    def saved_activations(self) -> AbstractContextManager[Any]:
+        """Where autograd keeps saved tensors during the denoiser call: CPU memory with activation offload."""
+        if not self.activation_offload:
+            return nullcontext()
+        return torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
 
     def _conditioning(self, state: PipelineState, generators: Sequence[torch.Generator], batch: int) -> dict[str, Any]:
         """Negative-branch values for the samples that caption dropout unconditions (drawn last per sample)."""

@@ -53,9 +53,14 @@ def save_lora(
     rank: int,
     alpha: float | None,
     base_model: str,
+    remove_prefix: str | None = None,
 ) -> Path:
-    """Write a trained LoRA in ``layout`` with its training facts in the file's metadata."""
+    """Write a trained LoRA in ``layout`` with its training facts in the file's metadata.
+
+    ``remove_prefix`` (``--remove_prefix_in_ckpt``) is dropped from the written keys that start with it.
+    """
     tensors, metadata = lora_writer(runtime, family, layout).from_canonical(lora)
+    tensors = strip_prefix(tensors, remove_prefix)
     metadata = dict(metadata)
     metadata.setdefault("diffstudio.lora", json.dumps({"rank": rank, "alpha": alpha, "base_model": base_model}))
     return save_weights(path, tensors, metadata)
