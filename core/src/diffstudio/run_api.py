@@ -300,6 +300,23 @@ def _record(
     )
 
 
+def _template_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``--template``, ``--template-input``, ``--negative-template-input``, ``--trust-code``, ``--code-sha256``."""
+    templates = list(getattr(args, "template", None) or [])
+    positive = [item for group in getattr(args, "template_input", None) or [] for item in group]
+    negative = [item for group in getattr(args, "negative_template_input", None) or [] for item in group]
+    pins = list(getattr(args, "code_sha256", None) or [])
+    if templates and not positive and args.jobs is None:
+        positive = [{"model_id": index} for index in range(len(templates))]  # each template once, defaults
+    if len(pins) > 1 and len(pins) != len(templates):
+        raise PipelineInputError(f"{len(pins)} --code-sha256 pins for {len(templates)} --template entries")
+    options: dict[str, Any] = {"templates": templates or None, "trust_code": bool(getattr(args, "trust_code", False))}
+    options["template_inputs"] = positive or None
+    options["negative_template_inputs"] = negative or None
+    options["code_sha256"] = pins[0] if len(pins) == 1 else (pins or None)
+    return options
+
+
 def run_cli(args: argparse.Namespace, runtime: Runtime) -> int:
     """``diffstudio run``: map command-line arguments onto :func:`run`."""
     options: dict[str, Any] = {}
@@ -328,6 +345,7 @@ def run_cli(args: argparse.Namespace, runtime: Runtime) -> int:
         runtime=runtime,
         device=args.device,
         torch_dtype=args.dtype,
+        **_template_options(args),
         **options,
     )
     rank, _, _ = _process_split()

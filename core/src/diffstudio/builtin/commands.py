@@ -52,6 +52,39 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, help="computation dtype (default: the model's choice)")
     parser.add_argument("--no-metadata", action="store_true", help="write PNGs without generation parameters")
     parser.add_argument("--format", choices=("text", "json"), default="text", help="output format")
+    templates = parser.add_argument_group("Diffusion Templates")
+    templates.add_argument(
+        "--template", action="append", help="template to apply: installed name or folder (repeat for several)"
+    )
+    templates.add_argument(
+        "--template-input", action="append", type=_json_inputs, metavar="JSON",
+        help='template inputs, e.g. \'{"scale": 0.8}\' (one object per application, "model_id" picks the '
+        "template; a JSON list gives several); default: every --template once with its defaults",
+    )  # fmt: skip
+    templates.add_argument(
+        "--negative-template-input", action="append", type=_json_inputs, metavar="JSON",
+        help="template inputs for the negative CFG branch",
+    )  # fmt: skip
+    templates.add_argument(
+        "--trust-code", action="store_true",
+        help="allow running a seed-format template's model.py (arbitrary Python: inspect it first)",
+    )  # fmt: skip
+    templates.add_argument(
+        "--code-sha256", action="append", metavar="HEX",
+        help="SHA-256 pin of a seed-format model.py (one for all templates, or one per --template)",
+    )  # fmt: skip
+
+
+def _json_inputs(value: str) -> list[dict[str, object]]:
+    """One ``--template-input``: a JSON object (or a list of objects)."""
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc}): {value!r}") from exc
+    items = parsed if isinstance(parsed, list) else [parsed]
+    if not items or not all(isinstance(item, dict) for item in items):
+        raise argparse.ArgumentTypeError(f"template inputs must be a JSON object or a list of objects: {value!r}")
+    return items
 
 
 def _run_run(args: argparse.Namespace, runtime: Runtime) -> int:
