@@ -25,6 +25,7 @@ from diffstudio_flux1.layers import (
     EmbedND,
     LastLayer,
     MLPEmbedder,
+    RMSNorm,
     SingleStreamBlock,
 )
 from diffstudio_flux1.math import match_batch
@@ -61,12 +62,14 @@ class StackHook(Protocol):
 class Flux(nn.Module):
     """FLUX.1 flow-matching transformer (dev, schnell, Kontext, Fill-shaped inputs).
 
-    Memory metadata (read by VRAM policies and trainers): ``repeated_blocks`` names the ModuleLists of
-    identical blocks, ``keep_in_high_precision`` holds fnmatch patterns over state-dict keys that should stay
-    in float32 when the model is cast down.
+    Memory metadata (read by VRAM policies and trainers, see ``diffstudio.vram.metadata``): ``repeated_blocks``
+    names the ModuleLists of identical blocks, ``memory_leaves`` the layers whose weights are only read in their
+    own forward, ``keep_in_high_precision`` holds fnmatch patterns over state-dict keys that are never stored
+    below the computation dtype (no float8 for norms and the timestep / guidance / vector embedders).
     """
 
     repeated_blocks: ClassVar[tuple[str, ...]] = ("double_blocks", "single_blocks")
+    memory_leaves: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, RMSNorm)
     no_split_modules: ClassVar[tuple[str, ...]] = ("DoubleStreamBlock", "SingleStreamBlock")
     keep_in_high_precision: ClassVar[tuple[str, ...]] = ("*norm*", "time_in.*", "guidance_in.*", "vector_in.*")
     supports_gradient_checkpointing: ClassVar[bool] = True

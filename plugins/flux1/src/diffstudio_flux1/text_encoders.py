@@ -123,6 +123,10 @@ def load_clip_encoder(
         embeddings.position_ids = torch.arange(config.max_position_embeddings).expand((1, -1))
 
     load_state_dict_into(model, state, dtype=torch_dtype, device=device, init_non_persistent=positions)
+    # memory metadata for VRAM policies (diffstudio.vram.metadata); the classes are transformers'
+    model.repeated_blocks = ("text_model.encoder.layers",)  # type: ignore[assignment]
+    model.memory_leaves = (nn.Linear, nn.Embedding, nn.LayerNorm)  # type: ignore[assignment]
+    model.keep_in_high_precision = ("*layer_norm*",)  # type: ignore[assignment]
     return model.eval().requires_grad_(False)
 
 
@@ -151,6 +155,10 @@ def load_t5_encoder(
             state[a] = state[b]
     load_state_dict_into(model, state, dtype=torch_dtype, device=device)
     model.encoder.embed_tokens = model.shared  # keep the tie
+    # memory metadata for VRAM policies; the tied embedding is pinned (shared tensors are never streamed)
+    model.repeated_blocks = ("encoder.block",)  # type: ignore[assignment]
+    model.memory_leaves = (nn.Linear, nn.Embedding, "T5LayerNorm")  # type: ignore[assignment]
+    model.keep_in_high_precision = ("*layer_norm*", "*relative_attention_bias*")  # type: ignore[assignment]
     return model.eval().requires_grad_(False)
 
 

@@ -185,6 +185,7 @@ class AutoEncoder(nn.Module):
     """FLUX.1 VAE: images ``(B, 3, H, W)`` in ``[-1, 1]`` <-> scaled latents ``(B, 16, H/8, W/8)``."""
 
     repeated_blocks: ClassVar[tuple[str, ...]] = ()
+    memory_leaves: ClassVar[tuple[type[nn.Module], ...]] = (nn.Conv2d, nn.GroupNorm)  # memory metadata (vram)
     no_split_modules: ClassVar[tuple[str, ...]] = ("ResnetBlock", "AttnBlock")
     keep_in_high_precision: ClassVar[tuple[str, ...]] = ()
     supports_gradient_checkpointing: ClassVar[bool] = False
