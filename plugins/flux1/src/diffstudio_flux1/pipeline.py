@@ -41,10 +41,22 @@ class FluxImagePipeline(BasePipeline):
         "vae": "FLUX.1 autoencoder (16 latent channels)",
         "text_encoder": "CLIP-L text encoder (pooled vector)",
         "text_encoder_2": "T5-XXL encoder (token embeddings)",
+        "controlnet": "a ControlNet beside the DiT (filled by the diffstudio-controlnet plugin)",
+        "ipadapter": "IP-Adapter projections (filled by the diffstudio-ipadapter plugin)",
+        "ipadapter_image_encoder": "the IP-Adapter's image encoder, SigLIP or CLIP (diffstudio-ipadapter)",
     }
-    denoise_components = ("dit",)
+    denoise_components = ("dit", "controlnet")
     size_multiple = 16
-    extension_inputs = frozenset({"kv_extension", "extra_txt", "block_residual", "attention_kwargs"})
+    extension_inputs = frozenset({"kv_extension", "extra_txt", "block_residual", "attention_kwargs", "call_hooks"})
+    plugin_inputs = {
+        "controlnet_inputs": "diffstudio-controlnet",
+        "ipadapter_images": "diffstudio-ipadapter",
+        "ipadapter_scale": "diffstudio-ipadapter",
+        "eligen_entity_prompts": "diffstudio-eligen",
+        "eligen_entity_masks": "diffstudio-eligen",
+        "eligen_enable_on_negative": "diffstudio-eligen",
+        "eligen_enable_inpaint": "diffstudio-eligen",
+    }
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -217,7 +229,8 @@ class FluxImagePipeline(BasePipeline):
         Args:
             inputs: Branch view with ``latents`` ``(B, L, 64)``, ``image_ids``, ``prompt_emb``, ``text_ids``,
                 ``pooled_prompt_emb``, optionally ``guidance``, ``kontext_latents``/``kontext_image_ids``,
-                ``kv_extension``, ``extra_txt``, ``block_residual``, ``attention_kwargs``.
+                ``kv_extension``, ``extra_txt``, ``block_residual``, ``attention_kwargs`` and ``call_hooks``
+                (``{name: hook(DitCall) -> extension inputs}``, see :mod:`diffstudio_flux1.extensions`).
             step_index: Denoising step.
             timestep: ``sigma * 1000``, scalar or ``(B,)``.
 
@@ -228,20 +241,28 @@ class FluxImagePipeline(BasePipeline):
         batch, dtype = latents.shape[0], latents.dtype
         t = (timestep.to(torch.float32) / 1000).expand(batch) if timestep.ndim == 0 else timestep / 1000
         kontext = inputs.get("kontext_latents")
+        txt, y, t = inputs["prompt_emb"].to(dtype), inputs["pooled_prompt_emb"].to(dtype), t.to(latents.device, dtype)
+        extensions: dict[str, Any] = {
+            key: inputs.get(key) for key in ("extra_txt", "kv_extension", "block_residual", "attention_kwargs")
+        }
+        hooks = inputs.get("call_hooks")
+        if hooks:
+            from diffstudio_flux1.extensions import DitCall, run_call_hooks
+
+            call = DitCall(latents, inputs["image_ids"], txt, inputs["text_ids"], t, y, inputs.get("guidance"),
+                           int(step_index))  # fmt: skip
+            extensions = run_call_hooks(hooks, call, extensions)
         velocity: Tensor = self.dit(
             latents,
             inputs["image_ids"],
-            inputs["prompt_emb"].to(dtype),
+            txt,
             inputs["text_ids"],
-            t.to(latents.device, dtype),
-            inputs["pooled_prompt_emb"].to(dtype),
+            t,
+            y,
             inputs.get("guidance"),
             extra_img=None if kontext is None else kontext.to(latents.device, dtype),
             extra_img_ids=inputs.get("kontext_image_ids"),
-            extra_txt=inputs.get("extra_txt"),
-            kv_extension=inputs.get("kv_extension"),
-            block_residual=inputs.get("block_residual"),
-            attention_kwargs=inputs.get("attention_kwargs"),
+            **extensions,
         )
         return velocity
 
