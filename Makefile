@@ -2,7 +2,7 @@
 PROMPT ?= a red circle on a blue background
 VENV := .venv/bin
 
-.PHONY: bootstrap run test lint typecheck unit bench
+.PHONY: bootstrap run test lint typecheck unit bench shapes-model
 
 bootstrap:
 	bash scripts/bootstrap.sh
@@ -20,3 +20,8 @@ unit: bootstrap
 	$(VENV)/python -m pytest
 
 test: lint typecheck unit
+
+# Rebuild the embedded diffstudio/shapes model from nothing (about 60-90 minutes on 2 CPU cores), install its
+# weights into plugins/shapes and print the evaluation. Interrupted runs continue where they stopped.
+shapes-model: bootstrap
+	bash scripts/shapes-model.sh build/shapes

@@ -12,8 +12,7 @@ from diffstudio_shapes import commands, model
 
 @hookimpl
 def register_embedded_models(register: Callable[[EmbeddedModel], None]) -> None:
-    """Offer ``diffstudio/shapes`` (when its weights are present: a source checkout before ``make shapes-model``
-    has none)."""
+    """Offer ``diffstudio/shapes`` when its weights are present (``make shapes-model`` builds them)."""
     if not model.installed():
         return
     register(

@@ -28,7 +28,13 @@ class VaeSizes:
 
 @dataclass(frozen=True)
 class TextSizes:
-    """Qwen3 text encoder: hidden states 9, 18 and 27 are stacked, so 28 layers are kept."""
+    """Qwen3 text encoder: hidden states 9, 18 and 27 are stacked, so 28 layers are kept.
+
+    Layer weights use the usual initialisation (``init_std``); the token embeddings are drawn with
+    ``embed_std = 1``, so that the stacked hidden states reach the DiT at the scale of its latent tokens (with
+    0.02 a small DiT trained for minutes all but ignores the prompt: measured, the velocity changed by 7 % when
+    the caption did).
+    """
 
     hidden_size: int = 32
     num_hidden_layers: int = 28
@@ -38,6 +44,7 @@ class TextSizes:
     intermediate_size: int = 64
     vocab_size: int = 512
     init_std: float = 0.02
+    embed_std: float = 1.0
 
 
 @dataclass(frozen=True)

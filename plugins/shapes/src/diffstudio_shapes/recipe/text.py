@@ -3,9 +3,9 @@
 The tokenizer is a byte-level BPE (Qwen2's pre-tokenizer: NFC, Qwen's split regex, byte level) trained on the
 caption vocabulary, with Qwen's special tokens and a chat template that renders like Qwen3's (one user turn,
 the assistant header, an empty think block when ``enable_thinking=False``). Any text still tokenizes (bytes).
-The encoder is a ``Qwen3ForCausalLM`` with tied embeddings, frozen at a seeded random initialisation: its
-hidden states 9, 18 and 27 carry the caption's words well enough for the DiT to read them, so it needs no
-training. Both are saved with ``save_pretrained``, the layout of an official ``tokenizer/`` and
+The encoder is a ``Qwen3ForCausalLM`` with tied embeddings, frozen at a seeded random initialisation (token
+embeddings at unit scale): its hidden states 9, 18 and 27 carry the caption's words well enough for the DiT to
+read them, so it needs no training. Both are saved with ``save_pretrained``, the layout of an official ``tokenizer/`` and
 ``text_encoder/`` folder.
 """
 
@@ -109,6 +109,8 @@ def build_text_encoder(folder: Path, vocab_size: int, seed: int = 0) -> None:
     )
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(config).eval()
+    with torch.no_grad():  # token embeddings at unit scale (see TextSizes); the LM head is tied to them
+        model.model.embed_tokens.weight.normal_(0.0, TEXT.embed_std)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
 

@@ -4,8 +4,9 @@ The autoencoder is trained deterministically on the posterior mean (what ``encod
 channels stay unused): L1 on pixels plus L1 on Sobel edges (sharp shape outlines are what the analyser, and a
 viewer, look at) plus a tiny L2 on the latents to keep their scale bounded. Training uses random 64 x 64 crops
 of 128 x 128 renders (the network is convolutional; crops cost a quarter). The decoder sees the latents with a
-little Gaussian noise, so that imperfect DiT outputs still decode to clean pictures. Afterwards the latent BatchNorm statistics (per channel of
-the 2 x 2-patchified posterior mean) are measured on full-size renders, as FLUX.2's VAE stores them.
+little Gaussian noise, so that imperfect DiT outputs still decode to clean pictures. Afterwards the latent
+BatchNorm statistics (per channel of the 2 x 2-patchified posterior mean) are measured on full-size renders, as
+FLUX.2's VAE stores them.
 """
 
 from __future__ import annotations
