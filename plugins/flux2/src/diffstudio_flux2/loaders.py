@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from diffstudio.errors import CheckpointError, UnknownCheckpointError
@@ -129,6 +130,23 @@ def claim_vae(checkpoint: Checkpoint) -> ModelClaim | None:
     return ModelClaim(FAMILY, "flux2-vae", "vae", fmt, load_vae)
 
 
+def vae_norm_groups(checkpoint: Checkpoint, default: int = 32) -> int:
+    """GroupNorm groups of an autoencoder (shapes cannot tell them).
+
+    Read from the safetensors metadata key ``norm_groups`` (BFL-layout files of smaller autoencoders, such as
+    the embedded shapes model, record it there), else from ``norm_num_groups`` in a diffusers ``config.json``
+    beside the weights, else the official 32.
+    """
+    import json
+
+    value = checkpoint.metadata.get("norm_groups")
+    if value is None and checkpoint.files:
+        config = checkpoint.files[0].parent / "config.json"
+        if config.is_file():
+            value = json.loads(config.read_text(encoding="utf-8")).get("norm_num_groups")
+    return int(value) if value is not None else default
+
+
 def load_vae(checkpoint: Checkpoint, request: LoadRequest) -> nn.Module:
     """Build :class:`~diffstudio_flux2.vae.Flux2AutoEncoder` (BatchNorm statistics kept in float32)."""
     import torch
@@ -142,6 +160,7 @@ def load_vae(checkpoint: Checkpoint, request: LoadRequest) -> nn.Module:
     if "quant_conv.weight" in state:
         state = convert_diffusers_to_bfl_vae(state)
     params = AutoEncoderParams.from_state_dict_shapes({k: tuple(v.shape) for k, v in state.items()})
+    params = replace(params, norm_groups=vae_norm_groups(checkpoint))
     model = build_on_meta(lambda: Flux2AutoEncoder(params))
     load_state_dict_into(model, state, dtype=request.torch_dtype, device=request.device)
     for name in ("running_mean", "running_var"):

@@ -5,8 +5,8 @@ caption vocabulary, with Qwen's special tokens and a chat template that renders 
 the assistant header, an empty think block when ``enable_thinking=False``). Any text still tokenizes (bytes).
 The encoder is a ``Qwen3ForCausalLM`` with tied embeddings, frozen at a seeded random initialisation (token
 embeddings at unit scale): its hidden states 9, 18 and 27 carry the caption's words well enough for the DiT to
-read them, so it needs no training. Both are saved with ``save_pretrained``, the layout of an official ``tokenizer/`` and
-``text_encoder/`` folder.
+read them, so it needs no training. Both are saved with ``save_pretrained``, the layout of an official
+``tokenizer/`` and ``text_encoder/`` folder.
 """
 
 from __future__ import annotations
