@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import warnings
 from typing import Any
@@ -160,3 +161,27 @@ def test_without_the_plugin_the_argument_names_the_distribution(repo: Any, fp: A
     assert info.value.distribution == "diffstudio-controlnet"
     assert pipe(PROMPT, controlnet_inputs=None, height=H, width=W, num_inference_steps=1, output_type="latent",
                 t5_sequence_length=SEQ).shape == (1, 96, 64)  # fmt: skip
+
+
+def test_a_memory_managed_controlnet_gives_the_same_image(repo: Any, controlnet_files: Any, fp: Any) -> None:
+    """The ControlNet follows the layer-wise policy like any component: offloaded storage, fp8 storage."""
+    folder = controlnet_files["plain"][1]
+    control = fp.image(W, H, seed=13)
+    args: dict[str, Any] = {"height": H, "width": W, "num_inference_steps": 2, "seed": 3, "output_type": "latent",
+                            "t5_sequence_length": SEQ, "controlnet_inputs": [ControlNetInput(control)]}  # fmt: skip
+    expected = ours(repo, folder)(PROMPT, **args)
+    root = repo.root
+    base = [ModelConfig(path=str(root / n)) for n in ("transformer", "text_encoder", "text_encoder_2", "vae")]
+    for dtype, tol in ((torch.float32, 1e-6), (torch.float8_e4m3fn, None)):
+        managed = ModelConfig(path=str(folder), offload_device="cpu", offload_dtype=dtype, onload_dtype=dtype,
+                              computation_dtype=torch.float32)  # fmt: skip
+        pipe = FluxImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu", runtime=Runtime(),
+                                                 model_configs=[*base, managed])  # fmt: skip
+        pipe.set_progress_bar_config(disable=True)
+        got = pipe(PROMPT, **args)
+        report = pipe.vram_report()["controlnet"]
+        assert report["strategy"] != "none", report
+        if tol is not None:
+            assert (got - expected).abs().max() <= tol
+        else:
+            assert "float8" in json.dumps(report) and (got - expected).abs().max() < 0.5
