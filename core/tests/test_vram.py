@@ -190,6 +190,56 @@ def test_a_model_without_leaves_moves_as_one_piece() -> None:
     assert net[0].weight.dtype == F32 and torch.equal(net(X), expected)
 
 
+class Tied(nn.Module):
+    """T5's layout: one embedding under two names (``shared`` is ``encoder.embed``), a head tied to it."""
+
+    memory_leaves = (nn.Linear, nn.Embedding)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Embedding(10, 8)
+        self.encoder = nn.Module()
+        self.encoder.embed = self.shared  # the same module: its forward is the only reader of its weight
+        self.encoder.mid = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 10, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.head(self.encoder.mid(self.encoder.embed(ids)))
+        return out
+
+
+def tied(tie_head: bool) -> Tied:
+    torch.manual_seed(3)
+    model = Tied().eval().requires_grad_(False)
+    if tie_head:
+        model.head.weight = nn.Parameter(torch.randn(10, 8), requires_grad=False)
+        model.shared.weight = model.head.weight  # held by two modules: read outside the embedding's forward
+    return model.to(BF16)
+
+
+@pytest.mark.parametrize("tie_head", [False, True])
+def test_an_aliased_module_streams_once_and_tied_weights_stay_pinned(tie_head: bool) -> None:
+    ids = torch.tensor([[1, 4, 9, 0]])
+    with torch.no_grad():
+        expected = tied(tie_head).float()(ids)
+    model = tied(tie_head)
+    layer = LayerwiseStrategy("tied", budget(BF16, 0), DeviceLedger("cpu", 0))
+    layer.apply(model)
+    names = [t.name for u in layer.units for t in u.tensors]
+    pinned = [t.name for t in layer.pinned]
+    if tie_head:  # the tie spans two modules (read outside the embedding's forward): pinned for the whole stage
+        assert sorted(pinned) == ["head.weight", "shared.weight"]
+        assert names == ["encoder.mid.weight", "encoder.mid.bias"]
+    else:  # one module, two names: one leaf, streamed like any other
+        assert pinned == [] and names.count("shared.weight") == 1 and "encoder.embed.weight" not in names
+        assert layer.report().pinned_bytes == 0
+    assert model.shared.weight is model.encoder.embed.weight
+    layer.onload()
+    with torch.no_grad():
+        assert torch.equal(model(ids), expected) and torch.equal(model(ids), expected)
+    assert layer.ledger.peak_resident <= layer.report().pinned_bytes
+
+
 def _runtime() -> Runtime:
     return Runtime(env={}, load_entrypoints=False)
 

@@ -110,17 +110,24 @@ class ModelLayout:
         return found
 
     def leaves_of(self, model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-        """Outermost leaf modules that hold tensors, as ``(qualified name, module)`` in registration order."""
+        """Outermost leaf modules that hold tensors, as ``(qualified name, module)`` in registration order.
+
+        A module registered under several names (T5's ``shared`` is also ``encoder.embed_tokens``) is one leaf,
+        under its first name.
+        """
         if not self.leaves:
             return
-        yield from _outermost(model, "", self)
+        yield from _outermost(model, "", self, set())
 
 
-def _outermost(module: nn.Module, prefix: str, layout: ModelLayout) -> Iterator[tuple[str, nn.Module]]:
+def _outermost(module: nn.Module, prefix: str, layout: ModelLayout, seen: set[int]) -> Iterator[tuple[str, nn.Module]]:
     for name, child in module.named_children():
+        if id(child) in seen:
+            continue
+        seen.add(id(child))
         qualified = f"{prefix}{name}"
         if layout.is_leaf(child):
             if any(True for _ in child.parameters()) or any(True for _ in child.buffers()):
                 yield qualified, child
         else:
-            yield from _outermost(child, qualified + ".", layout)
+            yield from _outermost(child, qualified + ".", layout, seen)

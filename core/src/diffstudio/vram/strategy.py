@@ -111,7 +111,7 @@ class LayerwiseStrategy:
         shared = _shared_tensor_ids(module)
         order = {id(m): i for i, m in enumerate(module.modules())}
         by_block: dict[str, Unit] = {}
-        managed: set[str] = set()
+        managed: set[tuple[int, str]] = set()  # (id(owner), attr): an aliased module has one set of tensors
         for leaf_name, leaf in leaves:
             block = next(((n, b) for n, b in blocks if leaf_name.startswith(n + ".")), None)
             if block is None:
@@ -130,7 +130,7 @@ class LayerwiseStrategy:
                     name = f"{owner_name}.{attr}"
                     entry.indices.append(len(unit.tensors))
                     unit.tensors.append(self._manage(owner, attr, is_param, name, tensor))
-                    managed.add(name)
+                    managed.add((id(owner), attr))
             if entry.indices:
                 entry.cast_bytes = sum(
                     aligned(unit.tensors[i].compute_bytes)
@@ -148,7 +148,7 @@ class LayerwiseStrategy:
         for owner_name, owner in module.named_modules():
             for attr, is_param, tensor in _own_tensors(owner):
                 name = f"{owner_name}.{attr}" if owner_name else attr
-                if tensor is not None and name not in managed:
+                if tensor is not None and (id(owner), attr) not in managed:
                     self.pinned.append(self._pin(owner, attr, is_param, name, tensor))
         self._install_hooks()
         logger.info(self.summary())
@@ -419,12 +419,16 @@ def _own_tensors(module: nn.Module) -> list[tuple[str, bool, Tensor | None]]:
 
 
 def _shared_tensor_ids(module: nn.Module) -> set[int]:
-    """Ids of tensors that appear under more than one name (tied weights): they are pinned, not streamed."""
+    """Ids of tensors held by more than one module or attribute (tied weights): pinned, not streamed.
+
+    A module registered under several names holds its tensors once: it is one leaf (``ModelLayout.leaves_of``)
+    whose tensors stream like any other (T5's ``shared`` / ``encoder.embed_tokens``).
+    """
     seen: dict[int, int] = {}
-    for _, tensor in module.named_parameters(remove_duplicate=False):
-        seen[id(tensor)] = seen.get(id(tensor), 0) + 1
-    for _, buffer in module.named_buffers(remove_duplicate=False):
-        seen[id(buffer)] = seen.get(id(buffer), 0) + 1
+    for owner in module.modules():  # each module once, whatever its names
+        for _, _, tensor in _own_tensors(owner):
+            if tensor is not None:
+                seen[id(tensor)] = seen.get(id(tensor), 0) + 1
     return {key for key, count in seen.items() if count > 1}
 
 

@@ -155,7 +155,7 @@ def load_t5_encoder(
             state[a] = state[b]
     load_state_dict_into(model, state, dtype=torch_dtype, device=device)
     model.encoder.embed_tokens = model.shared  # keep the tie
-    # memory metadata for VRAM policies; the tied embedding is pinned (shared tensors are never streamed)
+    # memory metadata for VRAM policies; `shared` is `encoder.embed_tokens` (one module): one leaf, streamed
     model.repeated_blocks = ("encoder.block",)  # type: ignore[assignment]
     model.memory_leaves = (nn.Linear, nn.Embedding, "T5LayerNorm")  # type: ignore[assignment]
     model.keep_in_high_precision = ("*layer_norm*", "*relative_attention_bias*")  # type: ignore[assignment]
