@@ -102,7 +102,9 @@ def load_image_encoder(checkpoint: Checkpoint, request: LoadRequest) -> Any:
         state[name] = checkpoint.tensor(key)
     load_state_dict_into(model, state, dtype=request.torch_dtype, device=request.device,
                          init_non_persistent=_init_buffers)  # fmt: skip
-    model.memory_leaves = ("*Linear", "*Embedding", "*LayerNorm", "*Conv2d")
+    # SigLIP's pooling head: nn.MultiheadAttention reads its in_proj and out_proj tensors in its own forward
+    # (out_proj is a Linear whose forward is never called), so the whole attention is one leaf
+    model.memory_leaves = ("MultiheadAttention", "*Linear", "*Embedding", "*LayerNorm", "*Conv2d")
     return model.eval().requires_grad_(False)
 
 
