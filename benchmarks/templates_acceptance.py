@@ -18,8 +18,9 @@ split, seed 101) and image seed ``1000 + i``:
   luminance difference between the two scales, ``luminance_gain`` (> 0 when the brightness still takes effect).
 
 ``--negative neutral`` gives the negative CFG branch ``{"scale": 0.5}`` (the brightness template's neutral value,
-DiffSynth's choice for its brightness template), so CFG does not amplify the brightness change; ``none`` runs the
-templates on the positive branch only.
+DiffSynth's choice for its brightness template), so CFG amplifies only the brightness change; ``same`` gives the
+negative branch the same template inputs as the positive one (CFG then amplifies neither template); ``none`` runs
+the templates on the positive branch only.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import argparse
 import json
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -62,14 +64,18 @@ class Acceptance:
     """The embedded pipeline, the two templates and the prompts (loaded once)."""
 
     def __init__(self, brightness: str = "diffstudio/brightness", colour: str = "diffstudio/colour-shift",
-                 prompts: int = 20, negative: str = "neutral", device: str = "cpu") -> None:  # fmt: skip
+                 prompts: int = 20, negative: str = "neutral", device: str = "cpu",
+                 weights: str | None = None) -> None:  # fmt: skip
         from diffstudio.run_api import load_pipeline
         from diffstudio.runtime import Runtime
         from diffstudio.templates import TemplatePipeline
         from diffstudio_shapes.data import sample_specs
 
         self.runtime = Runtime()
-        self.pipe, self.defaults = load_pipeline(self.runtime, None, device=device)
+        if weights is None:
+            self.pipe, self.defaults = load_pipeline(self.runtime, None, device=device)
+        else:  # a folder in the embedded model's layout (e.g. a recipe's output before it is installed)
+            self.pipe, self.defaults = self._from_folder(weights, device)
         self.pipe.set_progress_bar_config(disable=True)
         self.templates = TemplatePipeline.from_pretrained(
             device=device, model_configs=[brightness, colour], runtime=self.runtime
@@ -79,10 +85,27 @@ class Acceptance:
         self.targets = targets(self.specs)
         self.negative = negative
 
+    def _from_folder(self, weights: str, device: str) -> tuple[Any, dict[str, Any]]:
+        import torch
+        from diffstudio import ModelConfig
+        from diffstudio_flux2 import Flux2ImagePipeline
+        from diffstudio_shapes import model
+
+        root = Path(weights)
+        files = [root / model.DIT_FILE, root / model.VAE_FILE, root / model.TEXT_ENCODER_FILE]
+        pipe = Flux2ImagePipeline.from_pretrained(
+            torch_dtype=torch.float32, device=device, runtime=self.runtime,
+            model_configs=[ModelConfig(path=str(f)) for f in files],
+            tokenizer_config=ModelConfig(path=str(root / model.TOKENIZER_FOLDER)),
+        )  # fmt: skip
+        return pipe, dict(model.DEFAULTS)
+
     def images(self, inputs: list[dict[str, Any]], *, per_prompt: list[dict[str, Any]] | None = None) -> list[Any]:
         """One image per prompt with ``inputs`` (plus one prompt-specific input dict each, if given)."""
         negative = [{"model_id": 0, "scale": 0.5}] if self.negative == "neutral" and any(
             i.get("model_id", 0) == 0 for i in inputs) else None  # fmt: skip
+        if self.negative == "same":
+            return self._same(inputs, per_prompt)
         if per_prompt is None:  # one batch; image i uses seed 1000 + i either way
             if not inputs:
                 return list(self.pipe(self.captions, **{**self.defaults, "seed": 1000}))
@@ -93,6 +116,20 @@ class Acceptance:
             images.extend(self.templates(self.pipe, [caption], **{**self.defaults, "seed": 1000 + index},
                                          template_inputs=[*inputs, per_prompt[index]],
                                          negative_template_inputs=negative))  # fmt: skip
+        return images
+
+    def _same(self, inputs: list[dict[str, Any]], per_prompt: list[dict[str, Any]] | None) -> list[Any]:
+        """Every template input also on the negative branch (CFG then does not amplify the templates' change)."""
+        if per_prompt is None:
+            if not inputs:
+                return list(self.pipe(self.captions, **{**self.defaults, "seed": 1000}))
+            return list(self.templates(self.pipe, self.captions, **{**self.defaults, "seed": 1000},
+                                       template_inputs=inputs, negative_template_inputs=inputs))  # fmt: skip
+        images = []
+        for index, caption in enumerate(self.captions):
+            both = [*inputs, per_prompt[index]]
+            images.extend(self.templates(self.pipe, [caption], **{**self.defaults, "seed": 1000 + index},
+                                         template_inputs=both, negative_template_inputs=both))  # fmt: skip
         return images
 
     def brightness(self) -> dict[str, Any]:
@@ -144,16 +181,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=20)
     parser.add_argument("--brightness", default="diffstudio/brightness", help="registered name or trained folder")
     parser.add_argument("--colour", default="diffstudio/colour-shift", help="registered name or trained folder")
-    parser.add_argument("--negative", choices=("neutral", "none"), default="neutral")
+    parser.add_argument("--negative", choices=("neutral", "same", "none"), default="neutral")
     parser.add_argument("--only", default="brightness,colour_shift,both", help="comma-separated figures")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--weights", default=None, help="shapes model folder (default: the installed embedded model)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    run = Acceptance(args.brightness, args.colour, prompts=args.prompts, negative=args.negative, device=args.device)
+    run = Acceptance(
+        args.brightness,
+        args.colour,
+        prompts=args.prompts,
+        negative=args.negative,
+        device=args.device,
+        weights=args.weights,
+    )
     for name in args.only.split(","):
         started = time.monotonic()
         figure = getattr(run, name)()
