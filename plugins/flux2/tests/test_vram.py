@@ -218,3 +218,25 @@ def test_disk_and_fp8_rss_stay_far_below_the_resident_run(repo: Path) -> None:
     assert above("disk", peak_key) <= 0.35 * above("resident", peak_key)
     assert runs["disk"]["rss_anon_peak_second_call_mib"] <= runs["disk"][peak_key] + 1.0  # allocator noise
     assert above("fp8", load_key) <= 0.4 * above("resident", load_key)
+
+
+def _kv_cache(pipe: Flux2ImagePipeline) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    params = pipe.dit.params
+    gen = torch.Generator().manual_seed(5)
+    shape = (1, 8, params.num_heads, params.head_dim)
+    names = pipe.dit.block_names
+    return {name: (torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)) for name in names}
+
+
+def test_template_kv_cache_applies_unchanged_under_disk_streaming(repo: Path) -> None:
+    def generate(pipe: Flux2ImagePipeline, cache: Any) -> torch.Tensor:
+        out: torch.Tensor = pipe("a red circle", seed=0, height=32, width=32, num_inference_steps=2,
+                                 max_sequence_length=16, output_type="pt", kv_cache=cache)  # fmt: skip
+        return out
+
+    resident = load(repo, {})
+    cache = _kv_cache(resident)
+    expected = generate(resident, cache)
+    assert not torch.equal(expected, generate(resident, None))  # the cache changes the image
+    streamed = load(repo, fields("disk"), 0.0)
+    assert torch.equal(generate(streamed, cache), expected)
