@@ -10,10 +10,10 @@ import json
 from pathlib import Path
 
 import torch
+from diffstudio.train.checkpoints import save_weights
 from diffstudio_flux2 import Flux2, Flux2Params
 
 from diffstudio_shapes.recipe.sizes import DIT, TEXT, VAE, DitSizes
-from diffstudio_shapes.recipe.write import atomic_save_safetensors
 
 
 def dit_params(sizes: DitSizes = DIT) -> Flux2Params:
@@ -38,4 +38,4 @@ def write_random_dit(path: Path, seed: int = 0, sizes: DitSizes = DIT) -> Path:
     model = Flux2(dit_params(sizes))
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     metadata = {"diffstudio.recipe": json.dumps({"stage": "dit-init", "seed": seed})}
-    return atomic_save_safetensors(state, path, metadata)
+    return save_weights(path, state, metadata)

@@ -21,13 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffstudio.train.checkpoints import save_weights
 from diffstudio_flux2 import AutoEncoderParams, Flux2AutoEncoder
 from diffstudio_flux2.math import patchify_latents
 from torch import Tensor
 
 from diffstudio_shapes.data import ALL_SHAPES, render, sample_specs
 from diffstudio_shapes.recipe.sizes import IMAGE_SIZE, VAE
-from diffstudio_shapes.recipe.write import atomic_save_safetensors
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,7 @@ def save_vae(model: Flux2AutoEncoder, folder: Path, figures: dict[str, float], c
         "norm_groups": str(model.params.norm_groups),
         "diffstudio.recipe": json.dumps({"stage": "vae", **asdict(cfg), **figures}),
     }
-    return atomic_save_safetensors(state, folder / "ae.safetensors", metadata)
+    return save_weights(folder / "ae.safetensors", state, metadata)
 
 
 def build_vae(folder: Path, cfg: VaeTraining = VaeTraining()) -> Path:
