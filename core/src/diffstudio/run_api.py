@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -352,8 +353,26 @@ def run_cli(args: argparse.Namespace, runtime: Runtime) -> int:
     if rank == 0 or args.format == "json":
         for row in results:
             if args.format == "json":
-                print(json.dumps(row))
+                _write_line_atomically(json.dumps(row))
             else:
                 state = "exists, skipped" if row["skipped"] else "written"
                 print(f"{row['path']}  (seed {row['seed']}, {state})", file=sys.stdout)
     return 0
+
+
+def _write_line_atomically(line: str) -> None:
+    """Write ``line`` and its newline to stdout in one ``write(2)``.
+
+    Under ``accelerate launch`` every rank shares one stdout pipe; a single write of at most
+    ``PIPE_BUF`` (4096) bytes is never interleaved with another process's, so JSON rows stay one per line.
+    """
+    sys.stdout.flush()
+    data = (line + "\n").encode("utf-8")
+    try:
+        descriptor = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced stdout (pytest capture, notebooks)
+        sys.stdout.write(line + "\n")
+        return
+    while data:
+        written = os.write(descriptor, data)
+        data = data[written:]
