@@ -51,12 +51,14 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tiny_model, tmp_pa
     """Kill a training process right after a random checkpoint, resume it, compare with a run never stopped."""
     import random
 
+    schedule = {"lr_scheduler": "cosine", "lr_warmup_steps": 2, "max_steps": 8}  # the rate depends on the step
     reference = tmp_path / "reference"
-    train(**tiny_model.options(reference, checkpoint_steps=1, ema_decay=0.9))
+    train(**tiny_model.options(reference, checkpoint_steps=1, ema_decay=0.9, **schedule))
     killed = tmp_path / "killed"
     stop_after = random.Random().randint(1, 6)
+    flags = [item for key, value in schedule.items() for item in (f"--{key}", str(value))]
     argv = [sys.executable, "-m", "diffstudio", "train", *tiny_model.argv(killed, "--checkpoint_steps", "1",
-                                                                            "--ema_decay", "0.9")]  # fmt: skip
+                                                                            "--ema_decay", "0.9", *flags)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     target = killed / "checkpoints" / f"step-{stop_after}" / "trainer_state.json"
@@ -65,7 +67,7 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tiny_model, tmp_pa
     process.kill()
     process.wait()
     assert target.exists(), "the run ended before its checkpoint"
-    resumed = train(**tiny_model.options(killed, checkpoint_steps=1, ema_decay=0.9, resume=True))
+    resumed = train(**tiny_model.options(killed, checkpoint_steps=1, ema_decay=0.9, resume=True, **schedule))
     assert resumed.steps == 8
     assert _max_diff(_weights(reference / "epoch-1.safetensors"), _weights(killed / "epoch-1.safetensors")) == 0.0
 

@@ -2,7 +2,8 @@
 
 The seed's arguments keep their names (``--dataset_base_path``, ``--model_paths``, ``--trainable_models``,
 ``--lora_rank``, ...). Added here: ``--batch_size`` (with size buckets), ``--resume``, ``--lora_format``,
-``--seed``, ``--mixed_precision``, ``--validation_prompt`` / ``--validation_steps``, ``--pipeline_args``
+``--seed``, ``--mixed_precision``, ``--lr_scheduler`` / ``--lr_warmup_steps``,
+``--validation_prompt`` / ``--validation_steps``, ``--pipeline_args``
 (fixed pipeline call arguments such as ``{"max_sequence_length": 32}``), ``--timestep_sampling`` /
 ``--loss_weighting``, ``--max_steps``, ``--checkpoint_steps``, ``--caption_dropout``, ``--ema_decay``,
 ``--offload_models`` and ``--distill_steps``.
@@ -19,6 +20,7 @@ from typing import Any
 from diffstudio.errors import ConfigError
 
 TASKS = ("sft", "sft:data_process", "sft:train", "direct_distill")
+LR_SCHEDULERS = ("constant", "cosine", "linear")
 LORA_FORMATS = ("diffusers", "comfy", "kohya")
 
 
@@ -43,6 +45,8 @@ class TrainConfig:
     model_id_with_origin_paths: list[str] = field(default_factory=list)
     tokenizer_path: str | None = None
     learning_rate: float = 1e-4
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
     weight_decay: float = 0.01
     num_epochs: int = 1
     max_steps: int | None = None
@@ -101,6 +105,12 @@ class TrainConfig:
         for name in ("learning_rate", "num_epochs", "gradient_accumulation_steps", "batch_size", "lora_rank"):
             if not getattr(self, name) > 0:
                 raise TrainConfigError(f"--{name} must be > 0, got {getattr(self, name)!r}")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise TrainConfigError(f"--lr_scheduler {self.lr_scheduler!r} is not one of {', '.join(LR_SCHEDULERS)}")
+        if self.lr_warmup_steps < 0:
+            raise TrainConfigError(f"--lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
+        if self.lr_scheduler != "constant" and self.max_steps is None:
+            raise TrainConfigError(f"--lr_scheduler {self.lr_scheduler} decays to 0 at --max_steps; give --max_steps")
         if self.weight_decay < 0:
             raise TrainConfigError(f"--weight_decay must be >= 0, got {self.weight_decay}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
@@ -191,6 +201,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lora.add_argument("--lora_format", choices=LORA_FORMATS, default="diffusers", help="layout of saved LoRAs")
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--learning_rate", type=float, default=1e-4)
+    opt.add_argument(
+        "--lr_scheduler", choices=LR_SCHEDULERS, default="constant",
+        help="learning-rate schedule after warm-up: constant, or cosine / linear decay to 0 at --max_steps",
+    )  # fmt: skip
+    opt.add_argument("--lr_warmup_steps", type=int, default=0, help="linear warm-up from 0 over this many steps")
     opt.add_argument("--weight_decay", type=float, default=0.01)
     opt.add_argument("--num_epochs", type=int, default=1)
     opt.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -226,6 +227,7 @@ class Trainer:
                         generators = [sample_generator(cfg.seed, epoch, p) for p in positions]
                         loss = model(batch, generators)
                         accelerator.backward(loss)
+                        set_learning_rate(optimizer, cfg.learning_rate * lr_factor(cfg, state.step))
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
                         if self.ema is not None and accelerator.sync_gradients:
@@ -417,6 +419,30 @@ class Trainer:
         accelerator.wait_for_everyone()
         result.seconds = time.monotonic() - started
         return result
+
+
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """Multiplier of ``--learning_rate`` for optimizer step ``step`` (0-based; a pure function of the step).
+
+    Linear warm-up over ``--lr_warmup_steps``, then constant or a cosine / linear decay reaching 0 at
+    ``--max_steps``. Being a function of the step alone, it needs no state of its own in checkpoints, and a
+    resumed run may change the schedule (the optimizer's stored rate is overwritten every step).
+    """
+    warmup = cfg.lr_warmup_steps
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if cfg.lr_scheduler == "constant" or cfg.max_steps is None:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, cfg.max_steps - warmup))
+    if cfg.lr_scheduler == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_learning_rate(optimizer: Any, rate: float) -> None:
+    """Set every parameter group's learning rate."""
+    for group in optimizer.param_groups:
+        group["lr"] = rate
 
 
 def train(config: TrainConfig | None = None, *, runtime: Runtime | None = None, **options: Any) -> TrainResult:
