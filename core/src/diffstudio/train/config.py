@@ -78,6 +78,9 @@ class TrainConfig:
     torch_dtype: str = "float32"
     pipeline_args: dict[str, Any] = field(default_factory=dict)
     timestep_sampling: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
     loss_weighting: str = "bump"
     validation_prompt: str | None = None
     validation_steps: int | None = None
@@ -111,6 +114,8 @@ class TrainConfig:
             raise TrainConfigError(f"--lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
         if self.lr_scheduler != "constant" and self.max_steps is None:
             raise TrainConfigError(f"--lr_scheduler {self.lr_scheduler} decays to 0 at --max_steps; give --max_steps")
+        if not self.logit_std > 0:
+            raise TrainConfigError(f"--logit_std must be > 0, got {self.logit_std}")
         if self.weight_decay < 0:
             raise TrainConfigError(f"--weight_decay must be >= 0, got {self.weight_decay}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
@@ -217,6 +222,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--torch_dtype", default="float32", help="dtype the models are loaded in")
     opt.add_argument("--seed", type=int, default=0)
     opt.add_argument("--timestep_sampling", choices=("uniform", "logit_normal", "mode"), default="uniform")
+    opt.add_argument("--logit_mean", type=float, default=0.0, help="logit_normal: mean (< 0 favours high noise)")
+    opt.add_argument("--logit_std", type=float, default=1.0, help="logit_normal: standard deviation")
+    opt.add_argument("--mode_scale", type=float, default=1.29, help="mode sampling: scale")
     opt.add_argument("--loss_weighting", choices=("bump", "none"), default="bump")
     opt.add_argument("--find_unused_parameters", action="store_true")
     opt.add_argument("--caption_dropout", type=float, default=0.0, help="share of samples trained unconditioned")

@@ -236,9 +236,7 @@ def _decode(value: Any) -> Any:
     return value
 
 
-def epoch_batches(
-    dataset: TrainingDataset, epoch: int, seed: int, batch_size: int
-) -> list[list[int]]:
+def epoch_batches(dataset: TrainingDataset, epoch: int, seed: int, batch_size: int) -> list[list[int]]:
     """The batches of one epoch: a seeded shuffle, grouped by training size, each batch one size.
 
     Depends only on ``(seed, epoch)`` and the data, so a resumed run and every process see the same order.

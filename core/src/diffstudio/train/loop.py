@@ -274,6 +274,7 @@ class Trainer:
             trainable,
             extra,
             timestep_sampling=cfg.timestep_sampling,
+            sampling_options={"logit_mean": cfg.logit_mean, "logit_std": cfg.logit_std, "mode_scale": cfg.mode_scale},
             loss_weighting=cfg.loss_weighting,
             caption_dropout=cfg.caption_dropout,
             activation_offload=offload,

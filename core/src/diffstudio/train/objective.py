@@ -99,6 +99,7 @@ class FlowMatchingObjective(nn.Module):
         trainable: Component slots trained as a whole.
         extra_modules: Further trainable modules by name (e.g. ``"lora"``: the LoRA side paths).
         timestep_sampling: See ``FlowMatchScheduler.sample_training_sigmas``.
+        sampling_options: Its ``logit_mean``, ``logit_std`` and ``mode_scale`` (diffusers' names and defaults).
         loss_weighting: See ``FlowMatchScheduler.training_weight``.
         caption_dropout: Probability that a sample is trained unconditioned: its positive conditioning is
             replaced by the negative branch's (the empty prompt), so real CFG works at sampling time.
@@ -113,6 +114,7 @@ class FlowMatchingObjective(nn.Module):
         extra_modules: Mapping[str, nn.Module] | None = None,
         *,
         timestep_sampling: str = "uniform",
+        sampling_options: Mapping[str, float] | None = None,
         loss_weighting: str = "bump",
         caption_dropout: float = 0.0,
         activation_offload: bool = False,
@@ -124,6 +126,7 @@ class FlowMatchingObjective(nn.Module):
         self.trained = nn.ModuleDict({slot: pipe.loaded[slot].module for slot in trainable})
         self.extra = nn.ModuleDict(dict(extra_modules or {}))
         self.timestep_sampling = timestep_sampling
+        self.sampling_options = dict(sampling_options or {})
         self.loss_weighting = loss_weighting
 
     @property
@@ -155,7 +158,11 @@ class FlowMatchingObjective(nn.Module):
         sigmas = torch.cat(
             [
                 scheduler.sample_training_sigmas(
-                    1, generator=g, image_seq_len=length, timestep_sampling=self.timestep_sampling
+                    1,
+                    generator=g,
+                    image_seq_len=length,
+                    timestep_sampling=self.timestep_sampling,
+                    **self.sampling_options,
                 )
                 for g in generators
             ]

@@ -1,4 +1,4 @@
-"""``--lr_scheduler`` / ``--lr_warmup_steps``: the learning-rate multiplier per optimizer step."""
+"""Optimisation options: the learning-rate schedule per step, and the logit-normal timestep options."""
 
 from __future__ import annotations
 
@@ -43,3 +43,13 @@ def test_a_decay_without_max_steps_is_an_error_naming_both_flags():
         _config(lr_scheduler="step", max_steps=3)
     with pytest.raises(TrainConfigError, match="--lr_warmup_steps"):
         _config(lr_warmup_steps=-1)
+
+
+def test_logit_normal_options_parse_and_are_checked():
+    from diffstudio.train.config import config_from_args
+
+    cfg = config_from_args(["--dataset_base_path", "d", "--dataset_metadata_path", "d/m.csv", "--model_paths", '["dit.safetensors"]', "--trainable_models", "dit",
+                            "--timestep_sampling", "logit_normal", "--logit_mean", "-1.0", "--logit_std", "0.8"])  # fmt: skip
+    assert (cfg.logit_mean, cfg.logit_std, cfg.mode_scale) == (-1.0, 0.8, 1.29)
+    with pytest.raises(TrainConfigError, match="--logit_std"):
+        _config(logit_std=0.0)
