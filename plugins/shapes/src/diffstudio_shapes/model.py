@@ -19,11 +19,14 @@ DEFAULTS: dict[str, Any] = {
     "height": 128,
     "width": 128,
     "num_inference_steps": 20,
-    "cfg_scale": 3.0,
+    "cfg_scale": 6.0,
     "negative_prompt": "",
     "max_sequence_length": 32,
 }
-"""Call arguments the model was trained for: 128 x 128, 32 text tokens, real CFG at 3 over 20 steps."""
+"""Call arguments the model was trained for: 128 x 128, 32 text tokens, real CFG at 6 over 20 steps.
+
+CFG 6 is measured (``diffstudio eval-shapes``, 200 held-out captions): shape class 0.285 at 3, 0.345 at 6,
+0.38 at 8 (shape colour 1.00 at 3 and 6, 0.98 at 8; 0.80 at 20)."""
 
 
 def installed(root: Path = WEIGHTS) -> bool:
