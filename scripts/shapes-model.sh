@@ -30,7 +30,8 @@ train=(
 $BIN/diffstudio train "${train[@]}" --task sft:data_process
 stamp "split training, stage 1 (latents and prompt embeddings cached)"
 $BIN/diffstudio train "${train[@]}" --task sft:train --resume \
-  --learning_rate 4e-4 --weight_decay 0 --batch_size 16 --num_epochs 100 --max_steps 9000 \
+  --learning_rate 4e-4 --lr_scheduler cosine --lr_warmup_steps 200 \
+  --weight_decay 0 --batch_size 16 --num_epochs 100 --max_steps 9000 \
   --timestep_sampling uniform --loss_weighting none --ema_decay 0.999 \
   --checkpoint_steps 500 --save_steps 1000
 stamp "dit"

@@ -323,9 +323,9 @@ class Trainer:
                     state: TrainerState, result: TrainResult, bar: Any, loss: float) -> None:  # fmt: skip
         cfg = self.config
         output = Path(cfg.output_path)
-        if bar is not None:
+        if bar is not None:  # the postfix is drawn at tqdm's next refresh (mininterval), not on every step
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
         if cfg.save_steps and state.step % cfg.save_steps == 0 and accelerator.is_main_process:
             result.files.append(str(self._save_weights(pipe, objective, output / f"step-{state.step}.safetensors")))
         every = cfg.checkpoint_steps or cfg.save_steps

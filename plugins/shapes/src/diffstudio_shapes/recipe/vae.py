@@ -1,12 +1,12 @@
 """Stage ``vae``: train the shapes autoencoder (a FLUX.2 ``Flux2AutoEncoder``) on rendered shapes.
 
 The autoencoder is trained deterministically on the posterior mean (what ``encode`` returns; the log-variance
-channels stay unused): L1 on pixels plus L1 on Sobel edges (sharp shape outlines are what the analyser, and a
-viewer, look at) plus a tiny L2 on the latents to keep their scale bounded. Training uses random 64 x 64 crops
-of 128 x 128 renders (the network is convolutional; crops cost a quarter). The decoder sees the latents with a
-little Gaussian noise, so that imperfect DiT outputs still decode to clean pictures. Afterwards the latent
-BatchNorm statistics (per channel of the 2 x 2-patchified posterior mean) are measured on full-size renders, as
-FLUX.2's VAE stores them.
+channels stay unused), on renders of which half are made darker or brighter: L1 on pixels plus L1 on Sobel
+edges (sharp shape outlines are what the analyser, and a viewer, look at) plus a tiny L2 on the latents to keep
+their scale bounded. Training uses random 64 x 64 crops of 128 x 128 renders (the network is convolutional;
+crops cost a quarter). The decoder sees the latents with a little Gaussian noise, so that imperfect DiT outputs
+still decode to clean pictures. Afterwards the latent BatchNorm statistics (per channel of the 2 x 2-patchified
+posterior mean) are measured on full-size renders, as FLUX.2's VAE stores them.
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ class VaeTraining:
     edge_weight: float = 1.0
     latent_weight: float = 1e-4
     latent_noise: float = 0.05
+    brightness_jitter: float = 0.5
+    jitter_share: float = 0.5
     stat_images: int = 1024
     seed: int = 0
 
@@ -63,10 +65,19 @@ def to_tensor(images: list[object]) -> Tensor:
 
 
 def _batch(step: int, cfg: VaeTraining) -> Tensor:
-    """Renders for one step (all five shapes, so the zigzag LoRA's decoder needs are covered too), cropped."""
+    """Renders for one step (all five shapes, so the zigzag LoRA's decoder needs are covered too), cropped.
+
+    A share ``jitter_share`` of the images has its pixel values multiplied by a factor drawn uniformly from
+    ``1 +- brightness_jitter`` (clipped): with palette colours only, the autoencoder would snap every colour back
+    to the palette, and a darker or brighter picture (the brightness template's target) could not be encoded.
+    """
     specs = sample_specs(cfg.batch_size, seed=10_000 + cfg.seed * 100_003 + step, shapes=ALL_SHAPES)
     pixels = to_tensor([render(spec, IMAGE_SIZE) for spec in specs])
     rng = random.Random(f"crop/{cfg.seed}/{step}")
+    for index in range(len(pixels)):
+        if rng.random() < cfg.jitter_share:
+            factor = 1.0 + rng.uniform(-cfg.brightness_jitter, cfg.brightness_jitter)
+            pixels[index] = ((pixels[index] + 1.0) * factor - 1.0).clamp(-1.0, 1.0)
     crops = []
     for image in pixels:
         top = rng.randrange(0, IMAGE_SIZE - cfg.crop + 1, 8)
