@@ -57,11 +57,32 @@ def entity_regions(masks: Sequence[Any], grid: tuple[int, int], count: int) -> T
     return torch.stack(rows)[None]
 
 
+def _with_regional(processor: Any, block: str) -> Any:
+    """``processor`` with the plain SDPA at the bottom of its wrapper chain replaced by the regional one.
+
+    Wrapping processors (the FLUX.1 family's convention: ``inner`` and ``with_inner``, e.g. the IP-Adapter's) keep
+    wrapping; a processor that neither is SDPA nor wraps one cannot apply the mask, which is an error rather
+    than a silently ignored entity layout.
+    """
+    if processor is DEFAULT_PROCESSOR or isinstance(processor, RegionalAttentionProcessor):
+        return PROCESSOR if processor is DEFAULT_PROCESSOR else processor
+    inner = getattr(processor, "inner", None)
+    if inner is not None and callable(getattr(processor, "with_inner", None)):
+        replaced = _with_regional(inner, block)
+        return processor if replaced is inner else processor.with_inner(replaced)
+    raise PipelineInputError(
+        f"EliGen needs its regional attention in DiT block {block}, which has the attention processor "
+        f"{processor!r}; it neither is plain SDPA nor wraps another processor (attribute 'inner' and method "
+        "'with_inner'), so the entity masks could not apply there. Reset it with dit.set_attn_processor(...)."
+    )
+
+
 def install_processor(dit: Any) -> None:
-    """Put the regional processor into every block that still has the default SDPA processor."""
-    blocks = [name for name, proc in dit.attn_processors.items() if proc is DEFAULT_PROCESSOR]
-    if blocks:
-        dit.set_attn_processor(PROCESSOR, blocks)
+    """Give every block the regional processor (inside the wrappers other adapters installed)."""
+    for block, processor in dit.attn_processors.items():
+        replaced = _with_regional(processor, block)
+        if replaced is not processor:
+            dit.set_attn_processor(replaced, [block])
 
 
 class EliGenBranches(PipelineUnit):

@@ -53,11 +53,25 @@ class IPState:
 
 
 class IPAdapterProcessor:
-    """SDPA plus the IP-Adapter's decoupled attention (see the module docstring)."""
+    """The block's own attention (``inner``) plus the IP-Adapter's decoupled attention (see the module docstring).
+
+    It wraps whatever processor the block had (plain SDPA, EliGen's regional one, ...), so adapters compose: the
+    family's convention for wrapping processors is an ``inner`` attribute and a ``with_inner(processor)`` copy.
+    """
+
+    def __init__(self, inner: Any = DEFAULT_PROCESSOR) -> None:
+        self.inner = inner
+
+    def with_inner(self, inner: Any) -> IPAdapterProcessor:
+        """This processor around another inner one."""
+        return IPAdapterProcessor(inner)
+
+    def __repr__(self) -> str:
+        return f"IPAdapterProcessor(inner={self.inner!r})"
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, context: AttentionContext) -> Tensor:
         """``(B, Lq, H, Dh)`` out."""
-        out = attention(q, k, v)
+        out: Tensor = self.inner(q, k, v, context)
         state: IPState | None = context.extras.get(IP_KEY)
         entry = None if state is None else state.kv.get((context.kind, context.index))
         if state is None or entry is None:
@@ -163,14 +177,31 @@ class IPAdapterPrepare(PipelineUnit):
         ]
         state = IPState(adapter.kind, {n: (k, v, s) for n, (k, v), s in zip(names, kv, scales)}, _inverse(dit, inputs))
         blocks = [f"{kind}_{i}" for kind, i in state.kv]
-        current = dit.attn_processors
-        dit.set_attn_processor(PROCESSOR, [b for b in blocks if current[b] in (DEFAULT_PROCESSOR, PROCESSOR)])
+        install_processor(dit, blocks)
         out: dict[str, Any] = {"attention_kwargs": {**(inputs["attention_kwargs"] or {}), IP_KEY: state}}
         if adapter.kind == "xlabs":
             previous = inputs["block_residual"]
             hook = XLabsResidual(state)
             out["block_residual"] = hook if previous is None else SummedResidual(previous, hook)
         return out
+
+
+def _wraps_ipadapter(processor: Any) -> bool:
+    while processor is not None:
+        if isinstance(processor, IPAdapterProcessor):
+            return True
+        processor = getattr(processor, "inner", None)
+    return False
+
+
+def install_processor(dit: Any, blocks: Sequence[str]) -> None:
+    """Wrap each block's current processor in the IP-Adapter's (blocks that already have it keep theirs)."""
+    current = dit.attn_processors
+    for block in blocks:
+        processor = current[block]
+        if not _wraps_ipadapter(processor):
+            dit.set_attn_processor(PROCESSOR if processor is DEFAULT_PROCESSOR else IPAdapterProcessor(processor),
+                                   [block])  # fmt: skip
 
 
 def _inverse(dit: Any, inputs: Mapping[str, Any]) -> RopeFreqs:
