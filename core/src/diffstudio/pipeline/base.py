@@ -191,7 +191,8 @@ class BasePipeline:
         budget = self.memory_budget(config)
         if budget.managed:  # as stored (file dtypes, memory-mapped on CPU): the strategy places every tensor
             request = LoadRequest(config, None, "cpu")
-        else:
+        else:  # every weight becomes resident: read the files ahead while the module is built
+            checkpoint.prefetch()
             request = LoadRequest(config, budget.computation_dtype, budget.computation_device)
         module = claim.load(checkpoint, request)
         strategy = self.runtime.hooks.vram_policy(module, claim.component, budget, self)
