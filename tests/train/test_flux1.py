@@ -44,7 +44,7 @@ def _options(repo: Path, data: Path, output: Path, **overrides: Any) -> dict[str
         "model_paths": [str(repo / "flux1-dev.safetensors"), str(repo / "ae.safetensors"),
                         str(repo / "text_encoder"), str(repo / "text_encoder_2")],
         "height": 32, "width": 32, "batch_size": 2, "num_epochs": 3, "learning_rate": 1e-2,
-        "trainable_models": [], "lora_base_model": "dit", "lora_rank": 4, "lora_format": "kohya",
+        "trainable_models": [], "lora_base_model": "dit", "lora_rank": 4, "lora_format": "diffusers",
         "output_path": str(output), "pipeline_args": {"t5_sequence_length": 16, "embedded_guidance": 1.0},
     }  # fmt: skip
     options.update(overrides)
@@ -69,7 +69,7 @@ def test_flux1_lora_trains_and_loads_back_through_the_flux1_loader(flux1_repo, t
         model_configs=[ModelConfig(path=p) for p in options["model_paths"]],
     )  # fmt: skip
     report = fresh.load_lora(str(tmp_path / "epoch-2.safetensors"))
-    assert report.format == "flux1/kohya" and not report.unmatched_keys
+    assert report.format == "flux1/diffusers" and not report.unmatched_keys
     call = trained.call_inputs("a red circle", height=32, width=32, seed=1, num_inference_steps=2,
                                t5_sequence_length=16, embedded_guidance=1.0)  # fmt: skip
     trained.dit.eval()

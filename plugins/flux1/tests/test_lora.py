@@ -132,6 +132,35 @@ def test_lora_matches_diffusers_load_lora_weights(dit_cases, helpers, tmp_path, 
     assert torch.equal(restored, base)
 
 
+def test_the_diffusers_writer_loads_in_diffusers_with_our_output(dit_cases, helpers, tmp_path):
+    """A LoRA on every block layer (fused q/k/v and linear1 included, alpha != rank) written in the diffusers
+    layout: diffusers' ``load_lora_weights`` on that file equals our side path of the original (<= 1e-4)."""
+    case = dit_cases["dev"]
+    model = case.load("bfl")
+    source = tmp_path / "comfy.safetensors"
+    save_file(bfl_lora(model, lambda p: "diffusion_model." + p, seed=3, alpha=2.0), str(source))
+    formats = {fmt.name: fmt for fmt in layouts()}
+    from safetensors.torch import load_file
+
+    canonical = formats["flux1/bfl"].to_canonical(load_file(str(source))).lora
+    tensors, metadata = formats["flux1/diffusers"].from_canonical(canonical)
+    assert any(".attn.to_q.lora_A." in k for k in tensors) and any(".proj_mlp.lora_B." in k for k in tensors)
+    written = tmp_path / "diffusers.safetensors"
+    save_file(tensors, str(written), metadata=metadata or None)
+    inp = helpers.dit_inputs()
+    expected = _reference(case, helpers, written, inp)
+    with torch.no_grad():
+        report = apply_lora(model, source)
+        ours = model(**inp)
+        remove_lora(model, report.name)
+        reread = apply_lora(model, written)
+        again = model(**inp)
+    assert not reread.unmatched_keys
+    diff = (ours - expected).abs().max().item()
+    assert diff <= helpers.TOL, f"diffusers on our diffusers-layout file differs from our side path by {diff}"
+    assert (again - ours).abs().max() <= 1e-5
+
+
 def test_peft_and_diffsynth_layouts_equal_their_diffusers_and_bfl_forms(dit_cases, helpers):
     case = dit_cases["dev"]
     inp = helpers.dit_inputs()

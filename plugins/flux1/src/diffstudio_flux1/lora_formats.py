@@ -360,10 +360,52 @@ def _write_bfl(lora: Mapping[str, LoraWeights]) -> tuple[dict[str, Tensor], dict
     return out, {}
 
 
+def _diffusers_parts(path: str, up: Tensor, hidden: int) -> list[tuple[str, Tensor]]:
+    """Canonical (BFL) module ``path`` -> ``[(diffusers module, its rows of up)]`` (fused layers are split)."""
+    if path in DIT_TOP:
+        return [(DIT_TOP[path], _swap_rows(up) if path == "final_layer.adaLN_modulation.1" else up)]
+    m = _BLOCK.match(path)
+    if m is None or m.group(1) not in ("double_blocks", "single_blocks"):
+        raise LoraFormatError(f"{path} is not a FLUX.1 DiT layer the diffusers layout can name")
+    double = m.group(1) == "double_blocks"
+    kind, index, inner = ("transformer_blocks" if double else "single_transformer_blocks"), m.group(2), m.group(3)
+    plain, fused = (DIT_DOUBLE, DIT_DOUBLE_FUSED) if double else (DIT_SINGLE, DIT_SINGLE_FUSED)
+    if inner in plain:
+        return [(f"{kind}.{index}.{plain[inner]}", up)]
+    if inner not in fused:
+        raise LoraFormatError(f"{path} is not a FLUX.1 DiT layer the diffusers layout can name")
+    names = fused[inner]
+    sizes = [hidden] * 3 + ([up.shape[0] - 3 * hidden] if len(names) == 4 else [])  # q, k, v (, the MLP's rows)
+    if sum(sizes) != up.shape[0] or min(sizes) <= 0:
+        raise LoraFormatError(f"{path}: up has {up.shape[0]} rows, which do not split as {names} of width {hidden}")
+    return [(f"{kind}.{index}.{name}", piece) for name, piece in zip(names, up.split(sizes, dim=0))]
+
+
+def _write_diffusers(lora: Mapping[str, LoraWeights]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Canonical -> diffusers PEFT keys (``transformer.*`` / ``text_encoder.*``, ``lora_A`` / ``lora_B``).
+
+    Fused BFL layers are split the way diffusers names them (q/k/v; single blocks also ``proj_mlp``): every part
+    gets the whole ``down`` and its rows of ``up``, which is exact. ``alpha / rank`` is folded into ``up``, so
+    the file needs no alpha (diffusers then uses ``alpha = rank``), and the final norm's up rows are swapped back
+    to diffusers' (scale, shift) order.
+    """
+    out: dict[str, Tensor] = {}
+    for path, w in lora.items():
+        up = w.up * (1.0 if w.alpha is None else w.alpha / w.rank)
+        if path.startswith(TEXT_PREFIX):
+            parts = [(f"text_encoder.text_model.{path[len(TEXT_PREFIX) :]}", up)]
+        else:
+            parts = [(f"transformer.{name}", piece) for name, piece in _diffusers_parts(path, up, w.down.shape[1])]
+        for name, piece in parts:
+            out[f"{name}.lora_A.weight"] = w.down.clone()  # one tensor per key: files must not share storage
+            out[f"{name}.lora_B.weight"] = piece.clone()
+    return out, {}
+
+
 def layouts() -> list[LoraFormat]:
     """Every FLUX.1 LoRA layout (for the plugin's ``register_lora_formats`` hook)."""
     return [
-        LoraFormat(DIFFUSERS, "flux1", _detect_diffusers, PARSERS[DIFFUSERS]),
+        LoraFormat(DIFFUSERS, "flux1", _detect_diffusers, PARSERS[DIFFUSERS], _write_diffusers),
         LoraFormat(KOHYA, "flux1", _detect_kohya, PARSERS[KOHYA], _write_kohya),
         LoraFormat(BFL, "flux1", _detect_bfl, PARSERS[BFL], _write_bfl),
         LoraFormat(XLABS, "flux1", _detect_xlabs, PARSERS[XLABS]),
