@@ -17,9 +17,9 @@ args=(
 )
 $BIN/diffstudio train "${args[@]}" --task sft:data_process
 $BIN/diffstudio train "${args[@]}" --task sft:train --resume --learning_rate 1e-3 --weight_decay 0 \
-  --batch_size 16 --num_epochs 100 --max_steps 400 --timestep_sampling logit_normal --loss_weighting none \
+  --batch_size 16 --num_epochs 100 --max_steps 1000 --timestep_sampling logit_normal --loss_weighting none \
   --checkpoint_steps 100
 echo "without the LoRA:"
 $BIN/diffstudio eval-shapes --count 100 --seed 3 --shapes zigzag --split train
 echo "with the LoRA:"
-$BIN/diffstudio eval-shapes --count 100 --seed 3 --shapes zigzag --split train --lora "$ROOT/lora/step-400.safetensors"
+$BIN/diffstudio eval-shapes --count 100 --seed 3 --shapes zigzag --split train --lora "$ROOT/lora/step-1000.safetensors"
