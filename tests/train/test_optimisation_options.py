@@ -48,8 +48,9 @@ def test_a_decay_without_max_steps_is_an_error_naming_both_flags():
 def test_logit_normal_options_parse_and_are_checked():
     from diffstudio.train.config import config_from_args
 
-    cfg = config_from_args(["--dataset_base_path", "d", "--dataset_metadata_path", "d/m.csv", "--model_paths", '["dit.safetensors"]', "--trainable_models", "dit",
-                            "--timestep_sampling", "logit_normal", "--logit_mean", "-1.0", "--logit_std", "0.8"])  # fmt: skip
+    argv = ["--dataset_base_path", "d", "--dataset_metadata_path", "d/m.csv", "--model_paths", '["dit.safetensors"]']
+    argv += ["--trainable_models", "dit", "--timestep_sampling", "logit_normal", "--logit_mean", "-1.0"]
+    cfg = config_from_args([*argv, "--logit_std", "0.8"])
     assert (cfg.logit_mean, cfg.logit_std, cfg.mode_scale) == (-1.0, 0.8, 1.29)
     with pytest.raises(TrainConfigError, match="--logit_std"):
         _config(logit_std=0.0)
