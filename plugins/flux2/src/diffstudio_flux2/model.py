@@ -283,19 +283,11 @@ def _cat_ids(first: Tensor, second: Tensor) -> Tensor:
 
 
 def _add_residual(seq: Tensor, residual: Tensor | None, start: int, length: int) -> Tensor:
-    """Add ``residual (B, length, D)`` to ``seq[:, start:start + length]``.
-
-    Without autograd (inference) the add is in place, so the other tokens are not copied once per block; when a
-    gradient may flow through either tensor it is out of place (a ``torch.cat``), which autograd needs.
-    """
+    """Add ``residual (B, length, D)`` to ``seq[:, start:start + length]`` without in-place writes."""
     if residual is None:
         return seq
     if residual.shape[1:] != (length, seq.shape[2]):
         raise ValueError(f"block residual must have shape (B, {length}, {seq.shape[2]}), got {tuple(residual.shape)}")
-    residual = residual.to(seq.dtype)
-    if not torch.is_grad_enabled() or not (seq.requires_grad or residual.requires_grad):
-        seq[:, start : start + length] += residual  # seq is this forward's own intermediate tensor
-        return seq
     if start == 0 and length == seq.shape[1]:
         return seq + residual
     head, mid, tail = seq[:, :start], seq[:, start : start + length], seq[:, start + length :]
