@@ -122,21 +122,6 @@ def test_tensors_equal_what_was_saved(single: Path) -> None:
     assert list(subset) == ["ids", "empty"] and subset["empty"].shape == (0, 3)
 
 
-def test_prefetch_after_eviction_leaves_the_tensors_unchanged(single: Path) -> None:
-    """``prefetch`` (read-ahead advice before a resident load) reads nothing itself and changes no value."""
-    if hasattr(os, "posix_fadvise"):
-        descriptor = os.open(single, os.O_RDONLY)
-        try:
-            os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(descriptor)
-    checkpoint = Checkpoint.open(single)
-    checkpoint.prefetch()
-    state = checkpoint.state_dict()
-    for name, tensor in sample_tensors().items():
-        assert torch.equal(state[name].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8))
-
-
 @needs_proc_maps
 def test_tensors_are_zero_copy_views_of_the_file(single: Path) -> None:
     checkpoint = Checkpoint.open(single)

@@ -359,30 +359,6 @@ class Checkpoint:
         strides = _contiguous_strides(entry.shape)
         return torch.empty(0, dtype=dtype).set_(storage, entry.offset // itemsize, entry.shape, strides)
 
-    def prefetch(self) -> None:
-        """Ask the OS to read every file into the page cache now, in the background (``POSIX_FADV_WILLNEED``).
-
-        For a load that will touch every tensor: the data then arrives by large sequential reads while the
-        model is being built, instead of one page fault (and one small read-ahead) at a time. A no-op where
-        the call does not exist (Windows, macOS) or fails.
-        """
-        advise = getattr(os, "posix_fadvise", None)
-        if advise is None:
-            return
-        for path in self.files:
-            if is_pickle_path(path):
-                continue
-            try:
-                descriptor = os.open(path, os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                advise(descriptor, 0, 0, os.POSIX_FADV_WILLNEED)
-            except OSError:
-                pass
-            finally:
-                os.close(descriptor)
-
     def state_dict(self, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
         """Return ``{name: tensor}`` for ``names`` (default: all, sorted), memory-mapped like ``tensor``."""
         return {name: self.tensor(name) for name in (self._keys if names is None else names)}

@@ -191,8 +191,7 @@ class BasePipeline:
         budget = self.memory_budget(config)
         if budget.managed:  # as stored (file dtypes, memory-mapped on CPU): the strategy places every tensor
             request = LoadRequest(config, None, "cpu")
-        else:  # every weight becomes resident: read the files ahead while the module is built
-            checkpoint.prefetch()
+        else:
             request = LoadRequest(config, budget.computation_dtype, budget.computation_device)
         module = claim.load(checkpoint, request)
         strategy = self.runtime.hooks.vram_policy(module, claim.component, budget, self)
