@@ -13,14 +13,13 @@ Command line: ``python -m diffstudio_brightness.recipe data|train|install ...`` 
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
+from diffstudio_shapes.model import model_files
+from diffstudio_template_sdk import recipe
 from PIL import Image
 
 SPAN = 0.2
@@ -56,77 +55,27 @@ def write_data(folder: str | Path, count: int, seed: int = 0, size: int = 128) -
 
 def model_paths(weights: str | Path) -> list[str]:
     """The embedded model's DiT, VAE and text encoder files under ``weights``."""
-    root = Path(weights)
-    return [str(root / "flux2-shapes.safetensors"), str(root / "ae.safetensors"),
-            str(root / "text_encoder" / "model.safetensors")]  # fmt: skip
+    return model_files(weights)
 
 
 def train_argv(data: str | Path, output: str | Path, models: Sequence[str], tokenizer: str | Path, *,
                task: str = "sft", steps: int = 2000, learning_rate: float = 2e-3,
                template: str = "diffstudio/brightness", size: int = 128) -> list[str]:  # fmt: skip
     """``diffstudio train`` arguments for one stage (``task``: ``sft``, ``sft:data_process`` or ``sft:train``)."""
-    data = Path(data)
-    return [
-        "--dataset_base_path", str(data), "--dataset_metadata_path", str(data / "metadata.jsonl"),
-        "--extra_inputs", "template_inputs", "--height", str(size), "--width", str(size),
-        "--model_paths", json.dumps([str(m) for m in models]), "--tokenizer_path", str(tokenizer),
-        "--template_model_id_or_path", template, "--trainable_models", "template_model",
-        "--remove_prefix_in_ckpt", "pipe.template_model.", "--learning_rate", str(learning_rate),
-        "--weight_decay", "0", "--num_epochs", "100", "--max_steps", str(steps), "--save_steps", str(steps),
-        "--batch_size", "1", "--caption_dropout", "0.1", "--output_path", str(output), "--task", task,
-        "--pipeline_args", json.dumps({"max_sequence_length": 32}),
-    ]  # fmt: skip
+    return recipe.train_argv(data, output, models, tokenizer, template=template, trainable="template_model",
+                             task=task, steps=steps, learning_rate=learning_rate, size=size)  # fmt: skip
 
 
 def install(folder: str | Path, name: str = "brightness.safetensors") -> Path:
     """Copy a trained data-only template's ``model.safetensors`` into the package's ``weights/`` folder."""
-    source = Path(folder) / "model.safetensors"
-    if not source.is_file():
-        raise FileNotFoundError(f"{source} does not exist: give the data-only folder the trainer wrote (step-N/)")
-    target = Path(__file__).with_name("weights") / name
-    target.parent.mkdir(exist_ok=True)
-    shutil.copyfile(source, target)
-    return target
+    return recipe.install_weights(folder, Path(__file__).with_name("weights") / name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``data FOLDER [--count N]``, ``train DATA OUTPUT --weights W [--steps N]``, ``install FOLDER``."""
-    parser = argparse.ArgumentParser(prog="python -m diffstudio_brightness.recipe")
-    commands = parser.add_subparsers(dest="command", required=True)
-    data = commands.add_parser("data", help="write the brightness training data")
-    data.add_argument("folder")
-    data.add_argument("--count", type=int, default=2000)
-    data.add_argument("--seed", type=int, default=0)
-    train = commands.add_parser("train", help="split-train the template (both stages)")
-    train.add_argument("data")
-    train.add_argument("output")
-    train.add_argument("--weights", required=True, help="the shapes model's weights folder")
-    train.add_argument("--steps", type=int, default=2000)
-    train.add_argument("--learning_rate", type=float, default=2e-3)
-    put = commands.add_parser("install", help="copy trained weights into the package")
-    put.add_argument("folder", help="the trainer's data-only output folder (OUTPUT/step-N)")
-    args = parser.parse_args(argv)
-    if args.command == "data":
-        print(write_data(args.folder, args.count, args.seed))
-    elif args.command == "train":
-        from diffstudio.train import config_from_args
-        from diffstudio.train import train as run_training
-
-        options: dict[str, Any] = {"steps": args.steps, "learning_rate": args.learning_rate}
-        for task in ("sft:data_process", "sft:train"):
-            argv = train_argv(
-                args.data,
-                args.output,
-                model_paths(args.weights),
-                Path(args.weights) / "tokenizer",
-                task=task,
-                **options,
-            )
-            result = run_training(config_from_args(argv))
-        print(json.dumps({"steps": result.steps, "losses": result.losses[-5:], "files": result.files}))
-    else:
-        print(install(args.folder))
-    return 0
+    return recipe.recipe_main(argv, prog="python -m diffstudio_brightness.recipe", what="brightness",
+                              write_data=write_data, train_arguments=train_argv, model_files=model_paths,
+                              install=install)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -30,6 +30,12 @@ CFG 3, 0.285 at 6, 0.26 at 8 (within one standard error, 0.033, of each other), 
 1.00. CFG 6 is the scale the shipped templates' acceptance figures were measured at."""
 
 
+def model_files(root: str | Path = WEIGHTS) -> list[str]:
+    """The DiT, VAE and text encoder files under ``root`` (the ``model`` list of ``run`` / ``--model_paths``)."""
+    folder = Path(root)
+    return [str(folder / name) for name in (DIT_FILE, VAE_FILE, TEXT_ENCODER_FILE)]
+
+
 def installed(root: Path = WEIGHTS) -> bool:
     """True when every weight file is present under ``root``."""
     files = (DIT_FILE, VAE_FILE, TEXT_ENCODER_FILE, TOKENIZER_FOLDER + "tokenizer.json")
