@@ -105,6 +105,30 @@ def _hidden(sd: StateDict, key: str) -> int:
     return int(sd[key].shape[0])
 
 
+def bfl_to_diffusers_modules(module: str, rows: Tensor, hidden: int) -> list[tuple[str, Tensor]] | None:
+    """A BFL DiT module and a tensor along its output rows -> ``[(diffusers module, its rows)]``.
+
+    Fused projections (q/k/v; ``linear1`` also the MLP) are split into diffusers' parts, the final norm's
+    (shift, scale) rows are swapped to (scale, shift). Serves weights, biases and LoRA ``up`` matrices alike.
+    Returns None for a module that is not part of the BFL FLUX.1 DiT.
+    """
+    if module in DIT_TOP:
+        return [(DIT_TOP[module], swap_halves(rows) if module == _SWAPPED else rows)]
+    m = _BLOCK.match(module + ".")
+    if m is None or m.group(1) not in ("double_blocks", "single_blocks"):
+        return None
+    kind, index, inner = m.group(1), m.group(2), m.group(3).rstrip(".")
+    block = "transformer_blocks" if kind == "double_blocks" else "single_transformer_blocks"
+    fused = DIT_DOUBLE_FUSED if kind == "double_blocks" else DIT_SINGLE_FUSED
+    plain = DIT_DOUBLE if kind == "double_blocks" else DIT_SINGLE
+    if inner in fused:
+        sizes = fused_split_sizes(inner, rows.shape[0], hidden)
+        return [(f"{block}.{index}.{name}", part) for name, part in zip(fused[inner], torch.split(rows, sizes, dim=0))]
+    if inner in plain:
+        return [(f"{block}.{index}.{plain[inner]}", rows)]
+    return None
+
+
 def convert_bfl_to_diffusers_dit(sd: StateDict) -> dict[str, Tensor]:
     """BFL FLUX.1 DiT keys -> ``FluxTransformer2DModel`` keys.
 
@@ -116,26 +140,13 @@ def convert_bfl_to_diffusers_dit(sd: StateDict) -> dict[str, Tensor]:
     unknown: list[str] = []
     for key, tensor in sd.items():
         module, param = key.rsplit(".", 1)
+        parts = bfl_to_diffusers_modules(module, tensor, hidden)
+        if parts is None:
+            unknown.append(key)
+            continue
         dparam = "weight" if param == "scale" else param
-        if module in DIT_TOP:
-            out[f"{DIT_TOP[module]}.{dparam}"] = swap_halves(tensor) if module == _SWAPPED else tensor
-            continue
-        m = _BLOCK.match(module + ".")
-        if m is None or m.group(1) not in ("double_blocks", "single_blocks"):
-            unknown.append(key)
-            continue
-        kind, index, inner = m.group(1), m.group(2), m.group(3).rstrip(".")
-        block = "transformer_blocks" if kind == "double_blocks" else "single_transformer_blocks"
-        fused = DIT_DOUBLE_FUSED if kind == "double_blocks" else DIT_SINGLE_FUSED
-        plain = DIT_DOUBLE if kind == "double_blocks" else DIT_SINGLE
-        if inner in fused:
-            sizes = fused_split_sizes(inner, tensor.shape[0], hidden)
-            for name, part in zip(fused[inner], torch.split(tensor, sizes, dim=0)):
-                out[f"{block}.{index}.{name}.{dparam}"] = part
-        elif inner in plain:
-            out[f"{block}.{index}.{plain[inner]}.{dparam}"] = tensor
-        else:
-            unknown.append(key)
+        for name, part in parts:
+            out[f"{name}.{dparam}"] = part
     if unknown:
         raise _fail("keys that are not part of a BFL FLUX.1 DiT", unknown)
     return out

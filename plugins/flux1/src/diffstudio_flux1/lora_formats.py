@@ -34,7 +34,15 @@ from diffstudio.lora import LoraWeights
 from diffstudio.types import LoraFormat
 from torch import Tensor
 
-from diffstudio_flux1.convert import DIT_DOUBLE, DIT_DOUBLE_FUSED, DIT_SINGLE, DIT_SINGLE_FUSED, DIT_TOP
+from diffstudio_flux1.convert import (
+    DIT_DOUBLE,
+    DIT_DOUBLE_FUSED,
+    DIT_SINGLE,
+    DIT_SINGLE_FUSED,
+    DIT_TOP,
+    bfl_to_diffusers_modules,
+    swap_halves,
+)
 
 TEXT_PREFIX = "text_encoder."
 DIFFUSERS, KOHYA, BFL, XLABS, DIFFSYNTH = (f"flux1/{n}" for n in ("diffusers", "kohya", "bfl", "xlabs", "diffsynth"))
@@ -133,7 +141,7 @@ def _fuse(parts: Sequence[_Part]) -> LoraWeights:
     """One pair from the parts of a (possibly fused) layer: downs stacked, ups block-diagonal at their rows."""
     if len(parts) == 1 and parts[0].parts == 1:
         p = parts[0]
-        up = _swap_rows(p.up) if p.swap else p.up
+        up = swap_halves(p.up) if p.swap else p.up
         return LoraWeights(p.down, up, None if p.factor == 1.0 else p.factor * p.down.shape[0])
     count = parts[0].parts
     rows = {p.slot: p.up.shape[0] for p in parts}
@@ -152,11 +160,6 @@ def _fuse(parts: Sequence[_Part]) -> LoraWeights:
         column += r
     factor = parts[0].factor if same else 1.0
     return LoraWeights(torch.cat(downs, dim=0), up, None if factor == 1.0 else factor * rank)
-
-
-def _swap_rows(up: Tensor) -> Tensor:
-    first, second = up.chunk(2, dim=0)
-    return torch.cat([second, first], dim=0)
 
 
 # --- name resolvers
@@ -360,34 +363,13 @@ def _write_bfl(lora: Mapping[str, LoraWeights]) -> tuple[dict[str, Tensor], dict
     return out, {}
 
 
-def _diffusers_parts(path: str, up: Tensor, hidden: int) -> list[tuple[str, Tensor]]:
-    """Canonical (BFL) module ``path`` -> ``[(diffusers module, its rows of up)]`` (fused layers are split)."""
-    if path in DIT_TOP:
-        return [(DIT_TOP[path], _swap_rows(up) if path == "final_layer.adaLN_modulation.1" else up)]
-    m = _BLOCK.match(path)
-    if m is None or m.group(1) not in ("double_blocks", "single_blocks"):
-        raise LoraFormatError(f"{path} is not a FLUX.1 DiT layer the diffusers layout can name")
-    double = m.group(1) == "double_blocks"
-    kind, index, inner = ("transformer_blocks" if double else "single_transformer_blocks"), m.group(2), m.group(3)
-    plain, fused = (DIT_DOUBLE, DIT_DOUBLE_FUSED) if double else (DIT_SINGLE, DIT_SINGLE_FUSED)
-    if inner in plain:
-        return [(f"{kind}.{index}.{plain[inner]}", up)]
-    if inner not in fused:
-        raise LoraFormatError(f"{path} is not a FLUX.1 DiT layer the diffusers layout can name")
-    names = fused[inner]
-    sizes = [hidden] * 3 + ([up.shape[0] - 3 * hidden] if len(names) == 4 else [])  # q, k, v (, the MLP's rows)
-    if sum(sizes) != up.shape[0] or min(sizes) <= 0:
-        raise LoraFormatError(f"{path}: up has {up.shape[0]} rows, which do not split as {names} of width {hidden}")
-    return [(f"{kind}.{index}.{name}", piece) for name, piece in zip(names, up.split(sizes, dim=0))]
-
-
 def _write_diffusers(lora: Mapping[str, LoraWeights]) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Canonical -> diffusers PEFT keys (``transformer.*`` / ``text_encoder.*``, ``lora_A`` / ``lora_B``).
 
     Fused BFL layers are split the way diffusers names them (q/k/v; single blocks also ``proj_mlp``): every part
     gets the whole ``down`` and its rows of ``up``, which is exact. ``alpha / rank`` is folded into ``up``, so
     the file needs no alpha (diffusers then uses ``alpha = rank``), and the final norm's up rows are swapped back
-    to diffusers' (scale, shift) order.
+    to diffusers' (scale, shift) order (the DiT converter's own mapping, ``bfl_to_diffusers_modules``).
     """
     out: dict[str, Tensor] = {}
     for path, w in lora.items():
@@ -395,7 +377,10 @@ def _write_diffusers(lora: Mapping[str, LoraWeights]) -> tuple[dict[str, Tensor]
         if path.startswith(TEXT_PREFIX):
             parts = [(f"text_encoder.text_model.{path[len(TEXT_PREFIX) :]}", up)]
         else:
-            parts = [(f"transformer.{name}", piece) for name, piece in _diffusers_parts(path, up, w.down.shape[1])]
+            split = bfl_to_diffusers_modules(path, up, w.down.shape[1])  # hidden = the layer's in_features
+            if split is None:
+                raise LoraFormatError(f"{path} is not a FLUX.1 DiT layer the diffusers layout can name")
+            parts = [(f"transformer.{name}", piece) for name, piece in split]
         for name, piece in parts:
             out[f"{name}.lora_A.weight"] = w.down.clone()  # one tensor per key: files must not share storage
             out[f"{name}.lora_B.weight"] = piece.clone()
