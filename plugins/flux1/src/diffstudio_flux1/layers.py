@@ -297,8 +297,14 @@ class SingleStreamBlock(_ProcessorSlot):
         pe: RopeFreqs,
         context: AttentionContext,
         kv_extension: tuple[Tensor, Tensor] | None = None,
+        output_from: int = 0,
     ) -> Tensor:
-        """Run the block on joint tokens ``x (B, L, D)`` (text first); returns ``(B, L, D)``."""
+        """Run the block on joint tokens ``x (B, L, D)`` (text first); returns ``(B, L - output_from, D)``.
+
+        ``output_from`` > 0 returns only the tokens from there on, all tokens still attending: the DiT's last
+        block passes the text length, since nobody reads the text tokens' last outputs (their MLP and output
+        projection are skipped).
+        """
         (shift, scale, gate), _ = self.modulation(vec)
         qkv, mlp = torch.split(
             self.linear1(modulate(self.pre_norm(x), shift, scale)), [3 * self.hidden_size, self.mlp_hidden_dim], -1
@@ -308,5 +314,7 @@ class SingleStreamBlock(_ProcessorSlot):
         q, k = apply_rope(q, pe), apply_rope(k, pe)
         k, v = extend_kv(k, v, kv_extension)
         attn = rearrange(self.processor(q, k, v, context), "b l h d -> b l (h d)")
+        if output_from:
+            x, attn, mlp = x[:, output_from:], attn[:, output_from:], mlp[:, output_from:]
         out = self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=2))
         return _clip_fp16(x + gate * out)

@@ -261,17 +261,18 @@ class Flux(nn.Module):
             if block_residual is not None:
                 img = _add_residual(img, block_residual("double", i, img[:, :img_len]), 0, img_len)
         seq = torch.cat((txt, img), dim=1)  # (B, L_txt + L_img + L_ref, D)
-        for i, single in enumerate(self.single_blocks):
-            name = f"single_{i}"
-            if name in skip:
-                continue
-            ext = kv.get(name)
+        start = txt_len  # where the image tokens begin in seq
+        run = [i for i in range(len(self.single_blocks)) if f"single_{i}" not in skip]
+        for i in run:
+            ext = kv.get(f"single_{i}")
             context = AttentionContext("single", i, txt_len, img_len, ref_len, _kv_len(ext), extras)
-            seq = self._call(single, seq, vec, pe, context, ext)
+            last = i == run[-1]  # its text outputs are never read: it returns the image tokens only
+            seq = self._call(self.single_blocks[i], seq, vec, pe, context, ext, txt_len if last else 0)
+            start = 0 if last else txt_len
             if block_residual is not None:
-                residual = block_residual("single", i, seq[:, txt_len : txt_len + img_len])
-                seq = _add_residual(seq, residual, txt_len, img_len)
-        return seq[:, txt_len:]
+                residual = block_residual("single", i, seq[:, start : start + img_len])
+                seq = _add_residual(seq, residual, start, img_len)
+        return seq[:, start:]
 
     def _call(self, block: Callable[..., _T], *args: Any) -> _T:
         if self.use_gradient_checkpointing and self.training and torch.is_grad_enabled():

@@ -288,6 +288,7 @@ class SingleStreamBlock(nn.Module):
         mod: ModParams,
         context: AttentionContext,
         kv_extension: tuple[Tensor, Tensor] | None = None,
+        output_from: int = 0,
     ) -> Tensor:
         """Run the block.
 
@@ -297,9 +298,12 @@ class SingleStreamBlock(nn.Module):
             mod: The (shift, scale, gate) set.
             context: Passed to the attention processor.
             kv_extension: Extra post-RoPE keys and values ``(B, L_ext, H, Dh)`` appended to this block's.
+            output_from: Return only tokens ``output_from:`` (every token still attends and is attended to).
+                The DiT's last block passes the text length: nobody reads the text tokens' last outputs, so
+                their MLP and output projection are not computed.
 
         Returns:
-            Updated joint tokens ``(B, L, D)``.
+            Updated tokens ``(B, L - output_from, D)``.
         """
         shift, scale, gate = mod
         qkv, mlp = torch.split(
@@ -312,5 +316,7 @@ class SingleStreamBlock(nn.Module):
         q, k = apply_rope(q, pe), apply_rope(k, pe)
         k, v = extend_kv(k, v, kv_extension)
         attn = rearrange(self.processor(q, k, v, context), "b l h d -> b l (h d)")
+        if output_from:
+            x, attn, mlp = x[:, output_from:], attn[:, output_from:], mlp[:, output_from:]
         out = self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=2))
         return _clip_fp16(gated(x, gate, out))
