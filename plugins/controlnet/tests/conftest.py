@@ -1,42 +1,25 @@
-"""Shared fixtures: the FLUX.1 family's tiny-model helpers (loaded from ``plugins/flux1/tests``) and ControlNets.
+"""ControlNet test fixtures: tiny perturbed diffusers ``FluxControlNetModel`` s, a repository with a deterministic VAE.
 
-The FLUX.1 test helpers build tiny perturbed models in the official layouts and a tiny on-disk FLUX.1 repository
-with diffusers pipelines over the same files; the ControlNets here are tiny perturbed diffusers
-``FluxControlNetModel`` s sized to match (2 heads of 32 channels, T5 width 24, CLIP width 20).
+The FLUX.1 helpers (``fx``, ``helpers``, ``fp``) come from ``plugins/conftest.py``; the ControlNets are sized to
+match its tiny FLUX.1 models (2 heads of 32 channels, T5 width 24, CLIP width 20).
 """
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 
-FLUX1_TESTS = Path(__file__).resolve().parents[2] / "flux1" / "tests"
 
+def diffusers_controlnet(h: ModuleType, fx: ModuleType, seed: int, *, modes: int | None = None, extra: int = 0,
+                         layers: int = 1, single: int = 1, guidance: bool = True) -> Any:  # fmt: skip
+    """A tiny perturbed ``FluxControlNetModel`` (Union with ``modes``; ``extra`` condition channels).
 
-def flux1_helper(name: str) -> ModuleType:
-    """Import ``plugins/flux1/tests/<name>.py`` under the key the flux1 tests use."""
-    key = f"diffstudio_flux1_tests_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, FLUX1_TESTS / f"{name}.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
-
-
-def diffusers_controlnet(seed: int, *, modes: int | None = None, extra: int = 0, layers: int = 1,
-                         single: int = 1, guidance: bool = True) -> Any:  # fmt: skip
-    """A tiny perturbed ``FluxControlNetModel`` (Union with ``modes``; ``extra`` condition channels)."""
+    ``h`` and ``fx`` are the FLUX.1 helpers (the ``helpers`` and ``fx`` fixtures) that give the sizes.
+    """
     from diffusers import FluxControlNetModel
 
-    h = flux1_helper("conftest")
-    fx = flux1_helper("fixtures_text")
     model = FluxControlNetModel(
         in_channels=64, num_layers=layers, num_single_layers=single, attention_head_dim=h.HEAD_DIM,
         num_attention_heads=h.HEADS, joint_attention_dim=fx.T5_HIDDEN, pooled_projection_dim=fx.CLIP_HIDDEN,
@@ -48,24 +31,6 @@ def diffusers_controlnet(seed: int, *, modes: int | None = None, extra: int = 0,
         model.controlnet_x_embedder = torch.nn.Linear(64 + extra, model.inner_dim)
     h.perturb(model, seed)
     return model.eval()
-
-
-@pytest.fixture(scope="session")
-def fx() -> ModuleType:
-    """FLUX.1 text fixtures (sizes)."""
-    return flux1_helper("fixtures_text")
-
-
-@pytest.fixture(scope="session")
-def helpers() -> ModuleType:
-    """FLUX.1 model helpers (perturb, load, sizes)."""
-    return flux1_helper("conftest")
-
-
-@pytest.fixture(scope="session")
-def fp() -> ModuleType:
-    """FLUX.1 pipeline fixtures (tiny repository, noise, images)."""
-    return flux1_helper("fixtures_pipeline")
 
 
 @pytest.fixture(scope="session")
@@ -88,13 +53,13 @@ def repo(tmp_path_factory: pytest.TempPathFactory, helpers: ModuleType, fp: Modu
 
 
 @pytest.fixture(scope="session")
-def controlnet_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def controlnet_files(tmp_path_factory: pytest.TempPathFactory, helpers: ModuleType, fx: ModuleType) -> dict[str, Any]:
     """Plain, Union (3 modes) and Inpainting tiny ControlNets saved as diffusers folders."""
     root = tmp_path_factory.mktemp("controlnets")
     models = {
-        "plain": diffusers_controlnet(30, layers=1, single=1),
-        "union": diffusers_controlnet(31, modes=3, layers=2, single=1),
-        "inpainting": diffusers_controlnet(32, extra=4, layers=1, single=0),
+        "plain": diffusers_controlnet(helpers, fx, 30, layers=1, single=1),
+        "union": diffusers_controlnet(helpers, fx, 31, modes=3, layers=2, single=1),
+        "inpainting": diffusers_controlnet(helpers, fx, 32, extra=4, layers=1, single=0),
     }
     out = {}
     for name, model in models.items():

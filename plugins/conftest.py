@@ -1,7 +1,8 @@
-"""Shared fixtures: the FLUX.1 family's tiny-model helpers (loaded from ``plugins/flux1/tests``).
+"""Fixtures shared by the FLUX.1 adapter plugins' tests (controlnet, eligen, ipadapter).
 
-They build tiny perturbed models in the official layouts and a tiny on-disk FLUX.1 repository (2 heads of 32
-channels, T5 width 24, CLIP width 20) with diffusers pipelines over the same files.
+They use the FLUX.1 family's tiny-model helpers, which live with its tests (``plugins/flux1/tests``): tiny perturbed
+models in the official layouts and a tiny on-disk FLUX.1 repository (2 heads of 32 channels, T5 width 24, CLIP
+width 20) with diffusers pipelines over the same files. A package's own ``conftest.py`` may override any of them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 
-FLUX1_TESTS = Path(__file__).resolve().parents[2] / "flux1" / "tests"
+FLUX1_TESTS = Path(__file__).resolve().parent / "flux1" / "tests"
 
 
 def flux1_helper(name: str) -> ModuleType:
