@@ -137,39 +137,6 @@ def test_tensors_are_zero_copy_views_of_the_file(single: Path) -> None:
     assert torch.equal(Checkpoint.open(single).tensor("img_in.weight") + 1.0, a)
 
 
-def resident_kib(address: int) -> tuple[int, int]:
-    """(size, Rss) in KiB of the mapping that starts at ``address``, from /proc/self/smaps."""
-    lines = Path("/proc/self/smaps").read_text().splitlines()
-    for i, line in enumerate(lines):
-        head = line.split(maxsplit=1)[0]
-        if "-" in head and int(head.split("-")[0], 16) == address:
-            fields = dict(entry.split(":", 1) for entry in lines[i + 1 : i + 8] if ":" in entry)
-            return int(fields["Size"].split()[0]), int(fields["Rss"].split()[0])
-    raise AssertionError(f"no mapping starts at {address:#x}")
-
-
-@needs_proc_maps
-def test_populate_reads_every_page_of_the_map_in_one_call(tmp_path: Path) -> None:
-    path = tmp_path / "big.safetensors"
-    save_file({"w": torch.arange(1 << 20, dtype=torch.float32)}, str(path))  # 4 MiB, 1024 pages
-    checkpoint = Checkpoint.open(path)
-    tensor = checkpoint.tensor("w")
-    base = tensor.untyped_storage().data_ptr()
-    size, before = resident_kib(base)
-    assert before < size // 2  # a fresh private map: nothing touched yet
-    assert checkpoint.populate() is True
-    size, after = resident_kib(base)
-    assert after >= size - 4  # every page mapped (the last one may be partial)
-    assert torch.equal(tensor, torch.arange(1 << 20, dtype=torch.float32))
-
-
-def test_populate_is_a_no_op_off_linux(single: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sys, "platform", "darwin")
-    checkpoint = Checkpoint.open(single)
-    assert checkpoint.populate() is False
-    assert torch.equal(checkpoint.tensor("img_in.weight"), sample_tensors()["img_in.weight"])
-
-
 def test_misaligned_tensor_is_read_correctly(tmp_path: Path) -> None:
     values = torch.arange(4, dtype=torch.float32)
     header = json.dumps({"p": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},

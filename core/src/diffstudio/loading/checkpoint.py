@@ -11,9 +11,8 @@ from __future__ import annotations
 import difflib
 import os
 import re
-import sys
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -360,29 +359,6 @@ class Checkpoint:
         strides = _contiguous_strides(entry.shape)
         return torch.empty(0, dtype=dtype).set_(storage, entry.offset // itemsize, entry.shape, strides)
 
-    def populate(self) -> bool:
-        """Read the data of every file into memory now, in one pass per file, instead of page by page later.
-
-        On Linux (5.14 and later) this asks the kernel to fault the whole memory map in at once
-        (``madvise(MADV_POPULATE_READ)``): the file is read with large sequential requests and every page is
-        mapped without a page fault of its own. Loads that keep every weight resident call it before building
-        the module; lazy (memory-managed) loads do not. Elsewhere it does nothing.
-
-        Returns:
-            True when every file was populated, False when the platform cannot (nothing is changed then).
-        """
-        madvise = _madvise()
-        if madvise is None:
-            return False
-        done = True
-        for index, path in enumerate(self.files):
-            if is_pickle_path(path):
-                continue  # loaded into memory when the checkpoint was opened
-            storage = self._storage(index)
-            if storage.nbytes() and madvise(storage.data_ptr(), storage.nbytes(), _MADV_POPULATE_READ) != 0:
-                done = False  # an older kernel (EINVAL): pages are faulted in on first use as before
-        return done
-
     def state_dict(self, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
         """Return ``{name: tensor}`` for ``names`` (default: all, sorted), memory-mapped like ``tensor``."""
         return {name: self.tensor(name) for name in (self._keys if names is None else names)}
@@ -398,30 +374,6 @@ class Checkpoint:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
-
-
-_MADV_POPULATE_READ = 22
-"""Linux ``MADV_POPULATE_READ`` (5.14): populate page tables, reading the file where needed."""
-
-
-def _madvise() -> Callable[[int, int, int], int] | None:
-    """The C library's ``madvise(addr, length, advice)`` on Linux, else None."""
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        function = libc.madvise
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    function.restype = ctypes.c_int
-
-    def call(address: int, length: int, advice: int) -> int:
-        return int(function(address, length, advice))
-
-    return call
 
 
 def _numel(shape: tuple[int, ...]) -> int:

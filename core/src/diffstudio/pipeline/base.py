@@ -191,9 +191,8 @@ class BasePipeline:
         budget = self.memory_budget(config)
         if budget.managed:  # as stored (file dtypes, memory-mapped on CPU): the strategy places every tensor
             request = LoadRequest(config, None, "cpu")
-        else:  # every weight ends resident: read the files in one pass now rather than page by page later
+        else:
             request = LoadRequest(config, budget.computation_dtype, budget.computation_device)
-            checkpoint.populate()
         module = claim.load(checkpoint, request)
         strategy = self.runtime.hooks.vram_policy(module, claim.component, budget, self)
         module = strategy.apply(module)
