@@ -66,14 +66,15 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
     from diffstudio_flux2 import Flux2AutoEncoder
     from diffstudio_shapes.data import write_dataset
     from diffstudio_shapes.recipe.dit import write_random_dit
-    from diffstudio_shapes.recipe.sizes import DitSizes
+    from diffstudio_shapes.recipe.sizes import DitSizes, VaeSizes
     from diffstudio_shapes.recipe.text import build_text
     from diffstudio_shapes.recipe.vae import VaeTraining, save_vae, vae_params
 
     root = tmp_path_factory.mktemp("tiny-flux2")
     build_text(root)
     torch.manual_seed(0)
-    save_vae(Flux2AutoEncoder(vae_params()), root, {}, VaeTraining())
+    # 16 pixels per latent token (three downsamplings): the seed script's 1024 x 1024 run stays at 4096 tokens
+    save_vae(Flux2AutoEncoder(vae_params(VaeSizes(ch_mult=(1, 1, 2, 2)))), root, {}, VaeTraining())
     sizes = DitSizes(hidden_size=32, num_heads=2, depth=1, depth_single_blocks=1)
     write_random_dit(root / "dit.safetensors", sizes=sizes)
     write_dataset(root / "data", 8, 0, 64)

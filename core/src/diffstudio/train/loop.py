@@ -76,8 +76,13 @@ class Trainer:
 
     def _accelerator(self) -> Any:
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState, GradientState
         from accelerate.utils import DistributedDataParallelKwargs
 
+        # accelerate keeps one process-wide state: a second train() in the same process (the Python API) with
+        # another --mixed_precision or accumulation would be refused. The distributed setup (PartialState) stays.
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
         cpu = not torch.cuda.is_available()
         return Accelerator(
             gradient_accumulation_steps=self.config.gradient_accumulation_steps,

@@ -27,7 +27,7 @@ from diffstudio_flux2.math import patchify_latents
 from torch import Tensor
 
 from diffstudio_shapes.data import ALL_SHAPES, render, sample_specs
-from diffstudio_shapes.recipe.sizes import IMAGE_SIZE, VAE
+from diffstudio_shapes.recipe.sizes import IMAGE_SIZE, VAE, VaeSizes
 
 
 @dataclass(frozen=True)
@@ -47,14 +47,14 @@ class VaeTraining:
     seed: int = 0
 
 
-def vae_params() -> AutoEncoderParams:
-    """The shapes VAE's sizes."""
+def vae_params(sizes: VaeSizes = VAE) -> AutoEncoderParams:
+    """The shapes VAE's sizes (``sizes``: the shipped model's by default)."""
     return AutoEncoderParams(
-        ch=VAE.ch,
-        ch_mult=VAE.ch_mult,
-        num_res_blocks=VAE.num_res_blocks,
-        z_channels=VAE.z_channels,
-        norm_groups=VAE.norm_groups,
+        ch=sizes.ch,
+        ch_mult=sizes.ch_mult,
+        num_res_blocks=sizes.num_res_blocks,
+        z_channels=sizes.z_channels,
+        norm_groups=sizes.norm_groups,
     )
 
 
