@@ -6,9 +6,6 @@ regional one (the FLUX.1 family's composition convention), so neither adapter si
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -28,30 +25,20 @@ from diffstudio_ipadapter.model import FluxIPAdapter  # noqa: E402
 from diffstudio_ipadapter.units import IPAdapterProcessor  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-FLUX1_TESTS = Path(__file__).resolve().parents[2] / "plugins" / "flux1" / "tests"
 H, W, SEQ = 32, 48, 16
 PROMPT = "a red circle on a blue background"
 ARGS: dict[str, Any] = {"height": H, "width": W, "num_inference_steps": 2, "seed": 0, "output_type": "latent",
                         "t5_sequence_length": SEQ, "embedded_guidance": 2.0}  # fmt: skip
 
 
-def _flux1_helper(name: str) -> ModuleType:
-    key = f"diffstudio_flux1_tests_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, FLUX1_TESTS / f"{name}.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
-
-
 @pytest.fixture(scope="module")
-def pipe_factory(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """Builds fresh FLUX.1 pipelines over one tiny repository plus an InstantX IP-Adapter and its SigLIP."""
+def pipe_factory(tmp_path_factory: pytest.TempPathFactory, helpers: ModuleType, fp: ModuleType) -> Any:
+    """Builds fresh FLUX.1 pipelines over one tiny repository plus an InstantX IP-Adapter and its SigLIP.
+
+    ``helpers`` and ``fp`` are the FLUX.1 test helpers (the root ``conftest.py``).
+    """
     import transformers
 
-    helpers, fp = _flux1_helper("conftest"), _flux1_helper("fixtures_pipeline")
     root = tmp_path_factory.mktemp("adapters-together")
     repo = fp.build_repo(root / "repo", helpers, seed=5)
     siglip = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(

@@ -1,6 +1,6 @@
 """ControlNet test fixtures: tiny perturbed diffusers ``FluxControlNetModel`` s, a repository with a deterministic VAE.
 
-The FLUX.1 helpers (``fx``, ``helpers``, ``fp``) come from ``plugins/conftest.py``; the ControlNets are sized to
+The FLUX.1 helpers (``fx``, ``helpers``, ``fp``) come from the root ``conftest.py``; the ControlNets are sized to
 match its tiny FLUX.1 models (2 heads of 32 channels, T5 width 24, CLIP width 20).
 """
 

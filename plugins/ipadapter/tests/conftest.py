@@ -1,4 +1,4 @@
-"""IP-Adapter test fixtures: tiny image encoders (the FLUX.1 helpers and repository are in ``plugins/conftest.py``)."""
+"""IP-Adapter test fixtures: tiny image encoders (the FLUX.1 helpers and repository are in the root ``conftest.py``)."""
 
 from __future__ import annotations
 

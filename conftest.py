@@ -1,4 +1,4 @@
-"""Fixtures shared by the FLUX.1 adapter plugins' tests (controlnet, eligen, ipadapter).
+"""Fixtures shared by the FLUX.1 adapter plugins' tests (controlnet, eligen, ipadapter) and the integration tests.
 
 They use the FLUX.1 family's tiny-model helpers, which live with its tests (``plugins/flux1/tests``): tiny perturbed
 models in the official layouts and a tiny on-disk FLUX.1 repository (2 heads of 32 channels, T5 width 24, CLIP
@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-FLUX1_TESTS = Path(__file__).resolve().parent / "flux1" / "tests"
+FLUX1_TESTS = Path(__file__).resolve().parent / "plugins" / "flux1" / "tests"
 
 
 def flux1_helper(name: str) -> ModuleType:
