@@ -40,6 +40,7 @@ from diffstudio.train.loader import loaded_batches
 from diffstudio.train.lora_train import PRESET_LORA, TRAINED_LORA, add_trainable_lora, continue_from, lora_module
 from diffstudio.train.models import load_training_pipeline, model_configs, own_memory
 from diffstudio.train.objective import FlowMatchingObjective, collate, sample_generator, training_inputs
+from diffstudio.train.optim import adamw, stepper
 from diffstudio.train.outputs import full_state, lora_reader, lora_writer, save_lora, strip_prefix
 from diffstudio.train.templates import TemplateTraining, base_trainable
 
@@ -205,8 +206,9 @@ class Trainer:
         params = [p for p in objective.parameters() if p.requires_grad]
         if not params:
             raise TrainConfigError("the chosen --trainable_models / LoRA have no trainable parameters")
-        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        optimizer = adamw(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         model, optimizer = accelerator.prepare(objective, optimizer)
+        optimizer_step = stepper(optimizer)
         self.ema = EmaWeights(objective, cfg.ema_decay) if cfg.ema_decay else None
         if self.ema is not None:
             accelerator.register_for_checkpointing(self.ema)
@@ -233,7 +235,7 @@ class Trainer:
                         loss = model(batch, generators)
                         accelerator.backward(loss)
                         set_learning_rate(optimizer, cfg.learning_rate * lr_factor(cfg, state.step))
-                        optimizer.step()
+                        optimizer_step()
                         optimizer.zero_grad(set_to_none=True)
                         if self.ema is not None and accelerator.sync_gradients:
                             self.ema.update()
