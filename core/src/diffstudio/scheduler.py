@@ -154,6 +154,7 @@ class FlowMatchScheduler:
         self.timesteps: Tensor = torch.zeros(0, dtype=torch.float32)
         self.num_inference_steps = 0
         self.mu: float | None = None
+        self._training_grids: dict[tuple[object, ...], Tensor] = {}
 
     @classmethod
     def for_family(cls, family: Literal["flux1", "flux2"], **overrides: float | int | None) -> FlowMatchScheduler:
@@ -467,6 +468,16 @@ class FlowMatchScheduler:
         Returns:
             Float32 tensor ``(T,)`` on the CPU.
         """
+        key = (image_seq_len, mu, self.shift_mode, self.shift, self.base_shift, self.max_shift,
+               self.base_image_seq_len, self.max_image_seq_len, self.num_train_timesteps, self.sigma_min)  # fmt: skip
+        grid = self._training_grids.get(key)
+        if grid is None:  # training asks for the same grid for every sample of every step
+            if len(self._training_grids) >= 32:
+                self._training_grids.clear()
+            grid = self._training_grids[key] = self._training_grid(image_seq_len, mu)
+        return grid.clone()
+
+    def _training_grid(self, image_seq_len: int | None, mu: float | None) -> Tensor:
         base = self._grid(self.num_train_timesteps, 1.0)
         if mu is None and image_seq_len is not None and self.shift_mode == "flux2":
             length = _positive_int(image_seq_len, "image_seq_len", PipelineInputError)
