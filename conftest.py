@@ -7,27 +7,19 @@ width 20) with diffusers pipelines over the same files. A package's own ``confte
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
+from diffstudio.testing import import_file
 
 FLUX1_TESTS = Path(__file__).resolve().parent / "plugins" / "flux1" / "tests"
 
 
 def flux1_helper(name: str) -> ModuleType:
     """Import ``plugins/flux1/tests/<name>.py`` under the key the flux1 tests use."""
-    key = f"diffstudio_flux1_tests_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, FLUX1_TESTS / f"{name}.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
+    return import_file(FLUX1_TESTS / f"{name}.py")
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,6 @@ faster):
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffstudio.testing import import_file
 
 BENCH = "flux1"
 PAGE = 4096
@@ -78,12 +78,7 @@ def ratio(figure: str, ours: float, theirs: float, target: str, **extra: Any) ->
 
 
 def _fixtures() -> Any:
-    spec = importlib.util.spec_from_file_location("flux1_bench_fixtures", TESTS / "fixtures_text.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["flux1_bench_fixtures"] = module
-    spec.loader.exec_module(module)
-    return module
+    return import_file(TESTS / "fixtures_text.py")
 
 
 # -- model folders ------------------------------------------------------------------------------------------

@@ -9,10 +9,8 @@ DiT's context width is 96; a 2-level VAE whose latent token covers 4x4 pixels).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ from types import ModuleType
 from typing import Any
 
 import torch
+from diffstudio.testing import import_file
 
 TESTS = Path(__file__).resolve().parents[1] / "plugins" / "flux2" / "tests"
 TEXT_WIDTH = 96  # 3 stacked Qwen3 hidden states of width 32
@@ -62,14 +61,7 @@ SIZES = {
 
 def fixtures(name: str) -> ModuleType:
     """Import one of the plugin's test helper modules (``conftest``, ``fixtures_text``, ``fixtures_pipeline``)."""
-    key = "diffstudio_flux2_tests_" + name
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, TESTS / f"{name}.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
+    return import_file(TESTS / f"{name}.py")
 
 
 def medium_transformer(size: Size, seed: int = 0) -> Any:

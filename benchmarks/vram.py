@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import re
 import subprocess
@@ -25,6 +24,8 @@ import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+from diffstudio.testing import import_file
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ROOT / "plugins" / "flux2" / "tests"
@@ -40,12 +41,7 @@ def rss_anon_mib() -> float:
 
 
 def _fixtures() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("vram_bench_fixtures_text", TESTS / "fixtures_text.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return import_file(TESTS / "fixtures_text.py")
 
 
 def build_repo(out: Path, hidden: int, depth: int, single: int, seed: int = 0) -> Path:

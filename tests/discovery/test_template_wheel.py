@@ -9,7 +9,6 @@ itself exists only in the new environment, so finding ``example/tint`` there pro
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import site
@@ -19,21 +18,13 @@ import venv
 from pathlib import Path
 
 import pytest
+from diffstudio.testing import import_file
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-def _helpers() -> object:
-    path = Path(__file__).with_name("test_wheels.py")
-    spec = importlib.util.spec_from_file_location("diffstudio_discovery_wheels", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_run = _helpers()._run  # type: ignore[attr-defined]
+_run = import_file(Path(__file__).with_name("test_wheels.py"))._run
 
 SCRIPT = textwrap.dedent('''
     import importlib.metadata as md, json, sys, torch
@@ -124,16 +115,7 @@ def test_the_installed_template_generates_and_exports_data_only(
 def helpers_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The FLUX.2 plugin's tiny klein repository on disk."""
     tests = ROOT / "plugins" / "flux2" / "tests"
-    loaded = {}
-    for name in ("conftest", "fixtures_pipeline"):
-        key = f"diffstudio_flux2_tests_{name}"
-        if key not in sys.modules:
-            spec = importlib.util.spec_from_file_location(key, tests / f"{name}.py")
-            assert spec is not None and spec.loader is not None
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[key] = module
-            spec.loader.exec_module(module)
-        loaded[name] = sys.modules[key]
+    loaded = {name: import_file(tests / f"{name}.py") for name in ("conftest", "fixtures_pipeline")}
     root = tmp_path_factory.mktemp("tiny-flux2")
     loaded["fixtures_pipeline"].build_repo(root, "klein", loaded["conftest"], seed=0)
     return root

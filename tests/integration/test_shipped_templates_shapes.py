@@ -6,12 +6,11 @@ trained weights are not present: a source checkout before ``scripts/shapes-model
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from diffstudio.testing import import_file
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,13 +35,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(_missing() is not None, reaso
 
 @pytest.fixture(scope="module")
 def acceptance() -> Any:
-    spec = importlib.util.spec_from_file_location(
-        "templates_acceptance", ROOT / "benchmarks" / "templates_acceptance.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["templates_acceptance"] = module
-    spec.loader.exec_module(module)
+    module = import_file(ROOT / "benchmarks" / "templates_acceptance.py")
     return module.Acceptance(prompts=20)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -20,6 +19,7 @@ from diffstudio.errors import CacheFormatError, CacheMergeError
 from diffstudio.lora import attach_lora, detach_lora, lora_names
 from diffstudio.runtime import Runtime
 from diffstudio.templates import TemplatePipeline, export_template, forward_template, process_template_inputs
+from diffstudio.testing import import_file
 from diffstudio_flux2.pipeline import Flux2ImagePipeline
 from diffstudio_template_sdk.testing import toy_templates_plugin
 from diffstudio_template_sdk.testing.toy_templates import ToyKVTemplate, ToyLoraTemplate, ToyResidualTemplate
@@ -33,14 +33,7 @@ LORA_TARGETS = {"double_blocks.0.img_attn.qkv": (32, 96), "single_blocks.1.linea
 
 
 def _load(name: str) -> ModuleType:
-    key = f"diffstudio_flux2_tests_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, FLUX2_TESTS / f"{name}.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
+    return import_file(FLUX2_TESTS / f"{name}.py")
 
 
 @pytest.fixture(scope="module")

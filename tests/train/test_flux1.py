@@ -3,35 +3,24 @@ and its file loads back through the FLUX.1 LoRA loader with the same DiT output 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
 from diffstudio import ModelConfig
 from diffstudio.runtime import Runtime
+from diffstudio.testing import import_file
 from diffstudio.train import TrainConfig, Trainer
 
 pytestmark = pytest.mark.slow
 FLUX1_TESTS = Path(__file__).parents[2] / "plugins" / "flux1" / "tests"
 
 
-def _load(name: str, path: Path) -> ModuleType:
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        assert spec is not None and spec.loader is not None
-        sys.modules[name] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 @pytest.fixture(scope="module")
 def flux1_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    helpers = _load("diffstudio_flux1_tests_conftest", FLUX1_TESTS / "conftest.py")
-    fixtures = _load("diffstudio_flux1_tests_fixtures_pipeline", FLUX1_TESTS / "fixtures_pipeline.py")
+    helpers = import_file(FLUX1_TESTS / "conftest.py")
+    fixtures = import_file(FLUX1_TESTS / "fixtures_pipeline.py")
     root = tmp_path_factory.mktemp("flux1-train")
     fixtures.build_repo(root, helpers)
     return root
@@ -54,7 +43,7 @@ def _options(repo: Path, data: Path, output: Path, **overrides: Any) -> dict[str
 def test_flux1_lora_trains_and_loads_back_through_the_flux1_loader(flux1_repo, tiny_model, tmp_path):
     from diffstudio_flux1.pipeline import FluxImagePipeline
 
-    helpers = _load("diffstudio_train_tests_helpers", Path(__file__).with_name("helpers.py"))
+    helpers = import_file(Path(__file__).with_name("helpers.py"))
     options = _options(flux1_repo, tiny_model.data, tmp_path, fp8_models=["text_encoder_2"])
     trainer = Trainer(TrainConfig(**options), Runtime())
     result = trainer.run()

@@ -3,14 +3,13 @@ data-loading workers and validation images."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
+from diffstudio.testing import import_file
 from diffstudio.train import TrainConfig, Trainer, train
 from PIL import Image
 from safetensors import safe_open
@@ -23,13 +22,7 @@ EVERY_LINEAR = {**LORA, "lora_target_modules": [], "learning_rate": 1e-2}  # lea
 
 
 def _helpers() -> ModuleType:
-    name = "diffstudio_train_tests_helpers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("helpers.py"))
-        assert spec is not None and spec.loader is not None
-        sys.modules[name] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return import_file(Path(__file__).with_name("helpers.py"))
 
 
 def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,8 +12,11 @@ import torch
 from diffstudio import ModelConfig
 from diffstudio.errors import MissingPluginError, PipelineInputError
 from diffstudio.runtime import Runtime
+from diffstudio.testing import import_file
 from diffstudio_controlnet import ControlImageResizedWarning, ControlNetInput
 from diffstudio_flux1.pipeline import FluxImagePipeline
+
+FLUX1_TESTS = Path(__file__).resolve().parents[3] / "plugins" / "flux1" / "tests"
 
 TOL = 2e-4
 H, W, SEQ = 32, 48, 16
@@ -34,7 +37,7 @@ def ours(repo: Any, *controlnet_folders: Any, runtime: Runtime | None = None) ->
 def reference(repo: Any, controlnet: Any, **kwargs: Any) -> torch.Tensor:
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxControlNetPipeline
 
-    config = sys.modules["diffstudio_flux1_tests_fixtures_pipeline"].SCHEDULER_CONFIG
+    config = import_file(FLUX1_TESTS / "fixtures_pipeline.py").SCHEDULER_CONFIG
     pipe = FluxControlNetPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**config), controlnet=controlnet,
                                   **repo.components)  # fmt: skip
     pipe.set_progress_bar_config(disable=True)

@@ -8,14 +8,13 @@ the BFL single files ``flux1-dev.safetensors`` and ``ae.safetensors`` converted 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import torch
+from diffstudio.testing import import_file
 from safetensors.torch import save_file
 
 SCHEDULER_CONFIG: dict[str, Any] = {
@@ -30,14 +29,7 @@ SCHEDULER_CONFIG: dict[str, Any] = {
 
 
 def _load(name: str) -> ModuleType:
-    key = f"diffstudio_flux1_tests_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name(f"{name}.py"))
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
+    return import_file(Path(__file__).with_name(f"{name}.py"))
 
 
 fx = _load("fixtures_text")

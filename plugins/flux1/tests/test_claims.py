@@ -12,6 +12,7 @@ import torch
 from diffstudio import ModelConfig
 from diffstudio.loading import Checkpoint
 from diffstudio.runtime import Runtime
+from diffstudio.testing import import_file
 from safetensors.torch import save_file
 
 
@@ -70,14 +71,7 @@ def _claims(runtime: Runtime, path: Path) -> list[str]:
 
 
 def test_each_checkpoint_is_claimed_by_exactly_one_family(tmp_path: Path, dit_cases, vae_case, helpers) -> None:
-    import importlib.util
-    import sys
-
-    spec = importlib.util.spec_from_file_location("flux1_claims_fx", Path(__file__).with_name("fixtures_text.py"))
-    assert spec is not None and spec.loader is not None
-    fx = importlib.util.module_from_spec(spec)
-    sys.modules["flux1_claims_fx"] = fx
-    spec.loader.exec_module(fx)
+    fx = import_file(Path(__file__).with_name("fixtures_text.py"))
     clip = fx.build_clip_tokenizer(tmp_path / "tok")
     fx.build_clip_encoder(tmp_path / "clip-legacy", clip, legacy=True)
     fx.build_clip_encoder(tmp_path / "clip-t5layout", clip, legacy=False)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from diffstudio.nn import delta_linears
 from diffstudio.runtime import Runtime
+from diffstudio.testing import import_file
 from diffstudio_flux1.lora import LoraMatchError, LoraNameError, UnknownLoraFormatError, apply_lora, remove_lora
 from diffstudio_flux1.lora_formats import DIT_DOUBLE, DIT_SINGLE, layouts
 from safetensors.torch import save_file
@@ -240,14 +241,7 @@ def test_match_report_errors_and_names(dit_cases, tmp_path):
 
 
 def test_kohya_text_encoder_layers_reach_clip(tmp_path):
-    import importlib.util
-    import sys
-
-    spec = importlib.util.spec_from_file_location("flux1_lora_fx", Path(__file__).with_name("fixtures_text.py"))
-    assert spec is not None and spec.loader is not None
-    fx = importlib.util.module_from_spec(spec)
-    sys.modules["flux1_lora_fx"] = fx
-    spec.loader.exec_module(fx)
+    fx = import_file(Path(__file__).with_name("fixtures_text.py"))
     clip = fx.build_clip_encoder(tmp_path / "clip", 50)
     from diffstudio_flux1.model import Flux
     from diffstudio_flux1.params import FluxParams

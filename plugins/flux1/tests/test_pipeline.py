@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -14,19 +12,13 @@ from diffstudio import ModelConfig
 from diffstudio.errors import PipelineInputError
 from diffstudio.pipeline.base import WrongFamilyError
 from diffstudio.runtime import Runtime
+from diffstudio.testing import import_file
 from diffstudio_flux1.pipeline import FluxImagePipeline
 from diffstudio_flux1.text_encoders import TokenizerConfigError
 
 
 def _load(name: str) -> ModuleType:
-    key = f"diffstudio_flux1_tests_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name(f"{name}.py"))
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
+    return import_file(Path(__file__).with_name(f"{name}.py"))
 
 
 fp = _load("fixtures_pipeline")

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
+from diffstudio.testing import import_file
 from diffstudio_flux1.text_encoders import (
     CLIP_MAX_LENGTH,
     PromptEncoder,
@@ -20,14 +19,7 @@ from diffstudio_flux1.text_encoders import (
 
 
 def _load(name: str) -> ModuleType:
-    key = f"diffstudio_flux1_tests_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name(f"{name}.py"))
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
+    return import_file(Path(__file__).with_name(f"{name}.py"))
 
 
 fx = _load("fixtures_text")

@@ -8,10 +8,8 @@ loses nothing and must match it bit for bit.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -22,6 +20,7 @@ from diffstudio import ModelConfig, Runtime, hookimpl
 from diffstudio.builtin.fallbacks import ResidentStrategy
 from diffstudio.errors import ConfigError, PipelineInputError
 from diffstudio.lora import LoraWeights, attach_lora
+from diffstudio.testing import import_file
 from diffstudio.vram import LayerwiseStrategy
 from diffstudio_flux1.pipeline import FluxImagePipeline
 from safetensors import safe_open
@@ -29,14 +28,7 @@ from safetensors.torch import load_file, save_file
 
 
 def _load(name: str) -> ModuleType:
-    key = f"diffstudio_flux1_tests_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name(f"{name}.py"))
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
+    return import_file(Path(__file__).with_name(f"{name}.py"))
 
 
 fp = _load("fixtures_pipeline")

@@ -9,14 +9,13 @@ token covers 4x4 pixels.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import torch
+from diffstudio.testing import import_file
 from safetensors.torch import save_file
 
 TEXT_WIDTH = 96
@@ -34,16 +33,7 @@ SCHEDULER_CONFIG: dict[str, Any] = {
 
 
 def _load(name: str) -> ModuleType:
-    key = f"diffstudio_flux2_tests_{name}"
-    if key in sys.modules:
-        return sys.modules[key]
-    path = Path(__file__).with_name(f"{name}.py")
-    spec = importlib.util.spec_from_file_location(key, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[key] = module
-    spec.loader.exec_module(module)
-    return module
+    return import_file(Path(__file__).with_name(f"{name}.py"))
 
 
 fx = _load("fixtures_text")

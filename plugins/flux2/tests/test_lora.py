@@ -3,16 +3,15 @@ fused, stacking, removal, exact q/k/v fusion, writers and errors."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from diffstudio.errors import CheckpointError, PickleRefusedError, SafetensorsFormatError
 from diffstudio.lora import LoraWeights
+from diffstudio.testing import import_file
 from diffstudio_flux2.lora import (
     AmbiguousLoraFormatError,
     LoraMatchError,
@@ -33,13 +32,7 @@ from safetensors.torch import save_file
 
 
 def _fixtures():
-    name = "flux2_lora_fixtures"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("lora_fixtures.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return import_file(Path(__file__).with_name("lora_fixtures.py"))
 
 
 fx = _fixtures()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -14,21 +12,14 @@ from diffstudio import ModelConfig
 from diffstudio.errors import PipelineInputError
 from diffstudio.pipeline.images import pil_to_tensor
 from diffstudio.runtime import Runtime
+from diffstudio.testing import import_file
 from diffstudio_flux2.math import pack_latents
 from diffstudio_flux2.pipeline import Flux2ImagePipeline
 from diffstudio_flux2.text_encoders import TextEncoderMismatchError
 
 
 def _load(name: str) -> ModuleType:
-    key = f"diffstudio_flux2_tests_{name}"
-    if key in sys.modules:
-        return sys.modules[key]
-    spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name(f"{name}.py"))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[key] = module
-    spec.loader.exec_module(module)
-    return module
+    return import_file(Path(__file__).with_name(f"{name}.py"))
 
 
 fp = _load("fixtures_pipeline")

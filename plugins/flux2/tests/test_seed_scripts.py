@@ -10,9 +10,7 @@ latent token covers 4x4 pixels, so 1024x1024 would mean 65536 tokens) differ fro
 
 from __future__ import annotations
 
-import importlib.util
 import runpy
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -20,19 +18,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from diffstudio.testing import import_file
 from PIL import Image
 
 
 def _load(name: str) -> ModuleType:
-    key = f"diffstudio_flux2_tests_{name}"
-    if key in sys.modules:
-        return sys.modules[key]
-    spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name(f"{name}.py"))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[key] = module
-    spec.loader.exec_module(module)
-    return module
+    return import_file(Path(__file__).with_name(f"{name}.py"))
 
 
 fp = _load("fixtures_pipeline")

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
 from diffstudio.errors import CheckpointError, PipelineInputError, StrictLoadError
+from diffstudio.testing import import_file
 from diffstudio_flux2.text_encoders import (
     MISTRAL3_LAYERS,
     QWEN3_LAYERS,
@@ -34,13 +33,7 @@ from safetensors.torch import save_file
 
 
 def _load_fixtures() -> ModuleType:
-    path = Path(__file__).with_name("fixtures_text.py")
-    spec = importlib.util.spec_from_file_location("diffstudio_flux2_tests_fixtures_text", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return import_file(Path(__file__).with_name("fixtures_text.py"))
 
 
 fx = _load_fixtures()

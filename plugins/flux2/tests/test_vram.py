@@ -6,7 +6,6 @@ a small VAE, every file bf16, so the bf16 configurations are lossless and must m
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import subprocess
@@ -21,6 +20,7 @@ from diffstudio import ModelConfig, Runtime, hookimpl
 from diffstudio.builtin.fallbacks import ResidentStrategy
 from diffstudio.errors import ConfigError, PipelineInputError
 from diffstudio.lora import LoraWeights, attach_lora
+from diffstudio.testing import import_file
 from diffstudio.vram import LayerwiseStrategy
 from diffstudio_flux2 import Flux2ImagePipeline
 
@@ -30,13 +30,7 @@ SLOTS = ("text_encoder", "dit", "vae")
 
 
 def _bench() -> ModuleType:
-    if "diffstudio_vram_bench" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("diffstudio_vram_bench", BENCH)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return sys.modules["diffstudio_vram_bench"]
+    return import_file(BENCH)
 
 
 @pytest.fixture(scope="module")

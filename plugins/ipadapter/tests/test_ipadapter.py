@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +44,7 @@ def test_xlabs_matches_diffusers_load_ip_adapter(repo: Any, encoders: Any, helpe
 
     clip, clip_folder = encoders["clip"]
     path = adapter_file("xlabs", helpers, tmp_path, 16, 2, 4)
-    config = sys.modules["diffstudio_flux1_tests_fixtures_pipeline"].SCHEDULER_CONFIG
+    config = fp.SCHEDULER_CONFIG
     reference = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**config), image_encoder=clip,
                              feature_extractor=None, **repo.components)  # fmt: skip
     reference.set_progress_bar_config(disable=True)
