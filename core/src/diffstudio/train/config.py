@@ -228,7 +228,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--loss_weighting", choices=("bump", "none"), default="bump")
     opt.add_argument("--find_unused_parameters", action="store_true")
     opt.add_argument("--caption_dropout", type=float, default=0.0, help="share of samples trained unconditioned")
-    opt.add_argument("--ema_decay", type=float, default=None, help="keep an EMA of the trained weights; save it")
+    opt.add_argument("--ema_decay", type=float, default=None, help="keep an EMA of the weights; save it")
     run = parser.add_argument_group("task and output")
     run.add_argument("--task", choices=TASKS, default="sft")
     run.add_argument("--distill_steps", type=int, default=4, help="sampling steps unrolled by direct_distill")

@@ -11,21 +11,31 @@ from torch import nn
 
 
 class EmaWeights:
-    """``ema = decay * ema + (1 - decay) * param`` after every optimizer step, for the trainable parameters.
+    """``ema = d * ema + (1 - d) * param`` after every optimizer step, for the trainable parameters.
 
-    Has ``state_dict`` / ``load_state_dict`` so accelerate checkpoints it (``register_for_checkpointing``).
+    ``d`` follows diffusers' ``EMAModel`` (its default, no ``use_ema_warmup``): 0 for the first update (the
+    average starts at the trained values, not at the initialisation), then ``min(decay, (1 + n) / (10 + n))``
+    for update ``n``, so early checkpoints are not dominated by the random start. Has ``state_dict`` /
+    ``load_state_dict`` so accelerate checkpoints it (``register_for_checkpointing``), update count included.
     """
 
     def __init__(self, module: nn.Module, decay: float) -> None:
         self.decay = float(decay)
+        self.updates = 0
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.shadow = [p.detach().clone().float() for p in self.params]
+
+    def current_decay(self) -> float:
+        """The decay the next :meth:`update` uses."""
+        n = self.updates
+        return 0.0 if n == 0 else min(self.decay, (1 + n) / (10 + n))
 
     @torch.no_grad()
     def update(self) -> None:
         """Fold the current parameters into the average."""
-        for shadow, param in zip(self.shadow, self.params):
-            shadow.lerp_(param.detach().float(), 1.0 - self.decay)
+        weight = 1.0 - self.current_decay()
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], weight)
+        self.updates += 1
 
     @contextmanager
     def applied(self) -> Iterator[None]:
@@ -43,9 +53,11 @@ class EmaWeights:
 
     def state_dict(self) -> dict[str, Any]:
         """The averages (for checkpoints)."""
-        return {"decay": self.decay, "shadow": [s.clone() for s in self.shadow]}
+        return {"decay": self.decay, "updates": self.updates, "shadow": [s.clone() for s in self.shadow]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the averages from a checkpoint."""
         self.decay = float(state["decay"])
+        # checkpoints from before the warm-up schedule: past it, ``decay`` as they used
+        self.updates = int(state.get("updates", 10**9))
         self.shadow = [s.clone().float() for s in state["shadow"]]
