@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffstudio.errors import ConfigError
 from diffstudio.train import DatasetError, TrainConfigError, train
 from safetensors.torch import load_file
 
@@ -54,8 +55,31 @@ def test_split_training_reproduces_one_stage_losses(tiny_model, tmp_path):
     assert len(cached) == 8
     two = train(**tiny_model.options(tmp_path / "split", caption_dropout=0.3, task="sft:train"))
     assert two.losses == pytest.approx(one.losses, abs=1e-6)
+    from_disk = train(**tiny_model.options(tmp_path / "split", caption_dropout=0.3, task="sft:train",
+                                           cache_memory_mb=0))  # fmt: skip
+    assert from_disk.losses == two.losses
     assert _max_diff(_weights(tmp_path / "one" / "epoch-1.safetensors"),
                      _weights(tmp_path / "split" / "epoch-1.safetensors")) < 1e-6  # fmt: skip
+
+
+def test_the_preloaded_cache_hands_out_copies(tmp_path):
+    from diffstudio.pipeline.state import PipelineState
+    from diffstudio.train.cache import SampleCache
+
+    cache = SampleCache(tmp_path)
+    state = PipelineState(shared={"latents": torch.arange(6.0).reshape(1, 2, 3), "size": [2, 3]})
+    state.branch("negative")["prompt_embeds"] = torch.ones(1, 4)
+    cache.store(0, state, {})
+    assert not cache.preload([0], budget_bytes=16)  # the file is larger: rows stay on disk
+    assert cache.preload([0, 0], budget_bytes=2**20)
+    cache.path(0).unlink()  # from now on only memory can answer
+    first = cache.load(0)
+    first.shared["latents"].add_(100)
+    again = cache.load(0)
+    assert torch.equal(again.shared["latents"], torch.arange(6.0).reshape(1, 2, 3))
+    assert again.shared["size"] == [2, 3] and torch.equal(again.branch("negative")["prompt_embeds"], torch.ones(1, 4))
+    with pytest.raises(ConfigError, match="missing"):
+        SampleCache(tmp_path).load(0)
 
 
 def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tiny_model, tmp_path):

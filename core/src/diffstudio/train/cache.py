@@ -11,7 +11,7 @@ sigmas, so the loss curve equals one-stage training's.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,21 @@ class SampleCache:
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
+        self._memory: dict[int, tuple[dict[str, torch.Tensor], dict[str, Any]]] = {}
+
+    def preload(self, rows: Sequence[int], budget_bytes: int) -> bool:
+        """Read the files of ``rows`` into memory when they total at most ``budget_bytes``.
+
+        Stage 2 then reads each row from memory instead of opening its file on every step (about 0.45 ms per
+        row on the shapes model, 2 % of its step at batch size 1). Returns whether the rows were loaded.
+        """
+        wanted = sorted(set(rows))
+        sizes = [self.path(row).stat().st_size for row in wanted if self.has(row)]
+        if not wanted or sum(sizes) > budget_bytes:
+            return False
+        for row in wanted:
+            self._memory[row] = self._read(row)
+        return True
 
     def start(self, units: list[str]) -> None:
         """Record which units the cache holds (refuses a cache made with other units)."""
@@ -99,22 +114,38 @@ class SampleCache:
         return save_weights(self.path(row), tensors, {"diffstudio.values": json.dumps(values)})
 
     def load(self, row: int, device: str | torch.device = "cpu") -> PipelineState:
-        """Read row ``row`` back as a state (tensors on ``device``)."""
+        """Read row ``row`` back as a state (tensors on ``device``; copies of the preloaded ones)."""
+        kept = self._memory.get(row)
+        tensors, values = kept if kept is not None else self._read(row)
+        state = PipelineState(shared={})
+        for name, tensor in tensors.items():
+            branch, key = _split(name)
+            state.branch(branch)[key] = tensor.to(device, copy=kept is not None)
+        for name, value in values.items():
+            branch, key = _split(name)
+            state.branch(branch)[key] = value
+        return state
+
+    def _read(self, row: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         from safetensors import safe_open
 
         path = self.path(row)
         if not path.is_file():
             raise ConfigError(f"split-training cache {path} is missing; re-run --task sft:data_process")
-        state = PipelineState(shared={})
         with safe_open(str(path), framework="pt", device="cpu") as handle:
-            for name in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
-                branch, key = name.split("/", 1)
-                state.branch(branch).__setitem__(key, handle.get_tensor(name).to(device))
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 - no __iter__
             metadata = handle.metadata() or {}
-        for name, value in json.loads(metadata.get("diffstudio.values", "{}")).items():
-            branch, key = name.split("/", 1)
-            state.branch(branch).__setitem__(key, value)
-        return state
+        values: dict[str, Any] = json.loads(metadata.get("diffstudio.values", "{}"))
+        return tensors, values
+
+
+def _split(name: str) -> tuple[Branch, str]:
+    """``"positive/prompt_embeds"`` -> ``("positive", "prompt_embeds")``."""
+    branch, key = name.split("/", 1)
+    for known in _BRANCHES:
+        if branch == known:
+            return known, key
+    raise ConfigError(f"split-training cache entry {name!r} names no branch of {_BRANCHES}; re-run sft:data_process")
 
 
 def _jsonable(value: Any) -> bool:

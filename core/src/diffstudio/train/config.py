@@ -6,7 +6,7 @@ The seed's arguments keep their names (``--dataset_base_path``, ``--model_paths`
 ``--validation_prompt`` / ``--validation_steps``, ``--pipeline_args``
 (fixed pipeline call arguments such as ``{"max_sequence_length": 32}``), ``--timestep_sampling`` /
 ``--loss_weighting``, ``--max_steps``, ``--checkpoint_steps``, ``--caption_dropout``, ``--ema_decay``,
-``--offload_models`` and ``--distill_steps``.
+``--offload_models``, ``--distill_steps`` and ``--cache_memory_mb``.
 """
 
 from __future__ import annotations
@@ -89,6 +89,7 @@ class TrainConfig:
     trust_code: bool = False
     caption_dropout: float = 0.0
     ema_decay: float | None = None
+    cache_memory_mb: int = 1024
     log_every: int = 10
 
     def __post_init__(self) -> None:
@@ -129,6 +130,10 @@ class TrainConfig:
             raise TrainConfigError("nothing to train: give --trainable_models or --lora_base_model")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise TrainConfigError(f"--caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if self.cache_memory_mb < 0:
+            raise TrainConfigError(
+                f"--cache_memory_mb must be >= 0 (0 reads every row from disk), got {self.cache_memory_mb}"
+            )
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise TrainConfigError(f"--ema_decay must be in (0, 1), got {self.ema_decay}")
         if self.preset_lora_path and not self.preset_lora_model:
@@ -240,6 +245,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--align_to_opensource_format", action="store_true", help="save LoRAs in the kohya layout (--lora_format kohya)"
     )
     run.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output_path")
+    run.add_argument(
+        "--cache_memory_mb",
+        type=int,
+        default=1024,
+        help="sft:train: hold the stage-1 cache in memory when its files total at most this many MiB (0: never)",
+    )
     run.add_argument("--pipeline_args", type=_json_object, default={}, help="JSON object of pipeline arguments")
     run.add_argument("--validation_prompt", default=None, help="render this prompt every --validation_steps")
     run.add_argument("--validation_steps", type=int, default=None)

@@ -222,6 +222,9 @@ class Trainer:
         if cfg.task == "sft:train":
             cache = SampleCache(output / "cache")
             skip = cache.units()
+            rows = [sample.index for sample in dataset.rows]
+            if cache.preload(rows, cfg.cache_memory_mb * 2**20):
+                logger.info("split-training cache held in memory (%d rows)", len(set(rows)))
         result = TrainResult(steps=state.step)
         bar = self._progress(accelerator, dataset, state)
         for epoch in range(state.epoch, cfg.num_epochs):

@@ -37,7 +37,8 @@ def evaluate(
         split: ``"heldout"`` (combinations never trained on) or ``"train"``.
         batch: Prompts per pipeline call.
         out: Folder to also save the images in (with ``metadata.csv``).
-        **options: Pipeline arguments over the model's defaults.
+        **options: Pipeline arguments over the model's defaults (other model files run with the embedded
+            model's defaults too: they are shapes models, and the pipeline's own would draw 1024 x 1024).
 
     Returns:
         ``score``'s result plus ``count``, ``seconds`` and the arguments used.
@@ -50,7 +51,9 @@ def evaluate(
         from diffstudio_flux2 import apply_lora
 
         apply_lora(pipe.dit, lora, name="eval")
-    arguments = {**defaults, **options}
+    from diffstudio_shapes.model import DEFAULTS
+
+    arguments = {**DEFAULTS, **defaults, **options}
     specs = sample_specs(count, seed=seed, shapes=shapes, split=split)
     captions = [caption(spec) for spec in specs]
     started = time.monotonic()
