@@ -5,7 +5,7 @@ Usage::
     .venv/bin/python benchmarks/templates_acceptance.py [--prompts 20] [--brightness NAME_OR_FOLDER]
         [--colour NAME_OR_FOLDER] [--negative neutral|none] [--device cpu] [--threads 2]
 
-With the model's defaults (128 x 128, 20 steps, cfg 6, 32 text tokens), for ``--prompts`` shapes captions (training
+With the model's defaults (128 x 128, 20 steps, cfg 3, 32 text tokens), for ``--prompts`` shapes captions (training
 split, seed 101) and image seed ``1000 + i``:
 
 * ``brightness``: images at ``scale`` 0.1, 0.2, ..., 0.9 through ``diffstudio/brightness``; ``pearson_mean`` is the

@@ -31,10 +31,10 @@ $BIN/diffstudio train "${train[@]}" --task sft:data_process
 stamp "split training, stage 1 (latents and prompt embeddings cached)"
 $BIN/diffstudio train "${train[@]}" --task sft:train --resume \
   --learning_rate 4e-4 --lr_scheduler cosine --lr_warmup_steps 200 \
-  --weight_decay 0 --batch_size 16 --num_epochs 100 --max_steps 9000 \
+  --weight_decay 0 --batch_size 32 --num_epochs 1000 --max_steps 8000 --mixed_precision bf16 \
   --timestep_sampling uniform --loss_weighting none --ema_decay 0.999 \
   --checkpoint_steps 500 --save_steps 1000
 stamp "dit"
-$BIN/diffstudio shapes-build install "$ROOT" --dit "$ROOT/train/step-9000.safetensors"
+$BIN/diffstudio shapes-build install "$ROOT" --dit "$ROOT/train/step-8000.safetensors"
 $BIN/diffstudio eval-shapes --count 200 --seed 1
 stamp "installed and evaluated"

@@ -24,7 +24,7 @@ def test_the_default_sizes_are_the_shapes_model_and_scales_outside_0_1_are_refus
     model = BrightnessTemplate()
     cache = model(**model.process_inputs(scale=0.3))["kv_cache"]
     assert sorted(cache) == ["double_0", "double_1", "single_0", "single_1", "single_2", "single_3"]
-    assert tuple(cache["single_3"][0].shape) == (1, 8, 4, 32)
+    assert tuple(cache["single_3"][0].shape) == (1, 8, 2, 64)
     other = model(**model.process_inputs(scale=0.7))["kv_cache"]
     assert (other["double_0"][1] - cache["double_0"][1]).abs().max() > 0
     for bad in (-0.1, 1.5):

@@ -11,12 +11,9 @@ from diffstudio.errors import ConfigError
 from diffstudio_shapes.data import (
     ALL_SHAPES,
     BASE_SHAPES,
-    CENTER_MAX_OFFSET,
     COLOURS,
     PALETTE,
     POSITION_WORDS,
-    QUADRANT_MIN_OFFSET,
-    SIZE_RANGES,
     ShapeSpec,
     all_captions,
     caption,
@@ -29,6 +26,7 @@ from diffstudio_shapes.data import (
     sample_specs,
     write_dataset,
 )
+from diffstudio_shapes.layouts import DEFAULT_SIZE_RANGE, POSITION_JITTER, QUADRANT_OFFSET, SIZE_RANGES, SIZE_THRESHOLD
 
 CAPTION = re.compile(
     r"^an? (?:(small|large) )?(red|green|blue|yellow|purple|orange|white|black) (circle|square|triangle|star|zigzag)"
@@ -67,17 +65,24 @@ def test_images_are_deterministic_byte_for_byte() -> None:
         assert len(set(one)) == len(one)
 
 
-def test_pinned_stream() -> None:
-    # The stream is part of the data set's identity: string-seeded random.Random and a fixed draw order.
-    got = [
-        (s.caption, round(s.cx, 6), round(s.cy, 6), round(s.radius, 6), round(s.rotation, 6))
-        for s in sample_specs(3, 0)
+def test_pinned_streams() -> None:
+    # The streams are part of the data set's identity: string-seeded random.Random and a fixed draw order.
+    def first(layout: str) -> list[tuple[str, float, float, float, float]]:
+        specs = sample_specs(3, 0, layout=layout)
+        return [(s.caption, round(s.cx, 6), round(s.cy, 6), round(s.radius, 6), round(s.rotation, 6)) for s in specs]
+
+    assert first("anchored") == [
+        ("a green circle on a yellow background", 0.493718, 0.495215, 0.212076, 0.0),
+        ("a large yellow circle at the top right on a white background", 0.720225, 0.28541, 0.253171, 0.0),
+        ("a small blue circle at the bottom left on a red background", 0.27191, 0.715906, 0.17132, 0.0),
     ]
-    assert got == [
+    assert first("scattered") == [  # data set generator v1, which the VAE recipe trains on
         ("a black triangle in the center on a green background", 0.461811, 0.481052, 0.260083, 1.276351),
         ("an orange triangle at the top left on a green background", 0.233395, 0.34519, 0.241561, 2.697613),
         ("a small red star on a black background", 0.54215, 0.342866, 0.202134, 6.15336),
     ]
+    with pytest.raises(ConfigError, match="layout"):
+        sample_specs(1, 0, layout="grid")
 
 
 def test_caption_grammar_and_parse_round_trip() -> None:
@@ -144,19 +149,23 @@ def test_heldout_split_is_disjoint_and_compositional() -> None:
 
 
 def test_geometry_follows_the_words() -> None:
+    """Centres sit at their word's anchor (the centre without a position word), radii in their word's range."""
     for spec in sample_specs(600, 2, shapes=ALL_SHAPES, position_rate=0.8, size_rate=0.8):
-        if spec.size:
-            low, high = SIZE_RANGES[spec.size]
-            assert low - 1e-9 <= spec.radius <= high + 1e-9
+        low, high = SIZE_RANGES[spec.size] if spec.size else DEFAULT_SIZE_RANGE
+        assert low - 1e-9 <= spec.radius <= high + 1e-9
         dx, dy = spec.cx - 0.5, spec.cy - 0.5
-        if spec.position == "center":
-            assert max(abs(dx), abs(dy)) <= CENTER_MAX_OFFSET + 1e-9
-        elif spec.position:
-            assert min(abs(dx), abs(dy)) >= QUADRANT_MIN_OFFSET - 1e-9
+        if spec.position in (None, "center"):
+            assert max(abs(dx), abs(dy)) <= POSITION_JITTER + 1e-9
+        else:
+            assert abs(abs(dx) - QUADRANT_OFFSET) <= POSITION_JITTER + 1e-9
+            assert abs(abs(dy) - QUADRANT_OFFSET) <= POSITION_JITTER + 1e-9
             assert (dy < 0) == spec.position.startswith("top") and (dx < 0) == spec.position.endswith("left")
         xs, ys = zip(*outline(spec, 1))
         assert min(xs) > 0 and min(ys) > 0 and max(xs) < 1 and max(ys) < 1, spec
-        assert spec.shape != "circle" or spec.rotation == 0
+        assert spec.rotation == 0  # upright by default
+    assert SIZE_RANGES["small"][1] < SIZE_THRESHOLD < SIZE_RANGES["large"][0]
+    tilted = sample_specs(200, 3, rotation_jitter=10.0)
+    assert all(abs(s.rotation) <= 10.0 for s in tilted) and any(s.rotation != 0 for s in tilted)
 
 
 def test_render_draws_the_spec() -> None:

@@ -4,7 +4,7 @@ For each block, K and V are ``tokens`` learned vectors (a table) moved along ``d
 gains that an MLP computes from smooth features of ``s``; they are viewed as ``(1, tokens, heads, head_dim)``.
 The features are low-frequency (sines and cosines of ``pi * k * s`` for small ``k``), so the template
 interpolates between the brightness values it was trained on. The defaults are the sizes of the embedded shapes
-model (2 double and 4 single blocks, 4 heads of 32); pass the sizes of another base model to train it there.
+model (2 double and 4 single blocks, 2 heads of 64); pass the sizes of another base model to train it there.
 Parameters start from a fixed seed, so every installation builds the same untrained template.
 """
 
@@ -32,16 +32,16 @@ class BrightnessTemplate(nn.Module):
     Args:
         num_double_blocks: Double-stream blocks of the base DiT.
         num_single_blocks: Single-stream blocks.
-        num_heads: Attention heads.
-        head_dim: Channels per head.
+        num_heads: Attention heads (the shapes DiT's: 2).
+        head_dim: Channels per head (64).
         tokens: Cache tokens per block.
         directions: Learned directions per block and K/V.
         frequencies: Sine/cosine pairs of the scale features.
         hidden: Width of the MLP.
     """
 
-    def __init__(self, num_double_blocks: int = 2, num_single_blocks: int = 4, num_heads: int = 4,
-                 head_dim: int = 32, tokens: int = 8, directions: int = 4, frequencies: int = 4,
+    def __init__(self, num_double_blocks: int = 2, num_single_blocks: int = 4, num_heads: int = 2,
+                 head_dim: int = 64, tokens: int = 8, directions: int = 4, frequencies: int = 4,
                  hidden: int = 64) -> None:  # fmt: skip
         super().__init__()
         self.template_config = {"num_double_blocks": num_double_blocks, "num_single_blocks": num_single_blocks,

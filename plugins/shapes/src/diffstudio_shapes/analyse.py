@@ -11,7 +11,7 @@ It scores generated images against their captions. The steps:
    convex-hull area); otherwise the harmonics of the radial profile ``r(theta)`` decide (k = 3 triangle,
    4 square, 5 star, a flat profile a circle), which survive blur far better than fill ratios;
 5. position: the quadrant of the centroid, ``center`` inside the central band; size: the radius implied by the
-   area for the detected shape class, against :data:`~diffstudio_shapes.data.SIZE_THRESHOLD`.
+   area for the detected shape class, against :data:`~diffstudio_shapes.layouts.SIZE_THRESHOLD`.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from diffstudio_shapes.data import ALL_SHAPES, CENTER_BAND, PALETTE, SIZE_THRESHOLD, parse_caption
+from diffstudio_shapes.data import ALL_SHAPES, PALETTE, parse_caption
 from diffstudio_shapes.geometry import area_factor
+from diffstudio_shapes.layouts import CENTER_BAND, SIZE_THRESHOLD
 
 _PALETTE_NAMES = tuple(PALETTE)
 _PALETTE_RGB = np.array([PALETTE[name] for name in _PALETTE_NAMES], dtype=np.float64)

@@ -28,7 +28,15 @@ def data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shapes", default=_BASE, help=f"comma-separated shapes (default: {_BASE}; also zigzag)")
     parser.add_argument("--position-rate", type=float, default=0.5, help="share of captions naming a position")
     parser.add_argument("--size-rate", type=float, default=0.5, help="share of captions naming a size")
-    parser.add_argument("--rotation-jitter", type=float, default=10.0, help="max rotation in degrees (not circles)")
+    parser.add_argument(
+        "--rotation-jitter", type=float, default=None, help="max rotation in degrees, not circles (layout's default)"
+    )
+    parser.add_argument(
+        "--layout",
+        choices=("anchored", "scattered"),
+        default="anchored",
+        help="anchored: fixed place per position word (the model's data); scattered: generator v1's placement",
+    )
     parser.add_argument("--format", choices=("text", "json"), default="text", help="output format")
 
 
@@ -47,6 +55,7 @@ def data_run(args: argparse.Namespace, runtime: Runtime) -> int:
         position_rate=args.position_rate,
         size_rate=args.size_rate,
         rotation_jitter=args.rotation_jitter,
+        layout=args.layout,
     )
     if args.format == "json":
         summary = {"folder": str(report.folder), "count": report.count, "written": report.written}

@@ -26,6 +26,7 @@ from diffstudio.errors import ConfigError
 from PIL import Image, ImageDraw
 
 from diffstudio_shapes.geometry import unit_outline
+from diffstudio_shapes.layouts import DEFAULT_ROTATION_JITTERS, LAYOUTS, SEED_PREFIXES, place
 
 #: Shapes of the base data set (what the embedded model is trained on).
 BASE_SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
@@ -50,21 +51,6 @@ SIZE_WORDS: tuple[str, ...] = ("small", "large")
 POSITION_WORDS: tuple[str, ...] = ("top left", "top right", "bottom left", "bottom right", "center")
 SPLITS: tuple[str, ...] = ("train", "heldout")
 
-#: Radius ranges (fraction of the side) per size word; no size word draws from ``ANY_SIZE_RANGE``.
-SIZE_RANGES: dict[str, tuple[float, float]] = {"small": (0.18, 0.22), "large": (0.28, 0.31)}
-ANY_SIZE_RANGE: tuple[float, float] = (0.18, 0.31)
-#: The analyser's boundary between ``small`` and ``large`` (radius as a fraction of the side).
-SIZE_THRESHOLD = 0.25
-#: A quadrant's shape centre lies at least this far (fraction of the side) from both midlines.
-QUADRANT_MIN_OFFSET = 0.14
-#: A ``center`` shape centre lies at most this far from the image centre along each axis.
-CENTER_MAX_OFFSET = 0.04
-#: The analyser calls a centroid ``center`` when it is closer than this to the centre along both axes.
-CENTER_BAND = 0.09
-#: Minimum gap between the shape and the image border (fraction of the side).
-EDGE_PAD = 0.015
-DEFAULT_ROTATION_JITTER = 10.0
-_SEED_PREFIX = "diffstudio-shapes/v1"
 
 _CAPTION_RE = re.compile(
     r"^an? (?:(?P<size>small|large) )?(?P<colour>[a-z]+) (?P<shape>[a-z]+)"
@@ -335,6 +321,7 @@ def _sample_one(
     position_rate: float,
     size_rate: float,
     rotation_jitter: float,
+    layout: str,
 ) -> ShapeSpec:
     # Fixed draw order: every draw happens whatever the rates, so rates change words, not the stream.
     shape, colour, background = _pick(rng, combos)
@@ -345,32 +332,9 @@ def _sample_one(
     if rng.random() >= position_rate:
         position = None
     rotation = 0.0 if shape == "circle" else _uniform(rng, -rotation_jitter, rotation_jitter)
-    u_radius, u_x, u_y = rng.random(), rng.random(), rng.random()
-    low, high = SIZE_RANGES[size_word] if size_word else ANY_SIZE_RANGE
-    radius = low + (high - low) * u_radius
-    points = unit_outline(shape, rotation)
-    min_x, max_x = min(p[0] for p in points), max(p[0] for p in points)
-    min_y, max_y = min(p[1] for p in points), max(p[1] for p in points)
-    if position is None:
-        cx = _lerp(EDGE_PAD - radius * min_x, 1 - EDGE_PAD - radius * max_x, u_x)
-        cy = _lerp(EDGE_PAD - radius * min_y, 1 - EDGE_PAD - radius * max_y, u_y)
-    elif position == "center":
-        cx = 0.5 + CENTER_MAX_OFFSET * (2 * u_x - 1)
-        cy = 0.5 + CENTER_MAX_OFFSET * (2 * u_y - 1)
-    else:
-        sx = -1.0 if position.endswith("left") else 1.0
-        sy = -1.0 if position.startswith("top") else 1.0
-        extent_x = -min_x if sx < 0 else max_x
-        extent_y = -min_y if sy < 0 else max_y
-        room = 0.5 - EDGE_PAD - QUADRANT_MIN_OFFSET
-        radius = max(min(radius, room / max(extent_x, extent_y)), low)
-        cx = 0.5 + sx * _lerp(QUADRANT_MIN_OFFSET, max(QUADRANT_MIN_OFFSET, 0.5 - EDGE_PAD - radius * extent_x), u_x)
-        cy = 0.5 + sy * _lerp(QUADRANT_MIN_OFFSET, max(QUADRANT_MIN_OFFSET, 0.5 - EDGE_PAD - radius * extent_y), u_y)
+    draws = (rng.random(), rng.random(), rng.random())
+    cx, cy, radius = place(layout, shape, size_word, position, rotation, draws)
     return ShapeSpec(shape, colour, background, size_word, position, cx, cy, radius, rotation)
-
-
-def _lerp(low: float, high: float, t: float) -> float:
-    return low + (high - low) * t
 
 
 def sample_specs(
@@ -381,7 +345,8 @@ def sample_specs(
     split: str = "train",
     position_rate: float = 0.5,
     size_rate: float = 0.5,
-    rotation_jitter: float = DEFAULT_ROTATION_JITTER,
+    rotation_jitter: float | None = None,
+    layout: str = "anchored",
 ) -> list[ShapeSpec]:
     """Draw ``count`` specs deterministically.
 
@@ -395,11 +360,18 @@ def sample_specs(
         split: ``"train"`` (combinations outside the held-out rule) or ``"heldout"`` (see :func:`is_heldout`).
         position_rate: Probability that a caption names a position.
         size_rate: Probability that a caption names a size.
-        rotation_jitter: Shapes other than circles are rotated uniformly within +-this many degrees.
+        rotation_jitter: Shapes other than circles are rotated uniformly within +-this many degrees (default: the
+            layout's, 0 for ``anchored`` and 10 for ``scattered``).
+        layout: ``"anchored"`` (fixed anchors and narrow radius ranges, see :mod:`diffstudio_shapes.layouts`) or
+            ``"scattered"`` (data set generator v1's placement).
 
     Returns:
         The specs.
     """
+    if layout not in LAYOUTS:
+        raise ConfigError(f"Unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}.")
+    if rotation_jitter is None:
+        rotation_jitter = DEFAULT_ROTATION_JITTERS[layout]
     if count < 0:
         raise ConfigError(f"count must be >= 0, got {count}.")
     for name, rate in (("position_rate", position_rate), ("size_rate", size_rate)):
@@ -408,9 +380,9 @@ def sample_specs(
     if not 0.0 <= rotation_jitter <= 45.0:
         raise ConfigError(f"rotation_jitter must be in [0, 45] degrees, got {rotation_jitter}.")
     combos = combinations(shapes, split)
-    key = f"{_SEED_PREFIX}/{seed}/{split}/{'+'.join(shapes)}"
+    key = f"{SEED_PREFIXES[layout]}/{seed}/{split}/{'+'.join(shapes)}"
     return [
-        _sample_one(random.Random(f"{key}/{i}"), combos, position_rate, size_rate, rotation_jitter)
+        _sample_one(random.Random(f"{key}/{i}"), combos, position_rate, size_rate, rotation_jitter, layout)
         for i in range(count)
     ]
 
@@ -468,7 +440,8 @@ def write_dataset(
     split: str = "train",
     position_rate: float = 0.5,
     size_rate: float = 0.5,
-    rotation_jitter: float = DEFAULT_ROTATION_JITTER,
+    rotation_jitter: float | None = None,
+    layout: str = "anchored",
 ) -> DatasetReport:
     """Write a data set in the DiffSynth layout: ``images/NNNNN.png`` plus ``metadata.csv`` (``image,prompt``).
 
@@ -486,7 +459,9 @@ def write_dataset(
         split: ``"train"`` or ``"heldout"``.
         position_rate: Probability that a caption names a position.
         size_rate: Probability that a caption names a size.
-        rotation_jitter: Rotation range in degrees for shapes other than circles.
+        rotation_jitter: Rotation range in degrees for shapes other than circles (default: the layout's).
+        layout: ``"anchored"`` or ``"scattered"`` (see :func:`sample_specs`); the manifest's ``generator``
+            names it (``diffstudio-shapes/v2`` or ``/v1``).
 
     Returns:
         What was written.
@@ -496,10 +471,14 @@ def write_dataset(
     """
     if size < 16:
         raise ConfigError(f"size must be at least 16 pixels, got {size}.")
+    if layout not in LAYOUTS:
+        raise ConfigError(f"Unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}.")
+    if rotation_jitter is None:
+        rotation_jitter = DEFAULT_ROTATION_JITTERS[layout]
     root = Path(folder)
     images = root / "images"
     settings: dict[str, Any] = {
-        "generator": _SEED_PREFIX,
+        "generator": SEED_PREFIXES[layout],
         "seed": seed,
         "size": size,
         "split": split,
@@ -516,6 +495,7 @@ def write_dataset(
         position_rate=position_rate,
         size_rate=size_rate,
         rotation_jitter=rotation_jitter,
+        layout=layout,
     )
     manifest_path = root / "dataset.json"
     if manifest_path.is_file():

@@ -49,10 +49,15 @@ class TextSizes:
 
 @dataclass(frozen=True)
 class DitSizes:
-    """FLUX.2-klein-architecture DiT (no guidance embedder; real CFG at sampling, like klein-base)."""
+    """FLUX.2-klein-architecture DiT (no guidance embedder; real CFG at sampling, like klein-base).
+
+    2 heads of 64 channels: FLUX.2's 4 RoPE axes give each of the image axes ``h`` and ``w`` a quarter of a head,
+    so with 4 heads of 32 only 4 frequencies would place an 8-token side (measured: 2 heads reach a lower loss
+    on the same samples, 0.156 vs 0.167 after 1600 steps).
+    """
 
     hidden_size: int = 128
-    num_heads: int = 4
+    num_heads: int = 2
     depth: int = 2
     depth_single_blocks: int = 4
     mlp_ratio: float = 3.0

@@ -71,7 +71,8 @@ def _batch(step: int, cfg: VaeTraining) -> Tensor:
     ``1 +- brightness_jitter`` (clipped): with palette colours only, the autoencoder would snap every colour back
     to the palette, and a darker or brighter picture (the brightness template's target) could not be encoded.
     """
-    specs = sample_specs(cfg.batch_size, seed=10_000 + cfg.seed * 100_003 + step, shapes=ALL_SHAPES)
+    seed = 10_000 + cfg.seed * 100_003 + step
+    specs = sample_specs(cfg.batch_size, seed=seed, shapes=ALL_SHAPES, layout="scattered")
     pixels = to_tensor([render(spec, IMAGE_SIZE) for spec in specs])
     rng = random.Random(f"crop/{cfg.seed}/{step}")
     for index in range(len(pixels)):
@@ -142,7 +143,8 @@ def measure_statistics(model: Flux2AutoEncoder, cfg: VaeTraining) -> dict[str, f
     squares = torch.zeros_like(total)
     count = 0
     for start in range(0, cfg.stat_images, 32):
-        specs = sample_specs(min(32, cfg.stat_images - start), seed=777 + start, shapes=ALL_SHAPES)
+        chunk = min(32, cfg.stat_images - start)
+        specs = sample_specs(chunk, seed=777 + start, shapes=ALL_SHAPES, layout="scattered")
         x = to_tensor([render(spec, IMAGE_SIZE) for spec in specs])
         mean = model.encoder(x)[:, :z]
         patched = patchify_latents(mean, model.params.patch_size).double()  # (B, 4z, h, w)
@@ -154,7 +156,8 @@ def measure_statistics(model: Flux2AutoEncoder, cfg: VaeTraining) -> dict[str, f
     assert model.bn.running_mean is not None and model.bn.running_var is not None
     model.bn.running_mean.copy_(mu.float())
     model.bn.running_var.copy_(var.float())
-    x = to_tensor([render(s, IMAGE_SIZE) for s in sample_specs(64, seed=4242, shapes=ALL_SHAPES)])
+    specs = sample_specs(64, seed=4242, shapes=ALL_SHAPES, layout="scattered")
+    x = to_tensor([render(s, IMAGE_SIZE) for s in specs])
     round_trip = model.decode(model.encode(x))
     return {"round_trip_l1": float((round_trip - x).abs().mean()), "latent_std": float(var.sqrt().mean())}
 
