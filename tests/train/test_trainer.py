@@ -105,6 +105,11 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tiny_model, tmp_pa
     resumed = train(**tiny_model.options(killed, checkpoint_steps=1, ema_decay=0.9, resume=True, **schedule))
     assert resumed.steps == 8
     assert _max_diff(_weights(reference / "epoch-1.safetensors"), _weights(killed / "epoch-1.safetensors")) == 0.0
+    # resuming a finished run trains nothing and keeps its files and log (it once took one step more)
+    before = {path.name: path.stat().st_mtime_ns for path in reference.iterdir() if path.is_file()}
+    again = train(**tiny_model.options(reference, checkpoint_steps=1, ema_decay=0.9, resume=True, **schedule))
+    assert (again.steps, again.losses, again.files) == (8, [], [])
+    assert {path.name: path.stat().st_mtime_ns for path in reference.iterdir() if path.is_file()} == before
 
 
 def test_two_processes_equal_one_process_with_doubled_accumulation(tiny_model, tmp_path):

@@ -218,6 +218,10 @@ class Trainer:
             if folder is not None:
                 state = load_checkpoint(accelerator, folder)
                 logger.info("resumed from %s (step %d)", folder, state.step)
+                if self._done(state) or state.epoch >= cfg.num_epochs:  # finished: its files and log stay as they are
+                    logger.info("%s is the end of the run (step %d); nothing to train", folder, state.step)
+                    accelerator.end_training()
+                    return TrainResult(steps=state.step, seconds=time.monotonic() - started)
         cache, skip = None, set()
         if cfg.task == "sft:train":
             cache = SampleCache(output / "cache")
