@@ -2,10 +2,12 @@
 
 Every image shows one filled shape of one palette colour on a plain background of another palette colour. A
 :class:`ShapeSpec` holds the words of the caption and the exact geometry; geometry is stored as fractions of the
-image side, so one spec renders at any resolution (``spec.pixels(size)`` gives pixel values).
+image side, so one spec renders at any resolution (``spec.pixels(size)`` gives pixel values). Where a shape goes
+and how large it is follows a layout (:mod:`diffstudio_shapes.layouts`: ``anchored`` by default, ``scattered``).
 
 Everything here is deterministic: spec ``i`` of ``sample_specs(count, seed, ...)`` depends only on the seed, the
-split, the shape list, the rates and ``i`` (not on ``count``), so a larger data set extends a smaller one.
+layout, the split, the shape list, the rates and ``i`` (not on ``count``), so a larger data set extends a smaller
+one.
 No torch here: this module must stay importable without it.
 """
 
