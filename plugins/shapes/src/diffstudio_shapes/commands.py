@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 
 from diffstudio.errors import ConfigError
 
+from diffstudio_shapes.layouts import LAYOUTS
+
 if TYPE_CHECKING:
     from diffstudio.runtime import Runtime
 
@@ -33,7 +35,7 @@ def data_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--layout",
-        choices=("anchored", "scattered"),
+        choices=LAYOUTS,
         default="anchored",
         help="anchored: fixed place per position word (the model's data); scattered: generator v1's placement",
     )

@@ -339,6 +339,13 @@ def _sample_one(
     return ShapeSpec(shape, colour, background, size_word, position, cx, cy, radius, rotation)
 
 
+def _rotation_of(layout: str, rotation_jitter: float | None) -> float:
+    """Check ``layout`` and return the rotation range to use (``rotation_jitter`` or the layout's default)."""
+    if layout not in LAYOUTS:
+        raise ConfigError(f"Unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}.")
+    return DEFAULT_ROTATION_JITTERS[layout] if rotation_jitter is None else rotation_jitter
+
+
 def sample_specs(
     count: int,
     seed: int,
@@ -370,10 +377,7 @@ def sample_specs(
     Returns:
         The specs.
     """
-    if layout not in LAYOUTS:
-        raise ConfigError(f"Unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}.")
-    if rotation_jitter is None:
-        rotation_jitter = DEFAULT_ROTATION_JITTERS[layout]
+    rotation_jitter = _rotation_of(layout, rotation_jitter)
     if count < 0:
         raise ConfigError(f"count must be >= 0, got {count}.")
     for name, rate in (("position_rate", position_rate), ("size_rate", size_rate)):
@@ -473,10 +477,7 @@ def write_dataset(
     """
     if size < 16:
         raise ConfigError(f"size must be at least 16 pixels, got {size}.")
-    if layout not in LAYOUTS:
-        raise ConfigError(f"Unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}.")
-    if rotation_jitter is None:
-        rotation_jitter = DEFAULT_ROTATION_JITTERS[layout]
+    rotation_jitter = _rotation_of(layout, rotation_jitter)  # the manifest records the value used
     root = Path(folder)
     images = root / "images"
     settings: dict[str, Any] = {

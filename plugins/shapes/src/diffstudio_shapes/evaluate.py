@@ -10,6 +10,7 @@ from typing import Any
 
 from diffstudio_shapes.analyse import score
 from diffstudio_shapes.data import BASE_SHAPES, caption, sample_specs
+from diffstudio_shapes.model import DEFAULTS
 
 
 def evaluate(
@@ -51,8 +52,6 @@ def evaluate(
         from diffstudio_flux2 import apply_lora
 
         apply_lora(pipe.dit, lora, name="eval")
-    from diffstudio_shapes.model import DEFAULTS
-
     arguments = {**DEFAULTS, **defaults, **options}
     specs = sample_specs(count, seed=seed, shapes=shapes, split=split)
     captions = [caption(spec) for spec in specs]

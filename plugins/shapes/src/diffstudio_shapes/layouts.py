@@ -78,9 +78,9 @@ def place(
         rotation: Degrees, clockwise.
         draws: ``(u_radius, u_x, u_y)``.
     """
-    u_radius, u_x, u_y = draws
     if layout == "scattered":
         return _scattered(shape, size_word, position, rotation, draws)
+    u_radius, u_x, u_y = draws
     low, high = SIZE_RANGES[size_word] if size_word else DEFAULT_SIZE_RANGE
     radius = _lerp(low, high, u_radius)
     jitter_x, jitter_y = POSITION_JITTER * (2 * u_x - 1), POSITION_JITTER * (2 * u_y - 1)
@@ -104,7 +104,7 @@ def _scattered(
 ) -> tuple[float, float, float]:
     u_radius, u_x, u_y = draws
     low, high = SCATTERED_SIZE_RANGES[size_word] if size_word else SCATTERED_ANY_SIZE_RANGE
-    radius = low + (high - low) * u_radius
+    radius = _lerp(low, high, u_radius)
     left, right, up, down = _extents(shape, rotation)
     if position is None:
         cx = _lerp(EDGE_PAD + radius * left, 1 - EDGE_PAD - radius * right, u_x)
