@@ -14,7 +14,8 @@ faster):
 * ``dit_forward_ratio`` (target <= 0.9): ``Flux.forward`` vs ``FluxTransformer2DModel.forward`` on the same
   inputs, alternating, median of ``--repeat`` runs after a warm-up; the outputs' max abs difference beside it.
 * ``cold_load_ratio_vs_from_pretrained`` (<= 1.0): a fresh process per run (imports done before the clock),
-  files evicted from the page cache, clock stopped once one element of every 4 KiB page of every weight has
+  files read once and then evicted from the page cache (``coldcache.py``: the caches below the VM start level),
+  each side first in alternate repeats, clock stopped once one element of every 4 KiB page of every weight has
   been read; ours loads the diffusers ``transformer/`` folder through ``FluxImagePipeline.from_pretrained``.
 * ``cold_load_ratio_vs_from_single_file`` (<= 0.8): the same for the BFL single file vs diffusers'
   ``from_single_file``. diffusers' FLUX.1 single-file converter hard-codes FLUX.1-dev's width (3072) for the
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from coldcache import level_and_evict
 from diffstudio.testing import import_file
 
 BENCH = "flux1"
@@ -252,16 +254,6 @@ def load_worker(kind: str, folder: Path) -> dict[str, float]:
     return {"load_s": loaded - started, "total_s": time.perf_counter() - started}
 
 
-def evict(paths: list[Path]) -> None:
-    for path in paths:
-        for file in [path] if path.is_file() else sorted(path.iterdir()):
-            fd = os.open(file, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-
-
 def _env() -> dict[str, str]:
     threads = str(torch.get_num_threads())
     return {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "HF_HUB_OFFLINE": "1"}
@@ -270,9 +262,9 @@ def _env() -> dict[str, str]:
 def bench_load(folder: Path, repeat: int, kinds: tuple[tuple[str, str], str, str]) -> None:
     (ours_kind, theirs_kind), figure, target = kinds
     best: dict[str, dict[str, float]] = {}
-    for _ in range(repeat):
-        for kind in (ours_kind, theirs_kind):
-            evict([folder / "flux1.safetensors", folder / "transformer"])
+    for round_ in range(repeat):
+        for kind in (ours_kind, theirs_kind) if round_ % 2 == 0 else (theirs_kind, ours_kind):  # each first in turn
+            level_and_evict([folder / "flux1.safetensors", folder / "transformer"])
             command = [sys.executable, __file__, "--worker", kind, "--dir", str(folder)]
             result = subprocess.run(command, capture_output=True, text=True, check=False, env=_env())
             if result.returncode:

@@ -11,6 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 from diffstudio._markers import hookimpl
 from diffstudio._version import __version__
+from diffstudio.startup import freeze_gc_at_exit
+
+freeze_gc_at_exit()  # the interpreter's finalising collection would walk torch's whole heap: diffstudio.startup
 
 if TYPE_CHECKING:  # pragma: no cover - import-time only for type checkers
     from diffstudio.config import ModelConfig

@@ -104,7 +104,10 @@ def load_clip_encoder(
         StrictLoadError: Missing, unexpected or mis-shaped tensors.
     """
     from diffstudio.loading import build_on_meta, load_state_dict_into
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffstudio.startup import imports_without_gc
+
+    with imports_without_gc():
+        from transformers import CLIPTextConfig, CLIPTextModel
 
     checkpoint = _open(source)
     keys = checkpoint.keys()
@@ -140,7 +143,10 @@ def load_t5_encoder(
         StrictLoadError: Missing, unexpected or mis-shaped tensors.
     """
     from diffstudio.loading import build_on_meta, load_state_dict_into
-    from transformers import T5Config, T5EncoderModel
+    from diffstudio.startup import imports_without_gc
+
+    with imports_without_gc():
+        from transformers import T5Config, T5EncoderModel
 
     checkpoint = _open(source)
     keys = checkpoint.keys()
@@ -183,10 +189,13 @@ def load_tokenizer(source: str | os.PathLike[str] | None, kind: str) -> Any:
     path = path.parent if path.is_file() else path
     if not path.is_dir():
         raise TokenizerConfigError(f"The tokenizer folder {str(path)!r} does not exist. {hint}")
-    from transformers import AutoTokenizer
+    from diffstudio.startup import imports_without_gc
 
     try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        with imports_without_gc():  # transformers, and the tokenizer class's module
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:  # transformers raises many types (OSError, ValueError, ...)
         raise TokenizerConfigError(f"The {kind} tokenizer in {str(path)!r} could not be loaded: {exc}. {hint}") from exc
 

@@ -320,7 +320,10 @@ def load_qwen3_encoder(
         StrictLoadError: missing, unexpected or mis-shaped tensors.
     """
     from diffstudio.loading import build_on_meta
-    from transformers import Qwen3Config, Qwen3Model
+    from diffstudio.startup import imports_without_gc
+
+    with imports_without_gc():
+        from transformers import Qwen3Config, Qwen3Model
 
     checkpoint = _open(source)
     keys = checkpoint.keys()
@@ -333,7 +336,8 @@ def load_qwen3_encoder(
         )
     cfg = Qwen3Config.from_dict(_read_config(checkpoint, config, "Qwen3"))
     kept = _trim(cfg, layers)
-    model = build_on_meta(lambda: Qwen3Model(cfg))
+    with imports_without_gc():
+        model = build_on_meta(lambda: Qwen3Model(cfg))
     rename = {k: k[len(prefix) :] for k in keys if k.startswith(prefix) and k != "lm_head.weight"}
     _assign(model, checkpoint, rename, kept, torch_dtype, device)
     return model
@@ -369,7 +373,10 @@ def load_mistral3_encoder(
         StrictLoadError: missing, unexpected or mis-shaped tensors.
     """
     from diffstudio.loading import build_on_meta
-    from transformers import AutoModel, Mistral3Config, PretrainedConfig
+    from diffstudio.startup import imports_without_gc
+
+    with imports_without_gc():
+        from transformers import AutoModel, Mistral3Config, PretrainedConfig
 
     checkpoint = _open(source)
     keys = checkpoint.keys()
@@ -385,7 +392,8 @@ def load_mistral3_encoder(
     if not isinstance(text_cfg, PretrainedConfig):
         raise TextEncoderError(f"The config of {checkpoint.source} has no Mistral3 text_config.")
     kept = _trim(text_cfg, layers)
-    model = cast(nn.Module, build_on_meta(lambda: AutoModel.from_config(text_cfg)))  # type: ignore[no-untyped-call]
+    with imports_without_gc():  # AutoModel imports the modelling module here
+        model = cast(nn.Module, build_on_meta(lambda: AutoModel.from_config(text_cfg)))  # type: ignore[no-untyped-call]
     rename = {k: k[len(prefix) :] for k in keys if k.startswith(prefix)}
     rename.update({k: k for k in keys if not k.startswith(prefix) and not k.startswith(_MISTRAL3_IGNORED)})
     _assign(model, checkpoint, rename, kept, torch_dtype, device)

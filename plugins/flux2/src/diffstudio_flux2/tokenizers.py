@@ -56,10 +56,13 @@ def load_tokenizer(source: str | os.PathLike[str] | None, kind: str = "qwen3") -
             f"The folder {str(folder)!r} holds no tokenizer files (expected one of "
             f"{', '.join(_TOKENIZER_FILES)}). {hint}"
         )
-    from transformers import AutoTokenizer
+    from diffstudio.startup import imports_without_gc
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        with imports_without_gc():  # transformers, and the tokenizer class's module
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as exc:  # transformers raises many types (OSError, ValueError, JSONDecodeError ...)
         raise TokenizerConfigError(f"The tokenizer in {str(folder)!r} could not be loaded: {exc}. {hint}") from exc
     if not getattr(tokenizer, "chat_template", None):
