@@ -198,7 +198,7 @@ def test_side_path_fused_and_exact_removal(klein, helpers):
     report = apply_lora(model, fx.bfl_keys(spec), name="a", scale=0.7, fuse=True)
     assert report.fused and [r.name for r in list_loras(model)] == ["a"]
     assert not torch.equal(model.state_dict()["img_in.weight"], before["img_in.weight"])
-    _assert_close(fx.run(model, helpers), side, 1e-5, "fused vs side path")
+    _assert_close(fx.run(model, helpers), side, what="fused vs side path")  # rounding only: W x + B A x vs (W + BA) x
     remove_lora(model, "a")
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert torch.equal(fx.run(model, helpers), base) and list_loras(model) == []

@@ -2,26 +2,32 @@
 
 Only stable building blocks live here (the same spirit as diffusers' ``embeddings.py``): attention dispatch in
 the ``(B, L, H, D)`` token layout, rotary position embeddings over N id axes, the sinusoidal timestep
-embedding, and :class:`DeltaLinear`, the ``nn.Linear`` that carries named side paths (LoRA without merging).
+embedding, :class:`DeltaLinear`, the ``nn.Linear`` that carries named side paths (LoRA without merging), the
+:func:`linear` it calls (oneDNN on CPU for inference) and :func:`merge_heads_beside` (single-block concat).
 Importing this package imports torch.
 """
 
 from __future__ import annotations
 
 from diffstudio.nn.attention import SDPAProcessor, attention
+from diffstudio.nn.concat import OutActivation, merge_heads_beside
 from diffstudio.nn.delta import DeltaFn, DeltaLinear, DeltaMap, delta_linears, scoped_deltas, to_delta_linears
 from diffstudio.nn.embeddings import timestep_embedding
+from diffstudio.nn.linear import linear
 from diffstudio.nn.rope import RopeFreqs, apply_rope, rope_frequencies
 
 __all__ = [
     "DeltaFn",
     "DeltaLinear",
     "DeltaMap",
+    "OutActivation",
     "RopeFreqs",
     "SDPAProcessor",
     "apply_rope",
     "attention",
     "delta_linears",
+    "linear",
+    "merge_heads_beside",
     "rope_frequencies",
     "scoped_deltas",
     "timestep_embedding",

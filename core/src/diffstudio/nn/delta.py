@@ -13,8 +13,9 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from diffstudio.nn.linear import linear
 
 DeltaFn = Callable[[Tensor], Tensor]
 """A side path: maps the layer input ``(..., in_features)`` to an output delta ``(..., out_features)``."""
@@ -23,7 +24,8 @@ DeltaFn = Callable[[Tensor], Tensor]
 class DeltaLinear(nn.Linear):
     """``nn.Linear`` computing ``y = W x + b + sum_i delta_i(x)``.
 
-    With no deltas the forward is a single ``F.linear``. Shapes: input ``(..., in_features)``, output
+    With no deltas the forward is a single :func:`~diffstudio.nn.linear.linear` (``F.linear``, or oneDNN's
+    kernel on CPU when no gradient is needed). Shapes: input ``(..., in_features)``, output
     ``(..., out_features)``.
     """
 
@@ -71,7 +73,7 @@ class DeltaLinear(nn.Linear):
 
     def forward(self, input: Tensor) -> Tensor:
         """Apply the base projection plus every delta; ``(..., in) -> (..., out)``."""
-        out = F.linear(input, self.weight, self.bias)
+        out = linear(input, self.weight, self.bias)
         for fn in self._deltas.values():
             out = out + fn(input)
         return out

@@ -9,6 +9,7 @@ channel-major (``c * 4 + 2 * i + j``), over a row-major ``H/2 x W/2`` grid, as B
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
@@ -18,7 +19,12 @@ KONTEXT_T = 1
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """Adaptive affine modulation ``(1 + scale) * x + shift``; x ``(B, L, D)``, shift/scale ``(B, 1, D)``."""
-    return (1 + scale) * x + shift
+    return torch.addcmul(shift, x, 1 + scale)  # one pass over x instead of a product and a sum
+
+
+def gated(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
+    """Gated residual ``x + gate * y`` in one pass; x, y ``(B, L, D)``, gate ``(B, 1, D)``."""
+    return torch.addcmul(x, gate, y)
 
 
 def pack_latents(z: Tensor) -> Tensor:
@@ -75,3 +81,10 @@ def extend_kv(k: Tensor, v: Tensor, extra: tuple[Tensor, Tensor] | None) -> tupl
     k_ext = match_batch(k_ext, batch, "K extension").to(k.dtype)
     v_ext = match_batch(v_ext, batch, "V extension").to(v.dtype)
     return torch.cat([k, k_ext], dim=1), torch.cat([v, v_ext], dim=1)
+
+
+def gelu_tanh(x: Tensor, out: Tensor | None = None) -> Tensor:
+    """GELU with the tanh approximation (FLUX.1's MLP activation); ``out`` receives it when given (no autograd)."""
+    if out is None:
+        return F.gelu(x, approximate="tanh")
+    return torch.ops.aten.gelu.out(x, approximate="tanh", out=out)  # type: ignore[no-any-return]

@@ -26,10 +26,13 @@ def gated(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
     return torch.addcmul(x, gate, y)
 
 
-def swiglu(x: Tensor) -> Tensor:
-    """SwiGLU on a fused projection, ``silu(a) * b`` for the halves ``a, b``: ``(..., 2F) -> (..., F)``."""
+def swiglu(x: Tensor, out: Tensor | None = None) -> Tensor:
+    """SwiGLU on a fused projection, ``silu(a) * b`` for the halves ``a, b``: ``(..., 2F) -> (..., F)``.
+
+    ``out`` receives the result when given (not under autograd).
+    """
     a, b = x.chunk(2, dim=-1)
-    return F.silu(a) * b
+    return torch.mul(F.silu(a), b, out=out) if out is not None else F.silu(a) * b
 
 
 def patchify_latents(z: Tensor, patch: tuple[int, int] = (2, 2)) -> Tensor:
