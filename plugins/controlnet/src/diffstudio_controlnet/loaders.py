@@ -105,7 +105,7 @@ def load_controlnet(checkpoint: Checkpoint, request: LoadRequest) -> nn.Module:
             "pixels, as in XLabs-style models); diffstudio-controlnet runs ControlNets whose condition is VAE "
             "latents (InstantX, alimama, jasperai, Shakker). Use a latent-conditioned ControlNet."
         )
-    state = to_canonical({k: checkpoint.tensor(k) for k in keys})
+    state = to_canonical(checkpoint.state_dict(keys))
     params = ControlNetParams.from_state_dict_shapes({k: tuple(v.shape) for k, v in state.items()})
     model = build_on_meta(lambda: FluxControlNet(params))
     load_state_dict_into(model, state, dtype=request.torch_dtype, device=request.device)

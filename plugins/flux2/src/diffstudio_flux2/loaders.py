@@ -101,8 +101,11 @@ def load_dit(checkpoint: Checkpoint, request: LoadRequest) -> nn.Module:
 
     keys = checkpoint.keys()
     prefix = _strip_prefix(keys)
-    state = {k[len(prefix) :]: checkpoint.tensor(k) for k in keys}
-    if "x_embedder.weight" in state:
+    diffusers_layout = prefix + "x_embedder.weight" in keys
+    # BFL layouts are used as mapped, so their pages are read ahead in parallel; the diffusers layout's q/k/v
+    # fusion copies while it reads, which was 0.1 s faster than reading ahead first (0.72-0.92 s vs 0.90-0.98 s)
+    state = {k[len(prefix) :]: v for k, v in checkpoint.state_dict(keys, prefetch=not diffusers_layout).items()}
+    if diffusers_layout:
         state = convert_diffusers_to_bfl_dit(state)
     params = Flux2Params.from_state_dict_shapes({k: tuple(v.shape) for k, v in state.items()})
     model = build_on_meta(lambda: Flux2(params))
@@ -156,7 +159,7 @@ def load_vae(checkpoint: Checkpoint, request: LoadRequest) -> nn.Module:
     from diffstudio_flux2.params import AutoEncoderParams
     from diffstudio_flux2.vae import Flux2AutoEncoder
 
-    state = {k: checkpoint.tensor(k) for k in checkpoint.keys()}
+    state = checkpoint.state_dict()
     if "quant_conv.weight" in state:
         state = convert_diffusers_to_bfl_vae(state)
     params = AutoEncoderParams.from_state_dict_shapes({k: tuple(v.shape) for k, v in state.items()})

@@ -70,7 +70,7 @@ def load_adapter(checkpoint: Checkpoint, request: LoadRequest) -> nn.Module:
         hidden = checkpoint.shape("double_blocks.0.processor.ip_adapter_double_stream_k_proj.weight")[0]
         args = ("xlabs", embed, context, hidden, rows // context, _count(names, r"double_blocks\.(\d+)\."))
     model = build_on_meta(lambda: FluxIPAdapter(*args))
-    load_state_dict_into(model, {k: checkpoint.tensor(k) for k in names}, dtype=request.torch_dtype,
+    load_state_dict_into(model, checkpoint.state_dict(names), dtype=request.torch_dtype,
                          device=request.device)  # fmt: skip
     return model.eval().requires_grad_(False)
 
