@@ -3,12 +3,18 @@
 A memory-mapped tensor is read from disk by page faults when it is first touched. Each fault reads at most the
 device's read-ahead window (often 128 KiB), one tensor after another in module order, so a cold load is one
 slow stream. :func:`read_in_parallel` instead touches one byte per page of the requested byte ranges from
-several threads (torch reductions release the GIL), which keeps several streams in flight. The tensors stay
+a few threads (torch reductions release the GIL), which keeps several streams in flight. The tensors stay
 memory-mapped: the pages land in the (reclaimable) page cache and nothing is copied.
 
-Measured on the 2-core benchmark VM, FLUX.1 3072-wide BFL file (2.18 GB), caches below the VM levelled, page
-cache empty: model-order faults 1.50-1.93 s, 8 reader threads 1.22-1.53 s (six paired runs, the threads faster
-in each), diffusers' ``from_single_file`` 1.32-2.18 s in the same runs.
+Measured on the 2-core benchmark VM, caches below the VM levelled, page cache empty, paired runs:
+
+* FLUX.2 medium BFL file (0.95 GB): model-order faults 1.03-1.38 s; 8 threads on 32 MiB chunks 0.75-1.03 s;
+  4 threads on 64 MiB chunks 0.66-0.83 s; diffusers' ``from_single_file`` 0.92-1.22 s;
+* FLUX.1 3072-wide BFL file (2.18 GB): model-order faults 1.50-1.93 s; 8 threads 1.22-1.53 s; 4 threads on
+  64 MiB chunks 1.36-1.43 s; diffusers 1.32-2.18 s.
+
+The load benchmarks' ratios move more with the disk's state than with these settings (FLUX.1 BFL file, five runs
+this session: 0.74 to 1.00 of diffusers).
 
 Skipped for small requests (faults are cheap there), when the bytes exceed half of the memory the system
 reports available (the faults then read only what is used), and when ``DIFFSTUDIO_READAHEAD=0`` is set.
@@ -26,13 +32,14 @@ if TYPE_CHECKING:
 
 __all__ = ["MIN_BYTES", "THREADS", "available_memory_bytes", "coalesce", "read_ahead_enabled", "read_in_parallel"]
 
-THREADS = 8
-"""Reader threads: I/O-bound, so more than the cores (8 beat 4 and 16 on the benchmark VM)."""
+THREADS = 4
+"""Reader threads (I/O-bound). In paired runs 4 threads on 64 MiB chunks beat 8 and 16 on 32 MiB and 8 on 8 MiB
+for the 0.95 GB FLUX.2 file, and were level with 6 and 8 for the 2.18 GB FLUX.1 file."""
 
 MIN_BYTES = 64 << 20
 """Requests smaller than this are left to the page faults."""
 
-CHUNK_BYTES = 32 << 20
+CHUNK_BYTES = 64 << 20
 """Each thread reads ranges of at most this size at a time."""
 
 MERGE_GAP_BYTES = 1 << 20
