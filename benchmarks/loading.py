@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import coldcache
 import torch
 from torch import nn
 
@@ -115,12 +115,7 @@ def shard_files(folder: Path) -> list[Path]:
 
 def evict(folder: Path) -> None:
     """Drop the shard files' clean pages from the page cache (no root needed)."""
-    for file in shard_files(folder):
-        fd = os.open(file, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+    coldcache.evict(shard_files(folder))
 
 
 # -- workers (one approach per subprocess) -------------------------------------------------------------------

@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import atexit
 import gc
-import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+from diffstudio._env import switch_on
 
 __all__ = ["freeze_gc_at_exit", "gc_freeze_enabled", "imports_without_gc"]
 
@@ -37,7 +38,7 @@ _exit_handler_registered = False
 
 def gc_freeze_enabled() -> bool:
     """Whether diffstudio may call :func:`gc.freeze` (``DIFFSTUDIO_GC_FREEZE`` unset, or not ``0``/``false``)."""
-    return os.environ.get(_ENV_SWITCH, "1").strip().lower() not in {"0", "false", "no", "off"}
+    return switch_on(_ENV_SWITCH)
 
 
 @contextmanager

@@ -22,10 +22,11 @@ reports available (the faults then read only what is used), and when ``DIFFSTUDI
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
+
+from diffstudio._env import switch_on
 
 if TYPE_CHECKING:
     import torch
@@ -50,7 +51,7 @@ PAGE = 4096
 
 def read_ahead_enabled() -> bool:
     """False when ``DIFFSTUDIO_READAHEAD`` is ``0``, ``false``, ``no`` or ``off``."""
-    return os.environ.get("DIFFSTUDIO_READAHEAD", "1").strip().lower() not in {"0", "false", "no", "off"}
+    return switch_on("DIFFSTUDIO_READAHEAD")
 
 
 def available_memory_bytes() -> int | None:

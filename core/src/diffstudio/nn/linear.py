@@ -24,7 +24,6 @@ unavailable, when the torch build lacks the op, and when ``DIFFSTUDIO_ONEDNN_LIN
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -32,11 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from diffstudio._env import switch_on
+
 __all__ = ["linear", "onednn_linear_available"]
 
 
 def _resolve_op() -> Callable[..., Tensor] | None:
-    if os.environ.get("DIFFSTUDIO_ONEDNN_LINEAR", "1").strip().lower() in {"0", "false", "no", "off"}:
+    if not switch_on("DIFFSTUDIO_ONEDNN_LINEAR"):
         return None
     if not torch.backends.mkldnn.is_available():  # type: ignore[no-untyped-call]
         return None
