@@ -14,6 +14,7 @@ from diffstudio.nn.concat import OutActivation, merge_heads_beside
 from diffstudio.nn.delta import DeltaFn, DeltaLinear, DeltaMap, delta_linears, scoped_deltas, to_delta_linears
 from diffstudio.nn.embeddings import timestep_embedding
 from diffstudio.nn.linear import linear
+from diffstudio.nn.norm import RMSNorm
 from diffstudio.nn.rope import RopeFreqs, apply_rope, rope_frequencies
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "DeltaLinear",
     "DeltaMap",
     "OutActivation",
+    "RMSNorm",
     "RopeFreqs",
     "SDPAProcessor",
     "apply_rope",

@@ -12,8 +12,15 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import torch
-import torch.nn.functional as F
-from diffstudio.nn import DeltaLinear, RopeFreqs, SDPAProcessor, apply_rope, merge_heads_beside, rope_frequencies
+from diffstudio.nn import (
+    DeltaLinear,
+    RMSNorm,
+    RopeFreqs,
+    SDPAProcessor,
+    apply_rope,
+    merge_heads_beside,
+    rope_frequencies,
+)
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -65,20 +72,6 @@ class AttentionProcessor(Protocol):
 
 
 DEFAULT_PROCESSOR: AttentionProcessor = SDPAProcessor()
-
-
-class RMSNorm(nn.Module):
-    """RMS normalisation over the last axis with a learned ``scale``, computed in float32."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.scale = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Normalise ``(..., dim)``: ``x / sqrt(mean(x^2) + 1e-6)`` in float32, cast back, times ``scale``."""
-        if x.dtype == torch.float32 and self.scale.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), self.scale, eps=1e-6)  # one fused pass (4.1 -> 0.5 ms on q)
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=1e-6).to(x.dtype) * self.scale
 
 
 class QKNorm(nn.Module):
