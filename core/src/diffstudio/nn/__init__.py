@@ -14,6 +14,7 @@ from diffstudio.nn.concat import OutActivation, merge_heads_beside
 from diffstudio.nn.delta import DeltaFn, DeltaLinear, DeltaMap, delta_linears, scoped_deltas, to_delta_linears
 from diffstudio.nn.embeddings import timestep_embedding
 from diffstudio.nn.linear import linear
+from diffstudio.nn.modulation import gated, modulate
 from diffstudio.nn.norm import RMSNorm
 from diffstudio.nn.rope import RopeFreqs, apply_rope, rope_frequencies
 
@@ -28,8 +29,10 @@ __all__ = [
     "apply_rope",
     "attention",
     "delta_linears",
+    "gated",
     "linear",
     "merge_heads_beside",
+    "modulate",
     "rope_frequencies",
     "scoped_deltas",
     "timestep_embedding",

@@ -20,13 +20,15 @@ from diffstudio.nn import (
     SDPAProcessor,
     apply_rope,
     attention,
+    gated,
     merge_heads_beside,
+    modulate,
     rope_frequencies,
 )
 from einops import rearrange
 from torch import Tensor, nn
 
-from diffstudio_flux1.math import extend_kv, gated, gelu_tanh, modulate
+from diffstudio_flux1.math import extend_kv, gelu_tanh
 
 BlockKind = Literal["double", "single"]
 ModParams = tuple[Tensor, Tensor, Tensor]

@@ -17,16 +17,6 @@ KONTEXT_T = 1
 """Time-axis id of Kontext reference-image tokens."""
 
 
-def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    """Adaptive affine modulation ``(1 + scale) * x + shift``; x ``(B, L, D)``, shift/scale ``(B, 1, D)``."""
-    return torch.addcmul(shift, x, 1 + scale)  # one pass over x instead of a product and a sum
-
-
-def gated(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
-    """Gated residual ``x + gate * y`` in one pass; x, y ``(B, L, D)``, gate ``(B, 1, D)``."""
-    return torch.addcmul(x, gate, y)
-
-
 def pack_latents(z: Tensor) -> Tensor:
     """Latent image to tokens: ``(B, C, H, W) -> (B, H/2 * W/2, 4 C)``."""
     return rearrange(z, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=2, pw=2)

@@ -18,13 +18,15 @@ from diffstudio.nn import (
     RopeFreqs,
     SDPAProcessor,
     apply_rope,
+    gated,
     merge_heads_beside,
+    modulate,
     rope_frequencies,
 )
 from einops import rearrange
 from torch import Tensor, nn
 
-from diffstudio_flux2.math import extend_kv, gated, modulate, swiglu
+from diffstudio_flux2.math import extend_kv, swiglu
 
 BlockKind = Literal["double", "single"]
 ModParams = tuple[Tensor, Tensor, Tensor]

@@ -16,16 +16,6 @@ REFERENCE_T_STEP = 10
 """Time-axis spacing of reference (edit) images: image ``i`` gets ``t = 10 * (i + 1)``."""
 
 
-def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    """Adaptive affine modulation ``(1 + scale) * x + shift``; x ``(B, L, D)``, shift/scale ``(B, 1, D)``."""
-    return torch.addcmul(shift, x, 1 + scale)  # one pass over x instead of a product and a sum
-
-
-def gated(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
-    """Gated residual ``x + gate * y``; x, y ``(B, L, D)``, gate ``(B, 1, D)``."""
-    return torch.addcmul(x, gate, y)
-
-
 def swiglu(x: Tensor, out: Tensor | None = None) -> Tensor:
     """SwiGLU on a fused projection, ``silu(a) * b`` for the halves ``a, b``: ``(..., 2F) -> (..., F)``.
 
