@@ -10,15 +10,26 @@ diffusers run, and the load benchmark always ran diffusers right after diffstudi
 :func:`level_and_evict` therefore reads every file once, sequentially, before evicting it: each timed run then
 starts from the same state (blocks warm below the VM, cold in its page cache), whichever side ran before it.
 The load benchmarks also alternate which side runs first in each repeat.
+
+:func:`plain_read` is the yardstick both loaders are measured against: a fresh process that maps the file and
+reads one byte of every 4 KiB page from two threads, with no model at all (``python coldcache.py FILE``). On the
+benchmark VM a cold page costs its disk read plus the first CPU touch of a page the host has just filled, and
+both scale with bytes, not with the loader; a loader can only approach this figure, not beat it.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Iterable
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-__all__ = ["evict", "level_and_evict", "weight_files"]
+__all__ = ["evict", "level_and_evict", "paired_rounds", "plain_read", "run_plain_read", "summary", "weight_files"]
 
 CHUNK = 16 << 20
 
@@ -47,3 +58,74 @@ def level_and_evict(paths: Iterable[Path]) -> None:
             while handle.readinto(buffer):
                 pass
     evict(files)
+
+
+PAGE = 4096
+READ_CHUNK = 64 << 20
+
+
+def plain_read(file: Path, threads: int = 2) -> float:
+    """Seconds to map ``file`` and read one byte of every page, ``READ_CHUNK`` ranges spread over ``threads``."""
+    import torch
+
+    size = file.stat().st_size
+    started = time.perf_counter()
+    storage = torch.UntypedStorage.from_file(str(file), shared=False, nbytes=size)
+    data = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (size,), (1,))
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(lambda start: int(data[start : start + READ_CHUNK][::PAGE].sum()), range(0, size, READ_CHUNK)))
+    return time.perf_counter() - started
+
+
+def run_plain_read(file: Path, env: dict[str, str] | None = None) -> dict[str, float]:
+    """:func:`plain_read` of ``file`` in a fresh process (torch imported before the clock starts)."""
+    command = [sys.executable, __file__, str(file)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+    if result.returncode:
+        raise RuntimeError(f"plain read of {file} failed:\n{result.stderr[-4000:]}")
+    data: dict[str, float] = json.loads(result.stdout.strip().splitlines()[-1])
+    return data
+
+
+def paired_rounds(
+    kinds: Sequence[str], run: Callable[[str], dict[str, float]], repeat: int
+) -> dict[str, list[dict[str, float]]]:
+    """Run every kind once per round, ``repeat`` rounds, rotating which goes first; return the runs per kind.
+
+    ``run(kind)`` must start from a levelled, evicted cache itself (:func:`level_and_evict`).
+    """
+    runs: dict[str, list[dict[str, float]]] = {kind: [] for kind in kinds}
+    for round_ in range(repeat):
+        shift = round_ % len(kinds)
+        for kind in [*kinds[shift:], *kinds[:shift]]:
+            runs[kind].append(run(kind))
+    return runs
+
+
+def summary(
+    runs: dict[str, list[dict[str, float]]], ours: str, theirs: str, floor: str | None = None
+) -> dict[str, object]:
+    """Figures beside a best-of ratio: the ratio of each round's pair and their median, every run's seconds,
+    and (with ``floor``) each side's best over the best plain read."""
+    totals = {kind: [r["total_s"] for r in kind_runs] for kind, kind_runs in runs.items()}
+    paired = [a / b for a, b in zip(totals[ours], totals[theirs], strict=True)]
+    figures: dict[str, object] = {
+        "paired_ratio_median": round(statistics.median(paired), 4),
+        "paired_ratios": [round(r, 3) for r in paired],
+        "runs_s": {kind: [round(t, 3) for t in values] for kind, values in totals.items()},
+    }
+    if floor is not None:
+        floor_s = min(totals[floor])
+        figures |= {
+            "plain_read_s": round(floor_s, 4),
+            "ours_over_plain_read": round(min(totals[ours]) / floor_s, 3),
+            "diffusers_over_plain_read": round(min(totals[theirs]) / floor_s, 3),
+        }
+    return figures
+
+
+if __name__ == "__main__":
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    print(json.dumps({"total_s": plain_read(Path(sys.argv[1]))}))

@@ -20,6 +20,9 @@ faster):
 * ``cold_load_ratio_vs_from_single_file`` (<= 0.8): the same for the BFL single file vs diffusers'
   ``from_single_file``. diffusers' FLUX.1 single-file converter hard-codes FLUX.1-dev's width (3072) for the
   single blocks, so this figure uses a 3072-wide DiT (1 double + 1 single block, about 480M parameters).
+  Each round also times ``coldcache.plain_read`` of the same file (no model: the cold-read yardstick) and the
+  ratio line carries ``paired_ratio_median`` (the median of the rounds' own ratios), ``runs_s`` and each side's
+  best over the plain read. The headline value stays the ratio of the best runs.
 * ``pipeline_ratio`` (<= 1.0): a full 4-step text-to-image call (CLIP + T5 prompt encoding, 4 DiT steps, VAE
   decode, PIL) at 512 x 512 with the same initial noise, ``FluxImagePipeline`` vs ``FluxPipeline``. The text
   encoders and the 4-level VAE are tiny (built as in the plugin's tests) so the DiT dominates.
@@ -40,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from coldcache import level_and_evict
+from coldcache import level_and_evict, paired_rounds, run_plain_read, summary
 from diffstudio.testing import import_file
 
 BENCH = "flux1"
@@ -261,22 +264,28 @@ def _env() -> dict[str, str]:
 
 def bench_load(folder: Path, repeat: int, kinds: tuple[tuple[str, str], str, str]) -> None:
     (ours_kind, theirs_kind), figure, target = kinds
-    best: dict[str, dict[str, float]] = {}
-    for round_ in range(repeat):
-        for kind in (ours_kind, theirs_kind) if round_ % 2 == 0 else (theirs_kind, ours_kind):  # each first in turn
-            level_and_evict([folder / "flux1.safetensors", folder / "transformer"])
-            command = [sys.executable, __file__, "--worker", kind, "--dir", str(folder)]
-            result = subprocess.run(command, capture_output=True, text=True, check=False, env=_env())
-            if result.returncode:
-                raise RuntimeError(f"load worker {kind} failed:\n{result.stderr[-4000:]}")
-            run = json.loads(result.stdout.strip().splitlines()[-1])
-            if kind not in best or run["total_s"] < best[kind]["total_s"]:
-                best[kind] = run
+    single_file = ours_kind == "ours_bfl"
+
+    def run(kind: str) -> dict[str, float]:
+        level_and_evict([folder / "flux1.safetensors", folder / "transformer"])
+        if kind == "plain_read":
+            return run_plain_read(folder / "flux1.safetensors", _env())
+        command = [sys.executable, __file__, "--worker", kind, "--dir", str(folder)]
+        result = subprocess.run(command, capture_output=True, text=True, check=False, env=_env())
+        if result.returncode:
+            raise RuntimeError(f"load worker {kind} failed:\n{result.stderr[-4000:]}")
+        data: dict[str, float] = json.loads(result.stdout.strip().splitlines()[-1])
+        return data
+
+    runs = paired_rounds((ours_kind, theirs_kind, *(["plain_read"] if single_file else [])), run, repeat)
+    best = {kind: min(kind_runs, key=lambda r: r["total_s"]) for kind, kind_runs in runs.items()}
     gb = round((folder / "flux1.safetensors").stat().st_size / 1e9, 3)
-    for kind, run in best.items():
-        emit(f"cold_load_{kind}_s", run["total_s"], "s", load_s=round(run["load_s"], 4), file_gb=gb)
+    for kind, best_run in best.items():
+        load_s = round(best_run.get("load_s", best_run["total_s"]), 4)
+        emit(f"cold_load_{kind}_s", best_run["total_s"], "s", load_s=load_s, file_gb=gb)
     ratio(figure, best[ours_kind]["total_s"], best[theirs_kind]["total_s"], target, file_gb=gb,
-          dit_parameters=parameter_count(folder))  # fmt: skip
+          dit_parameters=parameter_count(folder),
+          **summary(runs, ours_kind, theirs_kind, "plain_read" if single_file else None))  # fmt: skip
 
 
 # -- full pipeline -------------------------------------------------------------------------------------------

@@ -21,7 +21,10 @@ ours / diffusers, so below 1 is faster (in-process comparisons also give the rat
   side goes first in alternate repeats, and the clock stops once one element of every 4 KiB page of every
   weight has been read. Ours loads the diffusers ``transformer/`` folder and the BFL file through
   ``Flux2ImagePipeline.from_pretrained``; diffusers runs ``from_pretrained`` on the folder and
-  ``from_single_file`` on the BFL file. Best of ``--repeat``.
+  ``from_single_file`` on the BFL file. Best of ``--repeat``. Plugin discovery (``Runtime()``) is done before
+  the clock, like the imports. Each BFL round also times ``coldcache.plain_read`` of the file (no model: the
+  cold-read yardstick); both ratio lines carry ``paired_ratio_median`` (the median of the rounds' own ratios)
+  and ``runs_s``, the BFL line also each side's best over the plain read.
 * ``pipeline_ratio`` (<= 1.0): a full 4-step text-to-image call (prompt encoding, 4 DiT steps, VAE decode, PIL)
   with the same initial noise, ``Flux2ImagePipeline`` vs ``Flux2KleinPipeline`` built from the same folder.
 * ``startup_ratio`` (<= 0.7): wall time from process start to a saved PNG for a script that loads a tiny klein
@@ -43,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from coldcache import level_and_evict
+from coldcache import level_and_evict, paired_rounds, run_plain_read, summary
 from flux2_models import SIZES, Size, build_repository, parameter_count
 
 BENCH = "flux2"
@@ -161,16 +164,18 @@ def touch(model: torch.nn.Module) -> float:
 def load_worker(kind: str, folder: Path) -> dict[str, float]:
     """Import everything, then time one load + touch. ``kind``: ours_bfl, ours_folder, from_pretrained, ..."""
     from diffstudio import ModelConfig
+    from diffstudio.runtime import Runtime
     from diffstudio_flux2.pipeline import Flux2ImagePipeline
     from diffusers import Flux2Transformer2DModel
 
     torch.set_num_threads(2)
+    runtime = Runtime()  # plugin discovery is a per-process cost, like diffusers' imports (as in flux1.py)
     started = time.perf_counter()
     model: torch.nn.Module
     if kind.startswith("ours"):
         path = folder / ("flux2.safetensors" if kind == "ours_bfl" else "transformer")
         model = Flux2ImagePipeline.from_pretrained(
-            torch_dtype=torch.float32, device="cpu", model_configs=[ModelConfig(path=str(path))]
+            torch_dtype=torch.float32, device="cpu", model_configs=[ModelConfig(path=str(path))], runtime=runtime
         ).dit
     elif kind == "from_pretrained":
         model = Flux2Transformer2DModel.from_pretrained(str(folder / "transformer"), torch_dtype=torch.float32)
@@ -184,7 +189,10 @@ def load_worker(kind: str, folder: Path) -> dict[str, float]:
 
 
 def run_load_worker(kind: str, folder: Path) -> dict[str, float]:
+    """One cold run of ``kind`` in a fresh process (``plain_read``: the file alone, no model)."""
     level_and_evict([folder / "flux2.safetensors", folder / "transformer"])
+    if kind == "plain_read":
+        return run_plain_read(folder / "flux2.safetensors", _env())
     command = [sys.executable, __file__, "--worker", kind, "--dir", str(folder)]
     result = subprocess.run(command, capture_output=True, text=True, check=False, env=_env())
     if result.returncode:
@@ -194,21 +202,23 @@ def run_load_worker(kind: str, folder: Path) -> dict[str, float]:
 
 
 def bench_load(folder: Path, repeat: int) -> None:
-    best: dict[str, dict[str, float]] = {}
-    pairs = (("ours_folder", "from_pretrained"), ("ours_bfl", "from_single_file"))
-    for round_ in range(repeat):
-        for pair in pairs:
-            for kind in pair if round_ % 2 == 0 else reversed(pair):  # each side goes first in turn
-                run = run_load_worker(kind, folder)
-                if kind not in best or run["total_s"] < best[kind]["total_s"]:
-                    best[kind] = run
     size_gb = round((folder / "flux2.safetensors").stat().st_size / 1e9, 3)
-    for kind, run in best.items():
-        emit(f"cold_load_{kind}_s", run["total_s"], "s", load_s=round(run["load_s"], 4), file_gb=size_gb)
+
+    def run(kind: str) -> dict[str, float]:
+        return run_load_worker(kind, folder)
+
+    folder_runs = paired_rounds(("ours_folder", "from_pretrained"), run, repeat)
+    bfl_runs = paired_rounds(("ours_bfl", "from_single_file", "plain_read"), run, repeat)
+    best = {kind: min(runs, key=lambda r: r["total_s"]) for kind, runs in {**folder_runs, **bfl_runs}.items()}
+    for kind, best_run in best.items():
+        load_s = round(best_run.get("load_s", best_run["total_s"]), 4)
+        emit(f"cold_load_{kind}_s", best_run["total_s"], "s", load_s=load_s, file_gb=size_gb)
     ratio("cold_load_ratio_vs_from_pretrained", best["ours_folder"]["total_s"], best["from_pretrained"]["total_s"],
-          "<= 1.0", what="diffusers transformer/ folder, both sides")  # fmt: skip
+          "<= 1.0", what="diffusers transformer/ folder, both sides",
+          **summary(folder_runs, "ours_folder", "from_pretrained"))  # fmt: skip
     ratio("cold_load_ratio_vs_from_single_file", best["ours_bfl"]["total_s"], best["from_single_file"]["total_s"],
-          "<= 0.8", what="BFL single file, both sides")  # fmt: skip
+          "<= 0.8", what="BFL single file, both sides",
+          **summary(bfl_runs, "ours_bfl", "from_single_file", "plain_read"))  # fmt: skip
 
 
 # -- full pipeline -------------------------------------------------------------------------------------------
