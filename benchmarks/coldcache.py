@@ -29,7 +29,10 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-__all__ = ["evict", "level_and_evict", "paired_rounds", "plain_read", "run_plain_read", "summary", "weight_files"]
+__all__ = [
+    "evict", "level_and_evict", "paired_rounds", "plain_read", "read_through", "run_plain_read", "summary",
+    "weight_files",
+]  # fmt: skip
 
 CHUNK = 16 << 20
 
@@ -49,15 +52,20 @@ def evict(paths: Iterable[Path]) -> None:
             os.close(fd)
 
 
-def level_and_evict(paths: Iterable[Path]) -> None:
-    """Read the files of ``paths`` once (levelling the caches below this machine), then :func:`evict` them."""
+def read_through(paths: Iterable[Path]) -> list[Path]:
+    """Read the files of ``paths`` once, sequentially (they end up in the page cache); return the files."""
     files = weight_files(paths)
     buffer = bytearray(CHUNK)
     for file in files:
         with open(file, "rb", buffering=0) as handle:
             while handle.readinto(buffer):
                 pass
-    evict(files)
+    return files
+
+
+def level_and_evict(paths: Iterable[Path]) -> None:
+    """Read the files of ``paths`` once (levelling the caches below this machine), then :func:`evict` them."""
+    evict(read_through(paths))
 
 
 PAGE = 4096
