@@ -19,15 +19,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, cast
 
 import torch
-from diffstudio.nn import DeltaLinear, timestep_embedding
-from diffstudio_flux1.layers import (
-    AttentionContext,
-    DoubleStreamBlock,
-    EmbedND,
-    MLPEmbedder,
-    RMSNorm,
-    SingleStreamBlock,
-)
+from diffstudio.nn import AttentionContext, DeltaLinear, RMSNorm, timestep_embedding
+from diffstudio_flux1.layers import DoubleStreamBlock, EmbedND, MLPEmbedder, SingleStreamBlock
 from diffstudio_flux1.params import TIMESTEP_DIM, count_blocks, default_axes_dim
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint

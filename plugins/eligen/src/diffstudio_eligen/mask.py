@@ -18,8 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from diffstudio.nn import attention
-from diffstudio_flux1.layers import AttentionContext
+from diffstudio.nn import AttentionContext, attention
 from torch import Tensor
 
 MASK_KEY = "eligen_attention_mask"

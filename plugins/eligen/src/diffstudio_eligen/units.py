@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 from diffstudio.errors import PipelineInputError
+from diffstudio.nn import DEFAULT_PROCESSOR
 from diffstudio.pipeline.base import BasePipeline
 from diffstudio.pipeline.units import InputParam, OutputParam, PipelineUnit
-from diffstudio_flux1.layers import DEFAULT_PROCESSOR
 from PIL import Image
 from torch import Tensor
 

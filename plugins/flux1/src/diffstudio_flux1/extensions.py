@@ -20,9 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
+from diffstudio.nn import BlockKind
 from torch import Tensor
-
-from diffstudio_flux1.layers import BlockKind
 
 
 @dataclass(frozen=True)

@@ -12,23 +12,27 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any, ClassVar, Protocol, TypeVar, cast
 
 import torch
-from diffstudio.nn import DeltaLinear, RopeFreqs, timestep_embedding
-from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
-
-from diffstudio_flux1.layers import (
+from diffstudio.nn import (
     DEFAULT_PROCESSOR,
     AttentionContext,
     AttentionProcessor,
     BlockKind,
+    DeltaLinear,
+    RMSNorm,
+    RopeFreqs,
+    match_batch,
+    timestep_embedding,
+)
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from diffstudio_flux1.layers import (
     DoubleStreamBlock,
     EmbedND,
     LastLayer,
     MLPEmbedder,
-    RMSNorm,
     SingleStreamBlock,
 )
-from diffstudio_flux1.math import match_batch
 from diffstudio_flux1.params import TIMESTEP_DIM, FluxParams
 
 _T = TypeVar("_T")

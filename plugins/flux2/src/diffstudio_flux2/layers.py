@@ -7,17 +7,16 @@ Every ``Linear`` is a :class:`~diffstudio.nn.DeltaLinear` (side paths for LoRA; 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
-
 import torch
 from diffstudio.nn import (
+    DEFAULT_PROCESSOR,
+    AttentionContext,
+    AttentionProcessor,
     DeltaLinear,
-    RMSNorm,
+    QKNorm,
     RopeFreqs,
-    SDPAProcessor,
     apply_rope,
+    extend_kv,
     gated,
     merge_heads_beside,
     modulate,
@@ -26,67 +25,12 @@ from diffstudio.nn import (
 from einops import rearrange
 from torch import Tensor, nn
 
-from diffstudio_flux2.math import extend_kv, swiglu
+from diffstudio_flux2.math import swiglu
 
-BlockKind = Literal["double", "single"]
 ModParams = tuple[Tensor, Tensor, Tensor]
 """One (shift, scale, gate) set, each ``(B, 1, D)``."""
 
 
-@dataclass(frozen=True)
-class AttentionContext:
-    """What an attention processor is told besides q, k and v.
-
-    The query sequence is ``[txt_len text tokens | img_len target-image tokens | ref_len extra image tokens]``
-    (double and single blocks alike); keys/values are the same tokens followed by ``kv_len`` extension tokens.
-
-    Attributes:
-        kind: ``"double"`` or ``"single"``.
-        index: Block index within its kind.
-        txt_len: Text tokens, including appended extra text tokens.
-        img_len: Target-image tokens (the ones whose output the DiT returns).
-        ref_len: Extra (reference/edit) image tokens after the target image.
-        kv_len: K/V extension tokens appended after the keys/values of the sequence.
-        extras: The ``attention_kwargs`` mapping given to the DiT's forward (e.g. masks), shared by all
-            blocks.
-    """
-
-    kind: BlockKind
-    index: int
-    txt_len: int
-    img_len: int
-    ref_len: int = 0
-    kv_len: int = 0
-    extras: Mapping[str, Any] = field(default_factory=dict)
-
-
-class AttentionProcessor(Protocol):
-    """The attention slot of a block: ``processor(q, k, v, context) -> out``.
-
-    ``q`` is ``(B, Lq, H, Dh)``, ``k``/``v`` are ``(B, Lk, H, Dh)`` with ``Lk = Lq + context.kv_len``; q and k
-    are QK-normed and rotated (RoPE). Returns ``(B, Lq, H, Dh)``. Processors are plain objects (not
-    submodules), so they never change the DiT's state dict; one that owns weights moves them itself.
-    """
-
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor, context: AttentionContext) -> Tensor:
-        """Attend ``q`` over ``k``/``v``; ``(B, Lq, H, Dh)`` out."""
-        ...
-
-
-DEFAULT_PROCESSOR: AttentionProcessor = SDPAProcessor()
-
-
-class QKNorm(nn.Module):
-    """Per-head RMS norms of queries and keys."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.query_norm = RMSNorm(dim)
-        self.key_norm = RMSNorm(dim)
-
-    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Normalise q, k ``(B, L, H, Dh)`` and cast them to ``v``'s dtype."""
-        return self.query_norm(q).to(v), self.key_norm(k).to(v)
 
 
 class SelfAttention(nn.Module):

@@ -1,4 +1,4 @@
-"""Pure tensor functions of the FLUX.2 model code: modulation, SwiGLU, latent packing and position ids.
+"""Pure tensor functions of the FLUX.2 model code: SwiGLU, latent packing and position ids.
 
 Vocabulary: ``x`` are packed image-latent tokens, ``ctx`` text-encoder tokens, ``*_ids`` their 4-axis position
 ids ``(t, h, w, l)``. Target-image tokens have ``(0, h, w, 0)``, reference (edit) image ``i`` has
@@ -74,35 +74,3 @@ def text_ids(batch: int, length: int, start: int = 0, device: torch.device | str
     return ids.expand(batch, -1, -1)
 
 
-def match_batch(t: Tensor, batch: int, what: str) -> Tensor:
-    """Expand a batch-1 tensor to ``batch`` rows; other mismatches are an error naming ``what``."""
-    if t.shape[0] == batch:
-        return t
-    if t.shape[0] == 1:
-        return t.expand(batch, *t.shape[1:])
-    raise ValueError(f"{what} has batch size {t.shape[0]}, expected 1 or {batch}")
-
-
-def extend_kv(k: Tensor, v: Tensor, extra: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
-    """Append extension keys/values along tokens.
-
-    Args:
-        k: Keys ``(B, L, H, D)`` after RoPE.
-        v: Values ``(B, L, H, D)``.
-        extra: ``(K_ext, V_ext)``, each ``(B or 1, L_ext, H, D)``, or None.
-
-    Returns:
-        Keys and values of shape ``(B, L + L_ext, H, D)`` (unchanged when ``extra`` is None).
-    """
-    if extra is None:
-        return k, v
-    k_ext, v_ext = extra
-    if k_ext.shape[2:] != k.shape[2:] or v_ext.shape[2:] != v.shape[2:] or k_ext.shape[1] != v_ext.shape[1]:
-        raise ValueError(
-            f"K/V extension shapes {tuple(k_ext.shape)} / {tuple(v_ext.shape)} do not fit keys "
-            f"{tuple(k.shape)} (expected (B, L_extra, {k.shape[2]}, {k.shape[3]}))"
-        )
-    batch = k.shape[0]
-    k_ext = match_batch(k_ext, batch, "K extension").to(k.dtype)
-    v_ext = match_batch(v_ext, batch, "V extension").to(v.dtype)
-    return torch.cat([k, k_ext], dim=1), torch.cat([v, v_ext], dim=1)

@@ -11,24 +11,28 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any, ClassVar, Protocol, TypeVar, cast
 
 import torch
-from diffstudio.nn import DeltaLinear, timestep_embedding
-from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
-
-from diffstudio_flux2.layers import (
+from diffstudio.nn import (
     DEFAULT_PROCESSOR,
     AttentionContext,
     AttentionProcessor,
     BlockKind,
+    DeltaLinear,
+    RMSNorm,
+    match_batch,
+    timestep_embedding,
+)
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from diffstudio_flux2.layers import (
     DoubleStreamBlock,
     EmbedND,
     LastLayer,
     MLPEmbedder,
     Modulation,
-    RMSNorm,
     SingleStreamBlock,
 )
-from diffstudio_flux2.math import match_batch, text_ids
+from diffstudio_flux2.math import text_ids
 from diffstudio_flux2.params import TIMESTEP_DIM, Flux2Params
 
 _T = TypeVar("_T")

@@ -23,11 +23,10 @@ from typing import Any
 
 import torch
 from diffstudio.errors import PipelineInputError
-from diffstudio.nn import RopeFreqs, apply_rope, attention
+from diffstudio.nn import DEFAULT_PROCESSOR, AttentionContext, RopeFreqs, apply_rope, attention
 from diffstudio.pipeline.base import BasePipeline
 from diffstudio.pipeline.units import InputParam, OutputParam, PipelineUnit
 from diffstudio_flux1.extensions import SummedResidual
-from diffstudio_flux1.layers import DEFAULT_PROCESSOR, AttentionContext
 from torch import Tensor
 
 from diffstudio_ipadapter.encoders import encode_images
