@@ -29,17 +29,20 @@ def as_images(value: Any, argument: str) -> list[Image.Image]:
 
 def encode_images(encoder: Any, value: Any, argument: str) -> Tensor:
     """Embeddings ``(N, E)`` of the images (float32, on the encoder's device)."""
-    import transformers
+    from diffstudio.startup import imports_without_gc
+
+    with imports_without_gc():  # the image processors' modules
+        from transformers import CLIPImageProcessor, SiglipImageProcessor, SiglipVisionModel
 
     images = as_images(value, argument)
     size = int(encoder.config.image_size)
     param = next(encoder.parameters())
-    if isinstance(encoder, transformers.SiglipVisionModel):
-        processor: Any = transformers.SiglipImageProcessor(size={"height": size, "width": size})
+    if isinstance(encoder, SiglipVisionModel):
+        processor: Any = SiglipImageProcessor(size={"height": size, "width": size})
     else:
-        processor = transformers.CLIPImageProcessor(size=size, crop_size=size)
+        processor = CLIPImageProcessor(size=size, crop_size=size)
     pixels = processor(images=images, return_tensors="pt").pixel_values.to(param.device, param.dtype)
     with torch.no_grad():
         out = encoder(pixel_values=pixels)
-    embeds: Tensor = out.pooler_output if isinstance(encoder, transformers.SiglipVisionModel) else out.image_embeds
+    embeds: Tensor = out.pooler_output if isinstance(encoder, SiglipVisionModel) else out.image_embeds
     return embeds.float()

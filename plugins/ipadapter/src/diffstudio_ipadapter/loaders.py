@@ -81,8 +81,16 @@ def load_image_encoder(checkpoint: Checkpoint, request: LoadRequest) -> Any:
     Raises:
         CheckpointError: The folder has no ``config.json``.
     """
-    import transformers
     from diffstudio.loading import build_on_meta, load_state_dict_into
+    from diffstudio.startup import imports_without_gc
+
+    with imports_without_gc():  # as for the families' text encoders (diffstudio.startup)
+        from transformers import (
+            CLIPVisionConfig,
+            CLIPVisionModelWithProjection,
+            SiglipVisionConfig,
+            SiglipVisionModel,
+        )
 
     config_path = Path(checkpoint.files[0]).parent / "config.json"
     if not config_path.is_file():
@@ -90,11 +98,11 @@ def load_image_encoder(checkpoint: Checkpoint, request: LoadRequest) -> Any:
     data = json.loads(config_path.read_text(encoding="utf-8"))
     siglip = any(k.startswith(("vision_model.head.", "head.attention.")) for k in checkpoint.keys())
     if siglip:
-        config = transformers.SiglipVisionConfig(**data.get("vision_config", data))
-        model = build_on_meta(lambda: transformers.SiglipVisionModel(config))
+        config = SiglipVisionConfig(**data.get("vision_config", data))
+        model = build_on_meta(lambda: SiglipVisionModel(config))
     else:
-        config = transformers.CLIPVisionConfig(**data.get("vision_config", data))
-        model = build_on_meta(lambda: transformers.CLIPVisionModelWithProjection(config))
+        config = CLIPVisionConfig(**data.get("vision_config", data))
+        model = build_on_meta(lambda: CLIPVisionModelWithProjection(config))
     expected = set(model.state_dict())
     state = {}
     for key in checkpoint.keys():  # transformers 5 may save the vision tower without its "vision_model." prefix
