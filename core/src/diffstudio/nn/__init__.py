@@ -5,8 +5,8 @@ the ``(B, L, H, D)`` token layout with the blocks' processor slot (:class:`Atten
 :class:`AttentionProcessor`) and K/V extension (:func:`extend_kv`), ``RMSNorm`` and ``QKNorm``, rotary position
 embeddings over N id axes, the sinusoidal timestep embedding, :class:`DeltaLinear`, the ``nn.Linear`` that
 carries named side paths (LoRA without merging), the :func:`linear` it calls (oneDNN on CPU for inference) and
-:func:`merge_heads_beside` (single-block concat).
-Importing this package imports torch.
+:func:`merge_heads_beside` (single-block concat). :mod:`diffstudio.nn.ldm` (imported on its own) has the LDM
+autoencoder's encoder and decoder that both FLUX families' VAEs wrap. Importing this package imports torch.
 """
 
 from __future__ import annotations

@@ -6,179 +6,19 @@ scaled as ``scale_factor * (mean - shift_factor)`` (0.3611, 0.1159 for FLUX.1). 
 runs the decoder. This equals diffusers' ``AutoencoderKL`` followed by the FLUX pipelines' scaling.
 ``encode``/``decode`` take ``tiled=True`` to process large images in overlapping tiles (see
 :mod:`diffstudio_flux1.tiling`).
+
+The convolutional encoder and decoder are core :mod:`diffstudio.nn.ldm` (shared with the other FLUX family).
 """
 
 from __future__ import annotations
 
 from typing import ClassVar
 
-from diffstudio.nn import attention
-from einops import rearrange
+from diffstudio.nn.ldm import Decoder, Encoder
 from torch import Tensor, nn
 
 from diffstudio_flux1.params import AutoEncoderParams
 from diffstudio_flux1.tiling import tiled_apply
-
-
-def _group_norm(channels: int, groups: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
-
-
-class AttnBlock(nn.Module):
-    """Single-head spatial self-attention with 1x1-conv projections and a residual."""
-
-    def __init__(self, channels: int, groups: int) -> None:
-        super().__init__()
-        self.norm = _group_norm(channels, groups)
-        self.q = nn.Conv2d(channels, channels, kernel_size=1)
-        self.k = nn.Conv2d(channels, channels, kernel_size=1)
-        self.v = nn.Conv2d(channels, channels, kernel_size=1)
-        self.proj_out = nn.Conv2d(channels, channels, kernel_size=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``(B, C, H, W) -> (B, C, H, W)``."""
-        h = self.norm(x)
-        q, k, v = (rearrange(conv(h), "b c h w -> b (h w) 1 c") for conv in (self.q, self.k, self.v))
-        out = rearrange(attention(q, k, v), "b (h w) 1 c -> b c h w", h=x.shape[2], w=x.shape[3])
-        projected: Tensor = self.proj_out(out)
-        return x + projected
-
-
-class ResnetBlock(nn.Module):
-    """Two GroupNorm-SiLU-conv3x3 stages with a (1x1-projected when widths differ) shortcut."""
-
-    def __init__(self, in_channels: int, out_channels: int, groups: int) -> None:
-        super().__init__()
-        self.norm1 = _group_norm(in_channels, groups)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
-        self.norm2 = _group_norm(out_channels, groups)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
-        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else None
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``(B, C_in, H, W) -> (B, C_out, H, W)``."""
-        h: Tensor = self.conv1(nn.functional.silu(self.norm1(x)))
-        h = self.conv2(nn.functional.silu(self.norm2(h)))
-        shortcut: Tensor = x if self.nin_shortcut is None else self.nin_shortcut(x)
-        return shortcut + h
-
-
-class Downsample(nn.Module):
-    """Zero-pad right/bottom by one, stride-2 3x3 conv: ``(B, C, H, W) -> (B, C, H/2, W/2)``."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Downsample by two."""
-        out: Tensor = self.conv(nn.functional.pad(x, (0, 1, 0, 1), mode="constant", value=0.0))
-        return out
-
-
-class Upsample(nn.Module):
-    """Nearest 2x upsampling then a 3x3 conv: ``(B, C, H, W) -> (B, C, 2H, 2W)``."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Upsample by two."""
-        out: Tensor = self.conv(nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
-        return out
-
-
-class Level(nn.Module):
-    """One resolution level: resnets (``block``) then an optional ``downsample`` / ``upsample``."""
-
-    def __init__(self, blocks: list[ResnetBlock], resample: nn.Module | None, name: str) -> None:
-        super().__init__()
-        self.block = nn.ModuleList(blocks)
-        self.resample_name = name
-        if resample is not None:
-            self.add_module(name, resample)
-
-    def forward(self, h: Tensor) -> Tensor:
-        """Run the level."""
-        for block in self.block:
-            h = block(h)
-        resample = getattr(self, self.resample_name, None)
-        return h if resample is None else resample(h)
-
-
-class Mid(nn.Module):
-    """Middle stage: resnet, attention, resnet."""
-
-    def __init__(self, channels: int, groups: int) -> None:
-        super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, groups)
-        self.attn_1 = AttnBlock(channels, groups)
-        self.block_2 = ResnetBlock(channels, channels, groups)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``(B, C, H, W) -> (B, C, H, W)``."""
-        out: Tensor = self.block_2(self.attn_1(self.block_1(x)))
-        return out
-
-
-class Encoder(nn.Module):
-    """Image ``(B, 3, H, W)`` to posterior moments ``(B, 2 z, H / 2^(levels-1), W / 2^(levels-1))``."""
-
-    def __init__(self, p: AutoEncoderParams) -> None:
-        super().__init__()
-        groups = p.norm_groups
-        self.conv_in = nn.Conv2d(p.in_channels, p.ch, kernel_size=3, padding=1)
-        self.down = nn.ModuleList()
-        block_in = p.ch
-        for level, mult in enumerate(p.ch_mult):
-            blocks = []
-            for _ in range(p.num_res_blocks):
-                blocks.append(ResnetBlock(block_in, p.ch * mult, groups))
-                block_in = p.ch * mult
-            last = level == len(p.ch_mult) - 1
-            self.down.append(Level(blocks, None if last else Downsample(block_in), "downsample"))
-        self.mid = Mid(block_in, groups)
-        self.norm_out = _group_norm(block_in, groups)
-        self.conv_out = nn.Conv2d(block_in, 2 * p.z_channels, kernel_size=3, padding=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Encode to moments (mean channels first, then log-variance)."""
-        h: Tensor = self.conv_in(x)
-        for down in self.down:
-            h = down(h)
-        moments: Tensor = self.conv_out(nn.functional.silu(self.norm_out(self.mid(h))))
-        return moments
-
-
-class Decoder(nn.Module):
-    """Latent ``(B, z, h, w)`` to image ``(B, out_ch, h * 2^(levels-1), w * 2^(levels-1))``."""
-
-    def __init__(self, p: AutoEncoderParams) -> None:
-        super().__init__()
-        groups = p.norm_groups
-        block_in = p.ch * p.ch_mult[-1]
-        self.conv_in = nn.Conv2d(p.z_channels, block_in, kernel_size=3, padding=1)
-        self.mid = Mid(block_in, groups)
-        levels: list[Level] = []
-        for level in reversed(range(len(p.ch_mult))):
-            blocks = []
-            for _ in range(p.num_res_blocks + 1):
-                blocks.append(ResnetBlock(block_in, p.ch * p.ch_mult[level], groups))
-                block_in = p.ch * p.ch_mult[level]
-            # up[0] is the full-resolution level, as in BFL's checkpoint
-            levels.insert(0, Level(blocks, Upsample(block_in) if level else None, "upsample"))
-        self.up = nn.ModuleList(levels)
-        self.norm_out = _group_norm(block_in, groups)
-        self.conv_out = nn.Conv2d(block_in, p.out_ch, kernel_size=3, padding=1)
-
-    def forward(self, z: Tensor) -> Tensor:
-        """Decode an unscaled latent."""
-        h: Tensor = self.mid(self.conv_in(z))
-        for up in reversed(self.up):
-            h = up(h)
-        image: Tensor = self.conv_out(nn.functional.silu(self.norm_out(h)))
-        return image
 
 
 class AutoEncoder(nn.Module):
@@ -193,8 +33,11 @@ class AutoEncoder(nn.Module):
     def __init__(self, params: AutoEncoderParams) -> None:
         super().__init__()
         self.params = params
-        self.encoder = Encoder(params)
-        self.decoder = Decoder(params)
+        p = params
+        self.encoder = Encoder(in_channels=p.in_channels, ch=p.ch, ch_mult=p.ch_mult, num_res_blocks=p.num_res_blocks,
+                               z_channels=p.z_channels, groups=p.norm_groups)  # fmt: skip
+        self.decoder = Decoder(out_channels=p.out_ch, ch=p.ch, ch_mult=p.ch_mult, num_res_blocks=p.num_res_blocks,
+                               z_channels=p.z_channels, groups=p.norm_groups)  # fmt: skip
 
     def _encode(self, x: Tensor) -> Tensor:
         mean = self.encoder(x)[:, : self.params.z_channels]
