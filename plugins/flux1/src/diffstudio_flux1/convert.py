@@ -17,11 +17,12 @@ Probes look at key names and shapes only (never hashes) and tell FLUX.1 from FLU
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
 from diffstudio.errors import CheckpointError
+from diffstudio.loading.ldm_vae import LDM_VAE_TOP, ldm_vae_bfl_to_diffusers, ldm_vae_diffusers_to_bfl
 from torch import Tensor
 
 Format = Literal["bfl", "diffusers"]
@@ -197,66 +198,7 @@ def convert_diffusers_to_bfl_dit(sd: StateDict) -> dict[str, Tensor]:
     return out
 
 
-# --- VAE
-
-_VAE_TOP = {  # BFL module -> diffusers module
-    "encoder.conv_in": "encoder.conv_in",
-    "encoder.conv_out": "encoder.conv_out",
-    "encoder.norm_out": "encoder.conv_norm_out",
-    "decoder.conv_in": "decoder.conv_in",
-    "decoder.conv_out": "decoder.conv_out",
-    "decoder.norm_out": "decoder.conv_norm_out",
-}
-_VAE_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
-_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
-_ATTN_PROJ = re.compile(r"(encoder|decoder)\.mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)")
-
-
-def _vae_rules(levels: int) -> list[tuple[str, Callable[[re.Match[str]], str | None]]]:
-    """(BFL regex, builder of the diffusers name) pairs; decoder levels are numbered in reverse."""
-
-    def resnet(prefix: Callable[[re.Match[str]], str]) -> Callable[[re.Match[str]], str | None]:
-        return lambda m: None if m.group("part") not in _RESNET else f"{prefix(m)}.{_RESNET[m.group('part')]}"
-
-    return [
-        (
-            r"encoder\.down\.(\d+)\.block\.(\d+)\.(?P<part>\w+)",
-            resnet(lambda m: f"encoder.down_blocks.{m.group(1)}.resnets.{m.group(2)}"),
-        ),
-        (r"encoder\.down\.(\d+)\.downsample\.conv", lambda m: f"encoder.down_blocks.{m.group(1)}.downsamplers.0.conv"),
-        (
-            r"decoder\.up\.(\d+)\.block\.(\d+)\.(?P<part>\w+)",
-            resnet(lambda m: f"decoder.up_blocks.{levels - 1 - int(m.group(1))}.resnets.{m.group(2)}"),
-        ),
-        (
-            r"decoder\.up\.(\d+)\.upsample\.conv",
-            lambda m: f"decoder.up_blocks.{levels - 1 - int(m.group(1))}.upsamplers.0.conv",
-        ),
-        (
-            r"(encoder|decoder)\.mid\.block_([12])\.(?P<part>\w+)",
-            resnet(lambda m: f"{m.group(1)}.mid_block.resnets.{int(m.group(2)) - 1}"),
-        ),
-        (
-            r"(encoder|decoder)\.mid\.attn_1\.(\w+)",
-            lambda m: (
-                None if m.group(2) not in _VAE_ATTN else f"{m.group(1)}.mid_block.attentions.0.{_VAE_ATTN[m.group(2)]}"
-            ),
-        ),
-    ]
-
-
-def _vae_levels(keys: Sequence[str], pattern: str) -> int:
-    indices = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
-    return max(indices) + 1 if indices else 0
-
-
-def _bfl_vae_module_to_diffusers(module: str, levels: int) -> str | None:
-    if module in _VAE_TOP:
-        return _VAE_TOP[module]
-    for pattern, build in _vae_rules(levels):
-        if m := re.fullmatch(pattern, module):
-            return build(m)
-    return None
+# --- VAE (the LDM renames are core's; FLUX.1's AE has only the common top-level modules, no quant convs)
 
 
 def convert_bfl_to_diffusers_vae(sd: StateDict) -> dict[str, Tensor]:
@@ -265,67 +207,16 @@ def convert_bfl_to_diffusers_vae(sd: StateDict) -> dict[str, Tensor]:
     Raises:
         Flux1ConversionError: A key is not part of the BFL FLUX.1 autoencoder layout.
     """
-    levels = _vae_levels(list(sd), r"decoder\.up\.(\d+)\.")
-    out: dict[str, Tensor] = {}
-    unknown: list[str] = []
-    for key, tensor in sd.items():
-        module, param = key.rsplit(".", 1)
-        new = _bfl_vae_module_to_diffusers(module, levels)
-        if new is None:
-            unknown.append(key)
-            continue
-        if param == "weight" and _ATTN_PROJ.fullmatch(new):
-            tensor = tensor.reshape(tensor.shape[:2])  # 1x1 conv (C, C, 1, 1) -> linear (C, C)
-        out[f"{new}.{param}"] = tensor
-    if unknown:
-        raise _fail("keys that are not part of a BFL FLUX.1 autoencoder", unknown)
-    return out
+    return ldm_vae_bfl_to_diffusers(sd, top=LDM_VAE_TOP, what="BFL FLUX.1 autoencoder", fail=_fail)
 
 
 def convert_diffusers_to_bfl_vae(sd: StateDict) -> dict[str, Tensor]:
     """``AutoencoderKL`` (FLUX configuration) keys -> BFL FLUX.1 autoencoder keys.
 
-    The mapping is the inverse of :func:`convert_bfl_to_diffusers_vae`, built from the same rules.
-
     Raises:
         Flux1ConversionError: A key is not part of the diffusers FLUX.1 AutoencoderKL layout (e.g. quant convs).
     """
-    levels = _vae_levels(list(sd), r"decoder\.up_blocks\.(\d+)\.")
-    candidates = _bfl_vae_names(levels)
-    out: dict[str, Tensor] = {}
-    unknown: list[str] = []
-    for key, tensor in sd.items():
-        module, param = key.rsplit(".", 1)
-        bfl = candidates.get(module)
-        if bfl is None:
-            unknown.append(key)
-            continue
-        if param == "weight" and _ATTN_PROJ.fullmatch(module):
-            tensor = tensor.reshape(*tensor.shape, 1, 1)  # linear (C, C) -> 1x1 conv
-        out[f"{bfl}.{param}"] = tensor
-    if unknown:
-        raise _fail("keys that are not part of a diffusers FLUX.1 AutoencoderKL", unknown)
-    return out
-
-
-def _bfl_vae_names(levels: int, max_blocks: int = 8) -> dict[str, str]:
-    """Every diffusers module name of a ``levels``-level AE mapped to its BFL name (inverse table)."""
-    names: list[str] = list(_VAE_TOP)
-    parts = [*_RESNET]
-    for level in range(levels):
-        for block in range(max_blocks):
-            names += [f"encoder.down.{level}.block.{block}.{p}" for p in parts]
-            names += [f"decoder.up.{level}.block.{block}.{p}" for p in parts]
-        names += [f"encoder.down.{level}.downsample.conv", f"decoder.up.{level}.upsample.conv"]
-    for side in ("encoder", "decoder"):
-        names += [f"{side}.mid.block_{i}.{p}" for i in (1, 2) for p in parts]
-        names += [f"{side}.mid.attn_1.{p}" for p in _VAE_ATTN]
-    table: dict[str, str] = {}
-    for name in names:
-        new = _bfl_vae_module_to_diffusers(name, levels)
-        if new is not None:
-            table[new] = name
-    return table
+    return ldm_vae_diffusers_to_bfl(sd, top=LDM_VAE_TOP, what="diffusers FLUX.1 AutoencoderKL", fail=_fail)
 
 
 # --- probes

@@ -17,11 +17,12 @@ Probes look at key names and shapes only (never hashes) and tell FLUX.2 from FLU
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
 from diffstudio.errors import CheckpointError
+from diffstudio.loading.ldm_vae import LDM_VAE_TOP, ldm_vae_bfl_to_diffusers, ldm_vae_diffusers_to_bfl
 from torch import Tensor
 
 Format = Literal["bfl", "diffusers"]
@@ -167,102 +168,14 @@ def convert_diffusers_to_bfl_dit(sd: StateDict) -> dict[str, Tensor]:
     return out
 
 
-# --- VAE
+# --- VAE (the LDM renames are core's; FLUX.2 adds the quant convs and the BatchNorm statistics)
 
-_VAE_TOP = {  # BFL module -> diffusers module
-    "encoder.conv_in": "encoder.conv_in",
-    "encoder.conv_out": "encoder.conv_out",
-    "encoder.norm_out": "encoder.conv_norm_out",
+_VAE_TOP = {
+    **LDM_VAE_TOP,
     "encoder.quant_conv": "quant_conv",
-    "decoder.conv_in": "decoder.conv_in",
-    "decoder.conv_out": "decoder.conv_out",
-    "decoder.norm_out": "decoder.conv_norm_out",
     "decoder.post_quant_conv": "post_quant_conv",
     "bn": "bn",
 }
-_VAE_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
-_RESNET_PARTS = {"norm1", "conv1", "norm2", "conv2"}
-_ATTN_PROJ = re.compile(r"(encoder|decoder)\.mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)")
-
-
-def _resnet_part(part: str, to_diffusers: bool) -> str | None:
-    if part in _RESNET_PARTS:
-        return part
-    if to_diffusers:
-        return "conv_shortcut" if part == "nin_shortcut" else None
-    return "nin_shortcut" if part == "conv_shortcut" else None
-
-
-def _vae_levels(keys: Sequence[str], pattern: str) -> int:
-    indices = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
-    return max(indices) + 1 if indices else 0
-
-
-def _vae_module_to_diffusers(module: str, up_levels: int) -> str | None:
-    if module in _VAE_TOP:
-        return _VAE_TOP[module]
-    if m := re.fullmatch(r"encoder\.down\.(\d+)\.block\.(\d+)\.(\w+)", module):
-        part = _resnet_part(m.group(3), True)
-        return None if part is None else f"encoder.down_blocks.{m.group(1)}.resnets.{m.group(2)}.{part}"
-    if m := re.fullmatch(r"encoder\.down\.(\d+)\.downsample\.conv", module):
-        return f"encoder.down_blocks.{m.group(1)}.downsamplers.0.conv"
-    if m := re.fullmatch(r"decoder\.up\.(\d+)\.block\.(\d+)\.(\w+)", module):
-        part = _resnet_part(m.group(3), True)
-        level = up_levels - 1 - int(m.group(1))
-        return None if part is None else f"decoder.up_blocks.{level}.resnets.{m.group(2)}.{part}"
-    if m := re.fullmatch(r"decoder\.up\.(\d+)\.upsample\.conv", module):
-        return f"decoder.up_blocks.{up_levels - 1 - int(m.group(1))}.upsamplers.0.conv"
-    if m := re.fullmatch(r"(encoder|decoder)\.mid\.block_([12])\.(\w+)", module):
-        part = _resnet_part(m.group(3), True)
-        return None if part is None else f"{m.group(1)}.mid_block.resnets.{int(m.group(2)) - 1}.{part}"
-    if m := re.fullmatch(r"(encoder|decoder)\.mid\.attn_1\.(\w+)", module):
-        part = _VAE_ATTN.get(m.group(2))
-        return None if part is None else f"{m.group(1)}.mid_block.attentions.0.{part}"
-    return None
-
-
-def _vae_module_to_bfl(module: str, up_levels: int) -> str | None:
-    top = {v: k for k, v in _VAE_TOP.items()}
-    if module in top:
-        return top[module]
-    if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)", module):
-        part = _resnet_part(m.group(3), False)
-        return None if part is None else f"encoder.down.{m.group(1)}.block.{m.group(2)}.{part}"
-    if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv", module):
-        return f"encoder.down.{m.group(1)}.downsample.conv"
-    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)", module):
-        part = _resnet_part(m.group(3), False)
-        level = up_levels - 1 - int(m.group(1))
-        return None if part is None else f"decoder.up.{level}.block.{m.group(2)}.{part}"
-    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv", module):
-        return f"decoder.up.{up_levels - 1 - int(m.group(1))}.upsample.conv"
-    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.([01])\.(\w+)", module):
-        part = _resnet_part(m.group(3), False)
-        return None if part is None else f"{m.group(1)}.mid.block_{int(m.group(2)) + 1}.{part}"
-    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(\w+(?:\.0)?)", module):
-        part = {v: k for k, v in _VAE_ATTN.items()}.get(m.group(2))
-        return None if part is None else f"{m.group(1)}.mid.attn_1.{part}"
-    return None
-
-
-def _convert_vae(
-    sd: StateDict, module_map: Callable[[str, int], str | None], up_levels: int, to_diffusers: bool, what: str
-) -> dict[str, Tensor]:
-    out: dict[str, Tensor] = {}
-    unknown: list[str] = []
-    for key, tensor in sd.items():
-        module, param = key.rsplit(".", 1)
-        new = module_map(module, up_levels)
-        if new is None:
-            unknown.append(key)
-            continue
-        if param == "weight" and _ATTN_PROJ.fullmatch(new if to_diffusers else module):
-            # diffusers' attention uses Linear (C, C), BFL's 1x1 Conv2d (C, C, 1, 1)
-            tensor = tensor.reshape(tensor.shape[:2]) if to_diffusers else tensor.reshape(*tensor.shape, 1, 1)
-        out[f"{new}.{param}"] = tensor
-    if unknown:
-        raise _fail(f"keys that are not part of a {what}", unknown)
-    return out
 
 
 def convert_bfl_to_diffusers_vae(sd: StateDict) -> dict[str, Tensor]:
@@ -271,8 +184,7 @@ def convert_bfl_to_diffusers_vae(sd: StateDict) -> dict[str, Tensor]:
     Raises:
         Flux2ConversionError: A key is not part of the BFL FLUX.2 autoencoder layout.
     """
-    levels = _vae_levels(list(sd), r"decoder\.up\.(\d+)\.")
-    return _convert_vae(sd, _vae_module_to_diffusers, levels, True, "BFL FLUX.2 autoencoder")
+    return ldm_vae_bfl_to_diffusers(sd, top=_VAE_TOP, what="BFL FLUX.2 autoencoder", fail=_fail)
 
 
 def convert_diffusers_to_bfl_vae(sd: StateDict) -> dict[str, Tensor]:
@@ -281,8 +193,7 @@ def convert_diffusers_to_bfl_vae(sd: StateDict) -> dict[str, Tensor]:
     Raises:
         Flux2ConversionError: A key is not part of the diffusers AutoencoderKLFlux2 layout.
     """
-    levels = _vae_levels(list(sd), r"decoder\.up_blocks\.(\d+)\.")
-    return _convert_vae(sd, _vae_module_to_bfl, levels, False, "diffusers AutoencoderKLFlux2")
+    return ldm_vae_diffusers_to_bfl(sd, top=_VAE_TOP, what="diffusers AutoencoderKLFlux2", fail=_fail)
 
 
 # --- probes
