@@ -100,9 +100,14 @@ def paired_rounds(
 ) -> dict[str, list[dict[str, float]]]:
     """Run every kind once per round, ``repeat`` rounds, rotating which goes first; return the runs per kind.
 
-    ``run(kind)`` must start from a levelled, evicted cache itself (:func:`level_and_evict`).
+    One untimed round runs first: the first process after other work was the slowest of its stage in every
+    load benchmark run on the benchmark VM (FLUX.1 folder 8.4 s against 1.0-1.1 s after it, BFL file 24.5 s
+    against 2.15 s), and round 0 always starts with the same side. ``run(kind)`` must start from a levelled,
+    evicted cache itself (:func:`level_and_evict`).
     """
     runs: dict[str, list[dict[str, float]]] = {kind: [] for kind in kinds}
+    for kind in kinds:
+        run(kind)  # warm-up, discarded
     for round_ in range(repeat):
         shift = round_ % len(kinds)
         for kind in [*kinds[shift:], *kinds[:shift]]:

@@ -15,8 +15,9 @@ faster):
   inputs, alternating, median of ``--repeat`` runs after a warm-up; the outputs' max abs difference beside it.
 * ``cold_load_ratio_vs_from_pretrained`` (<= 1.0): a fresh process per run (imports done before the clock),
   files read once and then evicted from the page cache (``coldcache.py``: the caches below the VM start level),
-  each side first in alternate repeats, clock stopped once one element of every 4 KiB page of every weight has
-  been read; ours loads the diffusers ``transformer/`` folder through ``FluxImagePipeline.from_pretrained``.
+  one discarded round, then each side first in alternate repeats, clock stopped once one element of every 4 KiB
+  page of every weight has been read; ours loads the diffusers ``transformer/`` folder through
+  ``FluxImagePipeline.from_pretrained``.
 * ``cold_load_ratio_vs_from_single_file`` (<= 0.8): the same for the BFL single file vs diffusers'
   ``from_single_file``. diffusers' FLUX.1 single-file converter hard-codes FLUX.1-dev's width (3072) for the
   single blocks, so this figure uses a 3072-wide DiT (1 double + 1 single block, about 480M parameters).

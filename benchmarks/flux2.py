@@ -16,16 +16,16 @@ ours / diffusers, so below 1 is faster (in-process comparisons also give the rat
   inputs, in this process, alternating, median of ``--repeat`` timed runs after a warm-up each; the outputs'
   max abs difference is reported beside it.
 * ``cold_load_ratio_vs_from_pretrained`` (<= 1.0) and ``cold_load_ratio_vs_from_single_file`` (<= 0.8): every
-  run is a fresh process whose imports are done before the clock starts; the files are read once and then
-  evicted from the page cache (``posix_fadvise(DONTNEED)``; ``coldcache.py`` says why they are read first), each
-  side goes first in alternate repeats, and the clock stops once one element of every 4 KiB page of every
-  weight has been read. Ours loads the diffusers ``transformer/`` folder and the BFL file through
-  ``Flux2ImagePipeline.from_pretrained``; diffusers runs ``from_pretrained`` on the folder and
-  ``from_single_file`` on the BFL file. Best of ``--repeat``. Plugin discovery (``Runtime()``) is done before
-  the clock, like the imports. Each BFL round also times ``coldcache.plain_read`` of the file (no model: the
-  cold-read yardstick); both ratio lines carry ``paired_ratio_median`` (the median of the rounds' own ratios)
-  and ``runs_s``, the BFL line also each side's best over the plain read. ``warm_load_ratio_vs_from_single_file``
-  (no target) repeats the BFL pair with the file already in the page cache: the loaders' own work.
+  run is a fresh process whose imports and plugin discovery (``Runtime()``) are done before the clock starts;
+  the files are read once and then evicted from the page cache (``posix_fadvise(DONTNEED)``; ``coldcache.py``
+  says why they are read first); one discarded round, then each side goes first in alternate repeats; the clock
+  stops once one element of every 4 KiB page of every weight has been read. Ours loads the diffusers
+  ``transformer/`` folder and the BFL file through ``Flux2ImagePipeline.from_pretrained``; diffusers runs
+  ``from_pretrained`` on the folder and ``from_single_file`` on the BFL file. Best of ``--repeat``. Each BFL
+  round also times ``coldcache.plain_read`` of the file (no model: the cold-read yardstick). Both ratio lines
+  carry ``paired_ratio_median`` (the median of the rounds' own ratios) and ``runs_s``, the BFL line also each
+  side's best over the plain read. ``warm_load_ratio_vs_from_single_file`` (no target) repeats the BFL pair
+  with the file already in the page cache: the loaders' own work.
 * ``pipeline_ratio`` (<= 1.0): a full 4-step text-to-image call (prompt encoding, 4 DiT steps, VAE decode, PIL)
   with the same initial noise, ``Flux2ImagePipeline`` vs ``Flux2KleinPipeline`` built from the same folder.
 * ``startup_ratio`` (<= 0.7): wall time from process start to a saved PNG for a script that loads a tiny klein
