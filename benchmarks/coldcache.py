@@ -30,7 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 __all__ = [
-    "evict", "level_and_evict", "paired_rounds", "plain_read", "read_through", "run_plain_read", "summary",
+    "evict", "level_and_evict", "paired_rounds", "plain_read", "read_through", "run_load", "run_plain_read",
+    "summary",
     "weight_files",
 ]  # fmt: skip
 
@@ -91,6 +92,30 @@ def run_plain_read(file: Path, env: dict[str, str] | None = None) -> dict[str, f
     result = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if result.returncode:
         raise RuntimeError(f"plain read of {file} failed:\n{result.stderr[-4000:]}")
+    data: dict[str, float] = json.loads(result.stdout.strip().splitlines()[-1])
+    return data
+
+
+def run_load(
+    script: Path, kind: str, folder: Path, single_file: Path, env: dict[str, str], *, cold: bool = True
+) -> dict[str, float]:
+    """One load run in a fresh process, from a levelled and evicted cache (``cold=False``: files read in first).
+
+    ``kind`` is a worker of ``script`` (``script --worker kind --dir folder`` prints its figures as the last JSON
+    line), or ``plain_read``: :func:`plain_read` of ``single_file``, no model. The files prepared are
+    ``single_file`` and ``folder / "transformer"``.
+    """
+    files = [single_file, folder / "transformer"]
+    if cold:
+        level_and_evict(files)
+    else:
+        read_through(files)
+    if kind == "plain_read":
+        return run_plain_read(single_file, env)
+    command = [sys.executable, str(script), "--worker", kind, "--dir", str(folder)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+    if result.returncode:
+        raise RuntimeError(f"load worker {kind} failed:\n{result.stderr[-4000:]}")
     data: dict[str, float] = json.loads(result.stdout.strip().splitlines()[-1])
     return data
 

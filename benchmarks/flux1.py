@@ -36,7 +36,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from coldcache import level_and_evict, paired_rounds, read_through, run_plain_read, summary
+from coldcache import paired_rounds, run_load, summary
 from diffstudio.testing import import_file
 
 BENCH = "flux1"
@@ -269,19 +268,7 @@ def bench_load(folder: Path, repeat: int, kinds: tuple[tuple[str, str], str, str
     single_file = ours_kind == "ours_bfl"
 
     def run(kind: str, cold: bool = True) -> dict[str, float]:
-        files = [folder / "flux1.safetensors", folder / "transformer"]
-        if cold:
-            level_and_evict(files)
-        else:
-            read_through(files)
-        if kind == "plain_read":
-            return run_plain_read(folder / "flux1.safetensors", _env())
-        command = [sys.executable, __file__, "--worker", kind, "--dir", str(folder)]
-        result = subprocess.run(command, capture_output=True, text=True, check=False, env=_env())
-        if result.returncode:
-            raise RuntimeError(f"load worker {kind} failed:\n{result.stderr[-4000:]}")
-        data: dict[str, float] = json.loads(result.stdout.strip().splitlines()[-1])
-        return data
+        return run_load(Path(__file__), kind, folder, folder / "flux1.safetensors", _env(), cold=cold)
 
     runs = paired_rounds((ours_kind, theirs_kind, *(["plain_read"] if single_file else [])), run, repeat)
     best = {kind: min(kind_runs, key=lambda r: r["total_s"]) for kind, kind_runs in runs.items()}

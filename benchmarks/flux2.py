@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from coldcache import level_and_evict, paired_rounds, read_through, run_plain_read, summary
+from coldcache import paired_rounds, run_load, summary
 from flux2_models import SIZES, Size, build_repository, parameter_count
 
 BENCH = "flux2"
@@ -190,21 +190,8 @@ def load_worker(kind: str, folder: Path) -> dict[str, float]:
 
 
 def run_load_worker(kind: str, folder: Path, *, cold: bool = True) -> dict[str, float]:
-    """One run of ``kind`` in a fresh process (``plain_read``: the file alone, no model); ``cold=False`` reads
-    the files into the page cache first instead of evicting them."""
-    files = [folder / "flux2.safetensors", folder / "transformer"]
-    if cold:
-        level_and_evict(files)
-    else:
-        read_through(files)
-    if kind == "plain_read":
-        return run_plain_read(folder / "flux2.safetensors", _env())
-    command = [sys.executable, __file__, "--worker", kind, "--dir", str(folder)]
-    result = subprocess.run(command, capture_output=True, text=True, check=False, env=_env())
-    if result.returncode:
-        raise RuntimeError(f"load worker {kind} failed:\n{result.stderr[-4000:]}")
-    data: dict[str, float] = json.loads(result.stdout.strip().splitlines()[-1])
-    return data
+    """One run of ``kind`` in a fresh process (``coldcache.run_load``; ``plain_read``: the file alone)."""
+    return run_load(Path(__file__), kind, folder, folder / "flux2.safetensors", _env(), cold=cold)
 
 
 def bench_load(folder: Path, repeat: int) -> None:
