@@ -17,6 +17,7 @@ for messages and its error type. Converters are pure and reject unknown keys.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
@@ -40,17 +41,64 @@ Fail = Callable[[str, list[str]], Exception]
 """``fail(what, keys)`` builds the family's error for keys that do not belong to the layout."""
 
 _ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
-_ATTN_BACK = {v: k for k, v in _ATTN.items()}
-_RESNET_PARTS = {"norm1", "conv1", "norm2", "conv2"}
 _ATTN_PROJ = re.compile(r"(encoder|decoder)\.mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)")
 
+_RULES = (  # (BFL module, diffusers module); each {field} is translated by _FIELDS, in either direction
+    ("encoder.down.{i}.block.{j}.{resnet}", "encoder.down_blocks.{i}.resnets.{j}.{resnet}"),
+    ("encoder.down.{i}.downsample.conv", "encoder.down_blocks.{i}.downsamplers.0.conv"),
+    ("decoder.up.{up}.block.{j}.{resnet}", "decoder.up_blocks.{up}.resnets.{j}.{resnet}"),
+    ("decoder.up.{up}.upsample.conv", "decoder.up_blocks.{up}.upsamplers.0.conv"),
+    ("{side}.mid.block_{mid}.{resnet}", "{side}.mid_block.resnets.{mid}.{resnet}"),
+    ("{side}.mid.attn_1.{attn}", "{side}.mid_block.attentions.0.{attn}"),
+)
+_FIELDS: Mapping[str, Mapping[str, str] | None] = {  # BFL value -> diffusers value; None: a number
+    "i": None,
+    "j": None,
+    "up": None,  # decoder levels are numbered in reverse: n - 1 - i, its own inverse
+    "side": {"encoder": "encoder", "decoder": "decoder"},
+    "mid": {"1": "0", "2": "1"},
+    "resnet": {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "nin_shortcut": "conv_shortcut"},
+    "attn": _ATTN,
+}
+_FIELD = re.compile(r"\{(\w+)\}")
 
-def _resnet_part(part: str, to_diffusers: bool) -> str | None:
-    if part in _RESNET_PARTS:
-        return part
-    if to_diffusers:
-        return "conv_shortcut" if part == "nin_shortcut" else None
-    return "nin_shortcut" if part == "conv_shortcut" else None
+
+@functools.cache
+def _values(field: str, to_diffusers: bool) -> Mapping[str, str] | None:
+    table = _FIELDS[field]
+    return table if table is None or to_diffusers else {v: k for k, v in table.items()}
+
+
+def _translate(field: str, value: str, up_levels: int, to_diffusers: bool) -> str:
+    if field == "up":
+        return str(up_levels - 1 - int(value))
+    values = _values(field, to_diffusers)
+    return value if values is None else values[value]
+
+
+@functools.cache
+def _pattern(template: str, to_diffusers: bool) -> re.Pattern[str]:
+    """``template`` with each field as a named group matching that field's values on the source side."""
+    pieces: list[str] = []
+    last = 0
+    for m in _FIELD.finditer(template):
+        values = _values(m.group(1), to_diffusers)
+        choices = r"\d+" if values is None else "|".join(re.escape(v) for v in values)
+        pieces += [re.escape(template[last : m.start()]), f"(?P<{m.group(1)}>{choices})"]
+        last = m.end()
+    return re.compile("".join([*pieces, re.escape(template[last:])]))
+
+
+def _rename(module: str, top: Mapping[str, str], up_levels: int, to_diffusers: bool) -> str | None:
+    """The other layout's name of ``module``; ``top`` is already oriented source -> target."""
+    if module in top:
+        return top[module]
+    for bfl, diffusers in _RULES:
+        source, target = (bfl, diffusers) if to_diffusers else (diffusers, bfl)
+        if m := _pattern(source, to_diffusers).fullmatch(module):
+            found = m.groupdict().items()
+            return target.format(**{field: _translate(field, value, up_levels, to_diffusers) for field, value in found})
+    return None
 
 
 def _levels(keys: Sequence[str], pattern: str) -> int:
@@ -58,63 +106,16 @@ def _levels(keys: Sequence[str], pattern: str) -> int:
     return max(indices) + 1 if indices else 0
 
 
-def _to_diffusers(module: str, top: Mapping[str, str], up_levels: int) -> str | None:
-    if module in top:
-        return top[module]
-    if m := re.fullmatch(r"encoder\.down\.(\d+)\.block\.(\d+)\.(\w+)", module):
-        part = _resnet_part(m.group(3), True)
-        return None if part is None else f"encoder.down_blocks.{m.group(1)}.resnets.{m.group(2)}.{part}"
-    if m := re.fullmatch(r"encoder\.down\.(\d+)\.downsample\.conv", module):
-        return f"encoder.down_blocks.{m.group(1)}.downsamplers.0.conv"
-    if m := re.fullmatch(r"decoder\.up\.(\d+)\.block\.(\d+)\.(\w+)", module):
-        part = _resnet_part(m.group(3), True)
-        level = up_levels - 1 - int(m.group(1))
-        return None if part is None else f"decoder.up_blocks.{level}.resnets.{m.group(2)}.{part}"
-    if m := re.fullmatch(r"decoder\.up\.(\d+)\.upsample\.conv", module):
-        return f"decoder.up_blocks.{up_levels - 1 - int(m.group(1))}.upsamplers.0.conv"
-    if m := re.fullmatch(r"(encoder|decoder)\.mid\.block_([12])\.(\w+)", module):
-        part = _resnet_part(m.group(3), True)
-        return None if part is None else f"{m.group(1)}.mid_block.resnets.{int(m.group(2)) - 1}.{part}"
-    if m := re.fullmatch(r"(encoder|decoder)\.mid\.attn_1\.(\w+)", module):
-        attn = _ATTN.get(m.group(2))
-        return None if attn is None else f"{m.group(1)}.mid_block.attentions.0.{attn}"
-    return None
-
-
-def _to_bfl(module: str, top: Mapping[str, str], up_levels: int) -> str | None:
-    back = {v: k for k, v in top.items()}
-    if module in back:
-        return back[module]
-    if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)", module):
-        part = _resnet_part(m.group(3), False)
-        return None if part is None else f"encoder.down.{m.group(1)}.block.{m.group(2)}.{part}"
-    if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv", module):
-        return f"encoder.down.{m.group(1)}.downsample.conv"
-    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)", module):
-        part = _resnet_part(m.group(3), False)
-        level = up_levels - 1 - int(m.group(1))
-        return None if part is None else f"decoder.up.{level}.block.{m.group(2)}.{part}"
-    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv", module):
-        return f"decoder.up.{up_levels - 1 - int(m.group(1))}.upsample.conv"
-    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.([01])\.(\w+)", module):
-        part = _resnet_part(m.group(3), False)
-        return None if part is None else f"{m.group(1)}.mid.block_{int(m.group(2)) + 1}.{part}"
-    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(\w+(?:\.0)?)", module):
-        attn = _ATTN_BACK.get(m.group(2))
-        return None if attn is None else f"{m.group(1)}.mid.attn_1.{attn}"
-    return None
-
-
 def _convert(
     sd: Mapping[str, Tensor], top: Mapping[str, str], to_diffusers: bool, what: str, fail: Fail
 ) -> dict[str, Tensor]:
-    module_map = _to_diffusers if to_diffusers else _to_bfl
+    names = top if to_diffusers else {v: k for k, v in top.items()}
     up_levels = _levels(list(sd), r"decoder\.up\.(\d+)\." if to_diffusers else r"decoder\.up_blocks\.(\d+)\.")
     out: dict[str, Tensor] = {}
     unknown: list[str] = []
     for key, tensor in sd.items():
         module, param = key.rsplit(".", 1)
-        new = module_map(module, top, up_levels)
+        new = _rename(module, names, up_levels, to_diffusers)
         if new is None:
             unknown.append(key)
             continue
