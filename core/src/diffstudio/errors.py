@@ -192,3 +192,11 @@ class CacheMergeError(TemplateError):
 
 class CacheFormatError(TemplateError, ValueError):
     """A template cache value has the wrong structure or shapes for its medium (KV cache, LoRA, residuals)."""
+
+
+class TrustFlagError(UntrustedCodeError, TypeError):
+    """A trust argument (``trust_code``, ``code_sha256``) has the wrong type; nothing was executed."""
+
+
+class TemplateGeometryError(TemplateError, ValueError):
+    """A template was made for a DiT of another geometry (block counts, heads, head dim) than the pipeline's."""
