@@ -165,6 +165,9 @@ class TemplateSpec:
             class's own initialisation).
         data_processor: Returns the data-processor class used by trainers (None: template inputs pass as they
             are).
+        target_model: The model it was made for (``"diffstudio/shapes"``, a repository id), for listings.
+        dit_geometry: The DiT geometry it was made for (``{"double_blocks", "single_blocks", "heads",
+            "head_dim"}``); a pipeline whose DiT differs is refused before the template runs.
     """
 
     name: str
@@ -174,6 +177,8 @@ class TemplateSpec:
     config: Mapping[str, Any] = field(default_factory=dict)
     weights: Callable[[], Sequence[Path]] | None = None
     data_processor: Callable[[], type[Any]] | None = None
+    target_model: str | None = None
+    dit_geometry: Mapping[str, int] | None = None
 
 
 @dataclass(frozen=True)
