@@ -200,3 +200,27 @@ class TrustFlagError(UntrustedCodeError, TypeError):
 
 class TemplateGeometryError(TemplateError, ValueError):
     """A template was made for a DiT of another geometry (block counts, heads, head dim) than the pipeline's."""
+
+
+class LimitExceededError(PipelineInputError):
+    """A pipeline argument exceeds a documented size limit (pixels, steps, tokens, batch); refused before allocating.
+
+    The message names the limit, its value and how to raise it (an environment variable or ``pipe.limits``).
+    """
+
+
+class NonFiniteOutputError(DiffstudioError):
+    """The model produced NaN or Inf values (weights with NaN/Inf, or a dtype that overflows)."""
+
+
+class PluginHookError(PluginError):
+    """A plugin's hook raised an unexpected exception or returned something its hookspec does not allow.
+
+    Outside strict mode the plugin is disabled with a one-line warning and the host goes on without it; with
+    ``DIFFSTUDIO_STRICT_PLUGINS=1`` this error is raised instead. It names the plugin and the hook.
+    """
+
+    def __init__(self, message: str, plugin: str = "", hook: str = "") -> None:
+        super().__init__(message)
+        self.plugin = plugin
+        self.hook = hook
