@@ -66,7 +66,7 @@ def test_duplicate_embedded_model_rejected(tmp_path: Path) -> None:
     def reg(register: Callable[[EmbeddedModel], None]) -> None:
         register(EmbeddedModel("a/b", tmp_path, "toy", "x"))
 
-    runtime = Runtime(env={}, load_entrypoints=False, plugins=[_module("one", register_embedded_models=reg),
-                                                                _module("two", register_embedded_models=reg)])
+    plugins = [_module("one", register_embedded_models=reg), _module("two", register_embedded_models=reg)]
+    runtime = Runtime(env={}, load_entrypoints=False, strict=True, plugins=plugins)
     with pytest.raises(DuplicateRegistrationError, match="'one'.*'two'|'two'.*'one'"):
         runtime.hooks.embedded_models()

@@ -54,7 +54,8 @@ def test_duplicate_registration_names_both_owners() -> None:
     def reg(register: Callable[[SchedulerSpec], None]) -> None:
         register(SchedulerSpec("flux2", lambda: None, "dup"))
 
-    runtime = Runtime(env={}, load_entrypoints=False, plugins=[_plugin_module("dupmod", register_schedulers=reg)])
+    runtime = Runtime(env={}, load_entrypoints=False, strict=True,
+                      plugins=[_plugin_module("dupmod", register_schedulers=reg)])
     with pytest.raises(DuplicateRegistrationError) as info:
         runtime.hooks.schedulers()
     assert "builtin.schedulers" in str(info.value) and "dupmod" in str(info.value)
@@ -109,7 +110,9 @@ def test_incompatible_core_requirement_detected() -> None:
 def test_trace_hooks_prints_calls(capsys: pytest.CaptureFixture[str]) -> None:
     runtime = Runtime(env={"DIFFSTUDIO_TRACE_HOOKS": "1"}, load_entrypoints=False)
     runtime.hooks.template_cache_merge("k", [1, 1], pipeline=None)  # type: ignore[arg-type]
-    assert "template_cache_merge" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "template_cache_merge[builtin.fallbacks](key, values, pipeline)" in err
+    assert "template_cache_merge[builtin.fallbacks] -> 1" in err
 
 
 def test_fallback_merge_accepts_equal_and_rejects_conflicts() -> None:

@@ -46,6 +46,19 @@ class Registry(Generic[T]):
         self._items[name] = item
         self._owners[name] = owner
 
+    def register_all(self, items: list[T], owner: str) -> None:
+        """Add every item of one plugin, or none of them if one name is taken (or repeated among ``items``)."""
+        names = [self._key(item) for item in items]
+        for index, name in enumerate(names):
+            if name in self._items or name in names[:index]:
+                first = self._owners.get(name, owner)
+                raise DuplicateRegistrationError(
+                    f"The {self.kind} {name!r} is registered twice: by plugin {first!r} and by plugin "
+                    f"{owner!r}. Uninstall or block one of them (DIFFSTUDIO_DISABLED_PLUGINS={owner})."
+                )
+        for item in items:
+            self.register(item, owner)
+
     def get(self, name: str) -> T:
         """Return the object registered as ``name``."""
         try:

@@ -6,17 +6,26 @@ group (skipping and reporting plugins that fail), register modules named in ``DI
 that every implementation matches a spec.
 
 Environment variables:
-    DIFFSTUDIO_STRICT_PLUGINS=1: a plugin that fails to load is fatal (``PluginLoadError``).
+    DIFFSTUDIO_STRICT_PLUGINS=1: a plugin that fails to load is fatal (``PluginLoadError``), and so is a hook
+        implementation that raises or returns what its hookspec forbids (``PluginHookError``). Without it such
+        a plugin is disabled for the rest of the runtime with a one-line warning naming it and the hook, shown
+        as failed by ``diffstudio plugins``, and the host goes on without it.
     DIFFSTUDIO_LOAD_PLUGINS=a,b: allow-list of entry-point names (empty: load none).
     DIFFSTUDIO_DISABLED_PLUGINS=x,y: block-list (entry-point or distribution names; builtins marked
         essential cannot be blocked).
     DIFFSTUDIO_DISABLE_PLUGIN_AUTOLOAD=1: do not read entry points at all.
     DIFFSTUDIO_PLUGINS=pkg.module,...: extra modules to register as plugins (tests, local experiments).
-    DIFFSTUDIO_TRACE_HOOKS=1: print every hook call and its result to stderr.
+    DIFFSTUDIO_TRACE_HOOKS=1: print every hook call (hook, plugin, argument names) and its result to stderr.
+
+A plugin fails to load when its module raises while importing (``SystemExit`` included), declares an
+incompatible diffstudio-core / template SDK requirement (checked before importing it), has a hook
+implementation whose arguments do not match the hookspec, or implements a hook no spec declares (a misspelt
+name). Every such plugin is skipped and reported; none of them stops another from loading.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.metadata as metadata
 import os
@@ -29,10 +38,10 @@ import pluggy
 from packaging.requirements import InvalidRequirement, Requirement
 
 from diffstudio import hookspecs
-from diffstudio._hooks import Hooks
+from diffstudio._hooks import Hooks, describe_exception
 from diffstudio._markers import ENTRY_POINT_GROUP, PROJECT_NAME
 from diffstudio._version import __version__
-from diffstudio.errors import PluginLoadError
+from diffstudio.errors import DuplicateRegistrationError, PluginHookError, PluginLoadError
 from diffstudio.types import PluginStatus
 
 #: Core's own plugins: (module, essential). Essential ones cannot be blocked.
@@ -86,6 +95,13 @@ def incompatible_requirements(dist: metadata.Distribution) -> list[str]:
     return problems
 
 
+def _load_failure(exc: BaseException) -> str:
+    """One line for an import failure (``SystemExit`` has no useful message of its own)."""
+    if isinstance(exc, SystemExit):
+        return f"SystemExit({exc.code!r}) raised while importing"
+    return describe_exception(exc)
+
+
 class Runtime:
     """Owns a plugin manager and everything registered through it.
 
@@ -110,7 +126,7 @@ class Runtime:
         self.pm = pluggy.PluginManager(PROJECT_NAME)
         self.pm.add_hookspecs(hookspecs)
         self.statuses: list[PluginStatus] = []
-        self.hooks = Hooks(self.pm)
+        self.hooks = Hooks(self.pm, on_failure=self._hook_failed)
         self._blocked = set(_csv_env(self.env, "DIFFSTUDIO_DISABLED_PLUGINS") or ())
         for name in self._blocked:
             self.pm.set_blocked(name)
@@ -133,9 +149,16 @@ class Runtime:
 
     def register(self, plugin: object, name: str | None = None) -> str:
         """Register a plugin object or module; returns its name. Resets cached registries."""
-        registered = self.pm.register(plugin, name=name)
+        try:
+            registered = self.pm.register(plugin, name=name)
+        except (ValueError, pluggy.PluginValidationError) as exc:
+            raise PluginLoadError(f"Plugin {name or plugin!r} cannot be registered: {exc}") from exc
         if registered is None:
             raise PluginLoadError(f"Plugin {name or plugin!r} is blocked and was not registered.")
+        unknown = self._unknown_hooks(plugin)
+        if unknown:
+            self.pm.unregister(plugin)
+            raise PluginLoadError(f"Plugin {registered!r} cannot be registered: {unknown}")
         self.hooks.invalidate()
         module = plugin.__name__ if isinstance(plugin, ModuleType) else type(plugin).__module__
         self.statuses.append(
@@ -160,6 +183,31 @@ class Runtime:
         callers = self.pm.get_hookcallers(plugin) or []
         return sorted(caller.name for caller in callers)
 
+    def _unknown_hooks(self, plugin: object) -> str:
+        """Describe the hooks ``plugin`` implements that no hookspec declares ("" when there are none)."""
+        problems: list[str] = []
+        for caller in self.pm.get_hookcallers(plugin) or []:
+            if caller.has_spec():
+                continue
+            if any(impl.plugin is plugin and not impl.optionalhook for impl in caller.get_hookimpls()):
+                close = difflib.get_close_matches(caller.name, hookspecs.HOOK_NAMES, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                problems.append(f"{caller.name!r}{hint}")
+        if not problems:
+            return ""
+        return (
+            f"it implements {', '.join(sorted(problems))}, which no diffstudio hookspec declares "
+            f"(known hooks: {', '.join(hookspecs.HOOK_NAMES)})"
+        )
+
+    def _register_checked(self, plugin: object, name: str) -> None:
+        """Register a third-party plugin; raise if pluggy refuses it or it implements an unknown hook."""
+        self.pm.register(plugin, name=name)
+        unknown = self._unknown_hooks(plugin)
+        if unknown:
+            self.pm.unregister(plugin)
+            raise PluginLoadError(unknown)
+
     def _register_builtins(self) -> None:
         for module_name, essential in BUILTIN_PLUGINS:
             short = module_name.rsplit(".", 1)[-1]
@@ -174,6 +222,43 @@ class Runtime:
             self.statuses.append(
                 PluginStatus(name, "diffstudio-core", __version__, module_name, "builtin", None, self._hooks_of(module))
             )
+
+    def _status(self, name: str) -> PluginStatus:
+        """The status row of plugin ``name`` (a new one when it was registered behind the runtime's back)."""
+        for status in reversed(self.statuses):
+            if status.name == name:
+                return status
+        plugin = self.pm.get_plugin(name)
+        module = getattr(plugin, "__name__", type(plugin).__module__)
+        status = PluginStatus(name, "(registered in process)", "", str(module), "loaded")
+        self.statuses.append(status)
+        return status
+
+    def _hook_failed(self, plugin_name: str, hook_name: str, reason: str, exc: BaseException | None) -> None:
+        """A hook implementation failed: disable its plugin and warn (or raise in strict mode)."""
+        status = self._status(plugin_name)
+        dist = f" ({status.distribution})" if not status.distribution.startswith("(") else ""
+        where = f"plugin {plugin_name!r}{dist}"
+        reason = reason.rstrip(".")
+        if self.strict:
+            if isinstance(exc, DuplicateRegistrationError):
+                raise exc  # already names both plugins
+            raise PluginHookError(
+                f"diffstudio: {where}: its {hook_name} hook {reason} (DIFFSTUDIO_STRICT_PLUGINS=1 makes this fatal; "
+                f"unset it to skip the plugin instead)",
+                plugin=plugin_name,
+                hook=hook_name,
+            ) from exc
+        status.status = "failed"
+        status.error = f"{hook_name} hook {reason}"
+        if self.pm.get_plugin(plugin_name) is not None:
+            self.pm.unregister(name=plugin_name)
+        self.hooks.invalidate()
+        print(
+            f"diffstudio: {where} disabled: its {hook_name} hook {reason}. Report it to the plugin's authors "
+            f"(DIFFSTUDIO_DISABLED_PLUGINS={plugin_name} skips it quietly).",
+            file=sys.stderr,
+        )
 
     def _fail(self, status: PluginStatus, reason: str) -> None:
         status.status = "failed"
@@ -192,8 +277,8 @@ class Runtime:
                 continue
             seen.add(ep.name)
             dist = ep.dist
-            dist_name = dist.metadata["Name"] if dist is not None else "(unknown)"
-            version = dist.version if dist is not None else ""
+            dist_name = str(dist.metadata["Name"] or "(unnamed)") if dist is not None else "(unknown)"
+            version = str(dist.version or "") if dist is not None else ""
             status = PluginStatus(ep.name, dist_name, version, ep.value, "loaded")
             if ep.name in self._blocked or dist_name in self._blocked:
                 status.status, status.error = "blocked", "DIFFSTUDIO_DISABLED_PLUGINS"
@@ -210,9 +295,9 @@ class Runtime:
                     continue
             try:
                 plugin = ep.load()
-                self.pm.register(plugin, name=ep.name)
-            except Exception as exc:  # noqa: BLE001 - any import error of a third-party plugin is reported
-                self._fail(status, f"{type(exc).__name__}: {exc}".splitlines()[0])
+                self._register_checked(plugin, ep.name)
+            except (Exception, SystemExit) as exc:  # noqa: BLE001 - any import error of a third-party plugin is reported
+                self._fail(status, _load_failure(exc))
                 continue
             status.hooks = self._hooks_of(plugin)
             self.statuses.append(status)
@@ -221,19 +306,30 @@ class Runtime:
         status = PluginStatus(module_name, "(DIFFSTUDIO_PLUGINS)", "", module_name, "loaded")
         try:
             module = importlib.import_module(module_name)
-            self.pm.register(module, name=module_name)
-        except Exception as exc:  # noqa: BLE001 - reported like an entry-point failure
-            self._fail(status, f"{type(exc).__name__}: {exc}".splitlines()[0])
+            self._register_checked(module, module_name)
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - reported like an entry-point failure
+            self._fail(status, _load_failure(exc))
             return
         status.hooks = self._hooks_of(module)
         self.statuses.append(status)
 
     def _install_tracing(self) -> None:
+        def plugins(impls: Any) -> str:
+            return ",".join(impl.plugin_name for impl in impls) or "-"
+
         def before(hook_name: str, impls: Any, kwargs: Mapping[str, Any]) -> None:
-            print(f"diffstudio trace: {hook_name}({', '.join(kwargs)}) -> {len(impls)} impls", file=sys.stderr)
+            print(f"diffstudio trace: {hook_name}[{plugins(impls)}]({', '.join(kwargs)})", file=sys.stderr)
 
         def after(outcome: Any, hook_name: str, impls: Any, kwargs: Mapping[str, Any]) -> None:
-            print(f"diffstudio trace: {hook_name} done", file=sys.stderr)
+            if outcome.exception is not None:
+                result = f"raised {describe_exception(outcome.exception)}"
+            else:
+                try:
+                    text = repr(outcome.get_result())
+                except Exception as exc:  # noqa: BLE001 - tracing must not fail the call
+                    text = f"<unprintable: {describe_exception(exc)}>"
+                result = text if len(text) <= 120 else text[:117] + "..."
+            print(f"diffstudio trace: {hook_name}[{plugins(impls)}] -> {result}", file=sys.stderr)
 
         self.pm.add_hookcall_monitoring(before, after)
 
