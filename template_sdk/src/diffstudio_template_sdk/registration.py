@@ -25,6 +25,7 @@ from typing import Any
 
 from diffstudio._markers import hookimpl
 from diffstudio.errors import TemplateFormatError
+from diffstudio.templates.geometry import normalise_geometry
 from diffstudio.types import TemplateSpec
 
 __all__ = ["import_object", "package_file", "template", "templates_hook"]
@@ -62,6 +63,8 @@ def template(
     config: Mapping[str, Any] | None = None,
     weights: str | Sequence[str] | None = None,
     data_processor: str | None = None,
+    target_model: str | None = None,
+    dit_geometry: Mapping[str, int] | None = None,
 ) -> TemplateSpec:
     """Describe one template class for ``register_templates``.
 
@@ -73,6 +76,9 @@ def template(
         config: Constructor kwargs used when the template is loaded by name.
         weights: ``"package:relative/file.safetensors"`` (or a list of shards) shipped in the package.
         data_processor: ``"package.module:Class"`` of the training data processor.
+        target_model: The model it was made for (``"diffstudio/shapes"``), shown by ``diffstudio templates``.
+        dit_geometry: The DiT geometry it was made for, ``{"double_blocks", "single_blocks", "heads", "head_dim"}``
+            (the embedded model: 2, 4, 2, 64); a pipeline whose DiT differs is refused before the template runs.
     """
     factory: Callable[[], type[Any]] = (lambda: import_object(cls)) if isinstance(cls, str) else cls
     files = [weights] if isinstance(weights, str) else list(weights or [])
@@ -84,6 +90,8 @@ def template(
         config=dict(config or {}),
         weights=(lambda: [package_file(f) for f in files]) if files else None,
         data_processor=(lambda: import_object(data_processor)) if data_processor else None,
+        target_model=target_model,
+        dit_geometry=normalise_geometry(dit_geometry, f"template({name!r}, dit_geometry=...)"),
     )
 
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from diffstudio._io import atomic_write_bytes, atomic_write_text
 from diffstudio._version import __version__
 from diffstudio.errors import TemplateError, TemplateFormatError
+from diffstudio.templates.geometry import normalise_geometry, resolve_geometry
 from diffstudio.templates.loading import FORMAT_NAME, FORMAT_VERSION, TEMPLATE_JSON
 
 if TYPE_CHECKING:
@@ -42,6 +43,8 @@ def export_template(
     config: Mapping[str, Any] | None = None,
     runtime: Runtime | None = None,
     description: str | None = None,
+    dit_geometry: Mapping[str, int] | None = None,
+    target_model: str | None = None,
 ) -> Path:
     """Write ``model`` as a data-only template folder.
 
@@ -54,6 +57,9 @@ def export_template(
             attribute (a dict or a method returning one), else ``{}``.
         runtime: The plugin runtime holding the registry.
         description: Free text stored in ``template.json``.
+        dit_geometry: The DiT geometry the template was made for (default: what the model declares as its
+            ``dit_geometry`` attribute, else the registration's); recorded so that loaders refuse another DiT.
+        target_model: The model it was made for (default: the registration's ``target_model``).
 
     Returns:
         The folder.
@@ -90,6 +96,9 @@ def export_template(
     state = {key: tensor.detach().to("cpu").contiguous().clone() for key, tensor in model.state_dict().items()}
     atomic_write_bytes(out / WEIGHTS_FILE, save(state, metadata={"format": "pt", "template": name}))
     spec = runtime.hooks.templates().get(name)
+    where = f"export of {name!r}"
+    geometry = resolve_geometry(model, where, ("dit_geometry=", normalise_geometry(dit_geometry, "dit_geometry=")),
+                                (f"the registration of {name!r}", spec.dit_geometry))  # fmt: skip
     record: dict[str, Any] = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -99,6 +108,11 @@ def export_template(
         "base_pipeline": spec.base_pipeline,
         "written_by": f"diffstudio-core {__version__}",
     }
+    if geometry is not None:
+        record["dit_geometry"] = geometry
+    target = target_model or spec.target_model
+    if target:
+        record["target_model"] = target
     if description:
         record["description"] = description
     atomic_write_text(out / TEMPLATE_JSON, json.dumps(record, indent=2) + "\n")

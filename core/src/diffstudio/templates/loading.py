@@ -16,7 +16,6 @@ the weights. When both ``template.json`` and ``model.py`` are present, ``templat
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -28,11 +27,12 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, Literal
 
 from diffstudio.config import ModelConfig
-from diffstudio.errors import TemplateError, TemplateFormatError
+from diffstudio.errors import DiffstudioError, TemplateError, TemplateFormatError
 from diffstudio.loading.assign import MetaTensorsRemainError
 from diffstudio.registry import UnknownNameError
+from diffstudio.templates.geometry import resolve_geometry
 from diffstudio.templates.protocol import check_template_class
-from diffstudio.templates.trust import check_code_allowed
+from diffstudio.templates.trust import TrustedCode, check_trust_flag, require_pin, trusted_code
 
 if TYPE_CHECKING:
     import torch
@@ -46,6 +46,7 @@ TEMPLATE_JSON = "template.json"
 CODE_FILE = "model.py"
 FORMAT_NAME = "diffstudio-template"
 FORMAT_VERSION = 1
+MAX_TEMPLATE_JSON_BYTES = 16 * 1024 * 1024
 
 TemplateKind = Literal["installed", "data", "code"]
 
@@ -80,6 +81,7 @@ class LoadedTemplate:
         config: The constructor keyword arguments used.
         data_processor: The data-processor class for training, or None.
         code_sha256: SHA-256 of the executed ``model.py`` (code templates).
+        dit_geometry: The DiT geometry the template was made for (see :mod:`.geometry`), or None when unknown.
     """
 
     model: nn.Module
@@ -91,6 +93,7 @@ class LoadedTemplate:
     config: dict[str, Any] = field(default_factory=dict)
     data_processor: type[Any] | None = None
     code_sha256: str | None = None
+    dit_geometry: dict[str, int] | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -136,7 +139,16 @@ def load_state_dict(
 
     state: dict[str, torch.Tensor] = {}
     for file in _safetensors_files(path):
-        for key, tensor in load_file(str(file), device=device).items():
+        try:
+            tensors = load_file(str(file), device=device)
+        except DiffstudioError:
+            raise
+        except (Exception, RecursionError) as exc:  # noqa: B014 - safetensors' own error class is not exported
+            raise TemplateFormatError(
+                f"cannot read the template weights {file}: {type(exc).__name__}: {exc}; it must be a valid "
+                f"safetensors file"
+            ) from exc
+        for key, tensor in tensors.items():
             if torch_dtype is not None and tensor.is_floating_point():
                 tensor = tensor.to(torch_dtype)
             state[key] = tensor
@@ -174,8 +186,10 @@ def build_template(
         except MetaTensorsRemainError:
             model = cls(**kwargs)
             load_state_dict_into(model, state, dtype=torch_dtype, device=device)
-    except TypeError as exc:
-        message = f"cannot build the template class {cls.__name__} ({where}) with {kwargs}: {exc}"
+    except DiffstudioError:
+        raise
+    except (TypeError, ValueError, RuntimeError, OverflowError, MemoryError, IndexError, KeyError) as exc:
+        message = f"cannot build the template class {cls.__name__} ({where}) with {kwargs}: {type(exc).__name__}: {exc}"
         raise TemplateFormatError(message) from exc
     return model.eval()
 
@@ -202,9 +216,15 @@ def read_template_json(folder: Path) -> dict[str, Any]:
     """Read and validate ``template.json``."""
     path = folder / TEMPLATE_JSON
     try:
+        size = path.stat().st_size
+        if size > MAX_TEMPLATE_JSON_BYTES:
+            raise TemplateFormatError(
+                f"{path} is {size} bytes; a template description is a small JSON file (at most "
+                f"{MAX_TEMPLATE_JSON_BYTES} bytes)"
+            )
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise TemplateFormatError(f"cannot read {path}: {exc}") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise TemplateFormatError(f"cannot read {path}: {type(exc).__name__}: {exc}") from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
         raise TemplateFormatError(f"{path} is not a diffstudio template description (expected format={FORMAT_NAME!r})")
     version = data.get("format_version", 1)
@@ -216,10 +236,20 @@ def read_template_json(folder: Path) -> dict[str, Any]:
         raise TemplateFormatError(f"{path} must name the registered template class under 'template'")
     if not isinstance(data.get("config", {}), dict):
         raise TemplateFormatError(f"{path}: 'config' must be an object of constructor arguments")
+    weights = data.get("weights")
+    if weights is not None and not (
+        isinstance(weights, str) or (isinstance(weights, list) and all(isinstance(w, str) for w in weights))
+    ):
+        raise TemplateFormatError(f"{path}: 'weights' must be a file name or a list of file names, got {weights!r}")
+    for key in ("target_model", "base_pipeline", "description"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise TemplateFormatError(f"{path}: {key!r} must be a string, got {data[key]!r}")
     return data
 
 
-def _inside(folder: Path, relative: str | os.PathLike[str], what: str) -> Path:
+def _inside(folder: Path, relative: object, what: str) -> Path:
+    if not isinstance(relative, (str, os.PathLike)) or not os.fspath(relative) or "\x00" in os.fspath(relative):
+        raise TemplateFormatError(f"{what} {relative!r} in {folder} must be a relative file name")
     path = (folder / relative).resolve()
     if not path.is_relative_to(folder.resolve()):
         raise TemplateFormatError(f"{what} {relative!r} points outside the template folder {folder}")
@@ -252,36 +282,44 @@ def _load_data(folder: Path, runtime: Runtime, torch_dtype: torch.dtype | None, 
     config = dict(data.get("config", {}))
     model = build_template(cls, config, weights, torch_dtype=torch_dtype, device=device, where=where)
     processor = spec.data_processor() if spec.data_processor is not None else None
+    geometry = resolve_geometry(model, where, (where, data.get("dit_geometry")),
+                                (f"the registration of {data['template']!r}", spec.dit_geometry))  # fmt: skip
     return LoadedTemplate(model, folder.name, "data", str(folder), registered_name=data["template"],
-                          config=config, data_processor=processor)  # fmt: skip
+                          config=config, data_processor=processor, dit_geometry=geometry)  # fmt: skip
 
 
-def _exec_code(code: Path, digest: str) -> ModuleType:
+def _exec_code(trusted: TrustedCode) -> ModuleType:
+    """Compile and execute exactly the checked bytes in a fresh module (no import system, no bytecode cache)."""
     # Executed afresh on every load, as the seed does: a model.py may compute TEMPLATE_MODEL_PATH from the files
     # present ("model.safetensors" if it exists else None), which the packaging steps change between two loads.
-    module_name = f"diffstudio_template_code_{digest[:16]}"
-    spec = importlib.util.spec_from_file_location(module_name, code)
-    if spec is None or spec.loader is None:
-        raise TemplateFormatError(f"cannot import {code}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
+    # The import system is not used: it would prefer a __pycache__/*.pyc (possibly not compiled from these bytes)
+    # and write one. compile() of the hashed bytes runs what was reviewed and writes nothing.
+    code = trusted.path
     try:
-        spec.loader.exec_module(module)
+        compiled = compile(trusted.source, str(code), "exec", dont_inherit=True)
+    except (SyntaxError, ValueError) as exc:
+        raise TemplateFormatError(f"{code} is not valid Python: {type(exc).__name__}: {exc}") from exc
+    module_name = f"diffstudio_template_code_{trusted.sha256[:16]}"
+    module = ModuleType(module_name)
+    module.__file__ = str(code)
+    sys.modules[module_name] = module  # classes defined in it resolve their module (dataclasses, pickling)
+    try:
+        exec(compiled, module.__dict__)  # noqa: S102 - the caller trusted exactly these bytes (see .trust)
     except Exception as exc:
-        del sys.modules[module_name]
+        sys.modules.pop(module_name, None)
         raise TemplateFormatError(f"executing {code} failed: {type(exc).__name__}: {exc}") from exc
     return module
 
 
 def _code_module(
     folder: Path, *, trust_code: bool, code_sha256: str | None, env: Mapping[str, str] | None
-) -> tuple[ModuleType, str]:
+) -> tuple[ModuleType, TrustedCode]:
     code = folder / CODE_FILE
-    digest = check_code_allowed(code, trust_code=trust_code, code_sha256=code_sha256, env=env)
-    module = _exec_code(code, digest)
+    trusted = trusted_code(code, trust_code=trust_code, code_sha256=code_sha256, env=env)
+    module = _exec_code(trusted)
     if not isinstance(getattr(module, "TEMPLATE_MODEL", None), type):
         raise TemplateFormatError(f"{code} must define TEMPLATE_MODEL, the template model class")
-    return module, digest
+    return module, trusted
 
 
 def _load_code(
@@ -293,17 +331,24 @@ def _load_code(
     code_sha256: str | None,
     env: Mapping[str, str] | None,
 ) -> LoadedTemplate:
-    module, digest = _code_module(folder, trust_code=trust_code, code_sha256=code_sha256, env=env)
+    module, trusted = _code_module(folder, trust_code=trust_code, code_sha256=code_sha256, env=env)
     code = folder / CODE_FILE
     listed = getattr(module, "TEMPLATE_MODEL_PATH", None)
-    entries = [] if listed is None else [listed] if isinstance(listed, (str, os.PathLike)) else list(listed)
+    entries = [] if listed is None else [listed] if isinstance(listed, (str, os.PathLike)) else listed
+    if not isinstance(entries, (list, tuple)):
+        raise TemplateFormatError(f"{code}: TEMPLATE_MODEL_PATH must be a file name, a list of them or None")
     weights = [_inside(folder, w, "TEMPLATE_MODEL_PATH") for w in entries]
-    config = dict(getattr(module, "TEMPLATE_MODEL_CONFIG", None) or {})
+    config = getattr(module, "TEMPLATE_MODEL_CONFIG", None) or {}
+    if not isinstance(config, Mapping):
+        raise TemplateFormatError(f"{code}: TEMPLATE_MODEL_CONFIG must be a dict of constructor arguments")
+    config = dict(config)
     model = build_template(module.TEMPLATE_MODEL, config, weights, torch_dtype=torch_dtype, device=device,
                            where=str(code))  # fmt: skip
     processor = getattr(module, "TEMPLATE_DATA_PROCESSOR", None)
+    geometry = resolve_geometry(model, str(code), (f"{code} (TEMPLATE_DIT_GEOMETRY)",
+                                                   getattr(module, "TEMPLATE_DIT_GEOMETRY", None)))  # fmt: skip
     return LoadedTemplate(model, folder.name, "code", str(folder), config=config, data_processor=processor,
-                          code_sha256=digest)  # fmt: skip
+                          code_sha256=trusted.sha256, dit_geometry=geometry)  # fmt: skip
 
 
 def _load_installed(name: str, runtime: Runtime, torch_dtype: torch.dtype | None, device: str) -> LoadedTemplate:
@@ -313,8 +358,9 @@ def _load_installed(name: str, runtime: Runtime, torch_dtype: torch.dtype | None
     owner = runtime.hooks.templates().owner(name)
     model = build_template(cls, config, weights, torch_dtype=torch_dtype, device=device, where=f"plugin {owner}")
     processor = spec.data_processor() if spec.data_processor is not None else None
+    geometry = resolve_geometry(model, f"plugin {owner}", (f"the registration of {name!r}", spec.dit_geometry))
     return LoadedTemplate(model, name, "installed", f"package plugin {owner}", model_id=name, registered_name=name,
-                          config=config, data_processor=processor)  # fmt: skip
+                          config=config, data_processor=processor, dit_geometry=geometry)  # fmt: skip
 
 
 def _folder_of(config: ModelConfig, runtime: Runtime) -> Path:
@@ -353,6 +399,8 @@ def load_template(
         env: Environment for ``DIFFSTUDIO_DISABLE_REMOTE_CODE`` (default ``os.environ``).
 
     Raises:
+        TrustFlagError: ``trust_code`` is not a bool, or ``code_sha256`` not a string (checked first, for every
+            kind of template).
         UntrustedCodeError: A seed-format folder without ``trust_code`` (or under the kill switch, or with a
             pin that does not match). Nothing from the folder was executed.
         TemplateFormatError: The folder is not a template, or the class breaks the protocol.
@@ -360,7 +408,13 @@ def load_template(
     """
     from diffstudio.runtime import Runtime
 
+    check_trust_flag(trust_code)
+    require_pin(code_sha256)
     runtime = runtime if runtime is not None else Runtime()
+    if not isinstance(source, (ModelConfig, str, os.PathLike)):
+        raise TemplateError(
+            f"a template source must be a registered name, a folder or a ModelConfig, got {type(source).__name__}"
+        )
     if isinstance(source, ModelConfig):
         config = source
     elif isinstance(source, str) and not Path(source).exists():
@@ -391,6 +445,7 @@ def load_template_model(
     runtime: Runtime | None = None,
 ) -> nn.Module:
     """Load a template model (the seed's ``load_template_model``); see :func:`load_template` for the rules."""
+    check_trust_flag(trust_code)
     return load_template(path, runtime=runtime, torch_dtype=torch_dtype, device=device, trust_code=trust_code,
                          code_sha256=code_sha256).model  # fmt: skip
 
@@ -405,6 +460,8 @@ def load_template_data_processor(
     """Return a template's data-processor class (None when it has none), without building the model."""
     from diffstudio.runtime import Runtime
 
+    check_trust_flag(trust_code)
+    require_pin(code_sha256)
     runtime = runtime if runtime is not None else Runtime()
     if isinstance(path, str) and path in runtime.hooks.templates():
         spec = runtime.hooks.templates().get(path)

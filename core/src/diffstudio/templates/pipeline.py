@@ -18,8 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 from diffstudio.config import ModelConfig
 from diffstudio.errors import CacheMergeError, TemplateCacheKeyError, TemplateError, TemplateInputError
+from diffstudio.templates.geometry import check_geometry
 from diffstudio.templates.loading import LoadedTemplate, load_template
 from diffstudio.templates.protocol import forward_template, process_template_inputs
+from diffstudio.templates.trust import check_trust_flag, require_pin
 
 if TYPE_CHECKING:
     import torch
@@ -94,16 +96,24 @@ class TemplatePipeline:
     ) -> None:
         from diffstudio.runtime import Runtime
 
+        self.trust_code = check_trust_flag(trust_code)
         if not templates:
             raise TemplateError("TemplatePipeline needs at least one template (model_configs=[ModelConfig(...)])")
+        if isinstance(code_sha256, str):
+            code_sha256 = [code_sha256] * len(templates)
+        self._pins: list[str | None] = (
+            [require_pin(pin, f"code_sha256[{i}]") for i, pin in enumerate(code_sha256)]
+            if code_sha256 is not None
+            else [None] * len(templates)
+        )
+        if len(self._pins) != len(templates):
+            raise TemplateError(f"code_sha256 has {len(self._pins)} entries for {len(templates)} templates")
         self.runtime = runtime if runtime is not None else Runtime()
         self.torch_dtype = torch_dtype
         self.device = device
-        self.trust_code = trust_code
         self._entries: list[LoadedTemplate | ModelConfig] = list(templates)
         self._sources = list(templates)
         self.lazy_loading = False
-        self._pins: list[str | None] = list(code_sha256) if code_sha256 is not None else [None] * len(templates)
         self.last_templates: list[tuple[str, dict[str, Any]]] = []
 
     @classmethod
@@ -133,8 +143,14 @@ class TemplatePipeline:
         from diffstudio.pipeline.base import default_device
         from diffstudio.runtime import Runtime
 
+        check_trust_flag(trust_code)
+        check_trust_flag(lazy_loading, "lazy_loading")
+        if code_sha256 is not None and not isinstance(code_sha256, (str, list, tuple)):
+            require_pin(code_sha256)
         runtime = runtime if runtime is not None else Runtime()
         device = device or default_device()
+        if isinstance(model_configs, (str, os.PathLike, ModelConfig)):
+            model_configs = [model_configs]
         configs = [c if isinstance(c, ModelConfig) else _as_config(c) for c in model_configs]
         pins = [code_sha256] * len(configs) if isinstance(code_sha256, str) or code_sha256 is None else code_sha256
         if len(pins) != len(configs):
@@ -204,6 +220,9 @@ class TemplatePipeline:
         """Run every template-input dict through its template: ``[(template name, cache), ...]``.
 
         Runs under the caller's grad mode (``__call__`` disables gradients; a trainer may keep them).
+
+        Raises:
+            TemplateGeometryError: A template was made for a DiT of another geometry than ``pipe``'s.
         """
         caches: list[tuple[str, dict[str, Any]]] = []
         for position, inputs in enumerate(template_inputs):
@@ -212,6 +231,7 @@ class TemplatePipeline:
                     f"template_inputs[{position}] is {type(inputs).__name__}; pass one dict per template"
                 )
             template = self.fetch(self.route(inputs))
+            check_geometry(template.name, template.dit_geometry, pipe)
             processed = process_template_inputs(template.model, inputs, pipe=pipe, name=template.name)
             cache = forward_template(template.model, processed, pipe=pipe, name=template.name)
             caches.append((template.name, cache))
@@ -304,6 +324,11 @@ class TemplatePipeline:
 def _as_config(source: str | os.PathLike[str]) -> ModelConfig:
     from pathlib import Path
 
+    if not isinstance(source, (str, os.PathLike)):
+        raise TemplateError(
+            f"model_configs entries must be ModelConfig, a registered template name or a folder; got "
+            f"{type(source).__name__}"
+        )
     if isinstance(source, str) and not Path(source).exists():
         return ModelConfig(model_id=source)
     return ModelConfig(path=os.fspath(source))

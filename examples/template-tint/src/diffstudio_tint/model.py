@@ -1,9 +1,11 @@
 """``TintTemplate``: a strength in ``[0, 1]`` -> ``{"kv_cache": {block: (K, V)}}`` for a FLUX.2 DiT.
 
 K and V are ``(1, tokens, heads, head_dim)`` per block: a learned table per block, moved along a learned direction
-by an MLP of the strength's sinusoidal embedding. The default sizes fit the tiny FLUX.2 models of the tests
-(2 double + 2 single blocks, 2 heads of 16); pass the base model's sizes for real models (klein-4B: 5, 20, 24,
-128). Parameters start from a fixed seed, so every installation builds the same untrained template.
+by an MLP of the strength's sinusoidal embedding. The default sizes are the embedded ``diffstudio/shapes`` model's
+(2 double + 4 single blocks, 2 heads of 64: :data:`SHAPES_GEOMETRY`); pass another base model's sizes to build it
+for that model (FLUX.2 klein-4B: 5, 20, 24, 128). The template declares the geometry it was built for as
+``dit_geometry``, and a pipeline whose DiT differs refuses it before it runs. Parameters start from a fixed seed, so
+every installation builds the same untrained template.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from typing import Any
 
 import torch
 from torch import nn
+
+SHAPES_GEOMETRY = {"double_blocks": 2, "single_blocks": 4, "heads": 2, "head_dim": 64}
+"""The DiT geometry of the embedded ``diffstudio/shapes`` model, which the defaults fit."""
 
 
 def strength_embedding(strength: torch.Tensor, dim: int) -> torch.Tensor:
@@ -35,11 +40,13 @@ class TintTemplate(nn.Module):
         features: Width of the strength embedding.
     """
 
-    def __init__(self, double_blocks: int = 2, single_blocks: int = 2, heads: int = 2, head_dim: int = 16,
+    def __init__(self, double_blocks: int = 2, single_blocks: int = 4, heads: int = 2, head_dim: int = 64,
                  tokens: int = 8, features: int = 32) -> None:  # fmt: skip
         super().__init__()
         self.template_config = {"double_blocks": double_blocks, "single_blocks": single_blocks, "heads": heads,
                                 "head_dim": head_dim, "tokens": tokens, "features": features}  # fmt: skip
+        self.dit_geometry = {"double_blocks": double_blocks, "single_blocks": single_blocks, "heads": heads,
+                             "head_dim": head_dim}  # fmt: skip
         self.block_names = [f"double_{i}" for i in range(double_blocks)] + [f"single_{i}" for i in range(single_blocks)]
         self.features = features
         self.kv_shape = (tokens, heads, head_dim)

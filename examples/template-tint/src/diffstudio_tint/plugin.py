@@ -8,5 +8,7 @@ register_templates = templates_hook(
         "diffstudio_tint.model:TintTemplate",
         "example: tint strength in [0, 1] -> a KV cache for every DiT block",
         data_processor="diffstudio_tint.model:TintData",
+        target_model="diffstudio/shapes",
+        dit_geometry={"double_blocks": 2, "single_blocks": 4, "heads": 2, "head_dim": 64},
     )
 )
