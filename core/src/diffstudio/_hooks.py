@@ -44,13 +44,13 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 FailureHandler = Callable[[str, str, str, "BaseException | None"], None]
-"""``on_failure(plugin_name, hook_name, reason, exception)``; ``reason`` is one line (``"raised KeyError: 'x'"``)."""
+"""``on_failure(plugin_name, hook_name, what, exception)``; ``what`` is one line ("its load_model hook raised ...")."""
 
 _NOT_MINE = object()
 
 
-def _raise_failure(plugin: str, hook: str, reason: str, exc: BaseException | None) -> None:
-    raise PluginHookError(f"plugin {plugin!r}: its {hook} hook {reason}", plugin=plugin, hook=hook) from exc
+def _raise_failure(plugin: str, hook: str, what: str, exc: BaseException | None) -> None:
+    raise PluginHookError(f"plugin {plugin!r}: {what}", plugin=plugin, hook=hook) from exc
 
 
 def describe_exception(exc: BaseException) -> str:
@@ -104,7 +104,7 @@ class Hooks:
 
     def _fail(self, impl: pluggy.HookImpl, hook_name: str, reason: str, exc: BaseException | None = None) -> None:
         self.failures.append((impl.plugin_name, hook_name, reason))
-        self._on_failure(impl.plugin_name, hook_name, reason, exc)
+        self._on_failure(impl.plugin_name, hook_name, f"its {hook_name} hook {reason}", exc)
 
     def _call_impl(
         self, hook_name: str, impl: pluggy.HookImpl, kwargs: dict[str, Any], *, typed_errors_propagate: bool

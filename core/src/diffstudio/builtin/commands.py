@@ -15,20 +15,26 @@ if TYPE_CHECKING:
 
 
 def _plugins_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print JSON (one object per plugin)")
+    parser.add_argument("--json", action="store_true", help="print a JSON array, one object per plugin")
 
 
 def _plugins_run(args: argparse.Namespace, runtime: Runtime) -> int:
+    from diffstudio._table import format_table
+
+    # Ask the registration hooks that need no torch, so that a plugin whose registrations fail shows as failed.
+    for registry in (runtime.hooks.pipelines, runtime.hooks.embedded_models, runtime.hooks.schedulers,
+                     runtime.hooks.templates):  # fmt: skip
+        registry()
     rows = [status.to_json() for status in runtime.statuses]
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        width = max([len(r["name"]) for r in rows] + [4])
-        print(f"{'NAME':<{width}}  {'STATUS':<11}  {'DISTRIBUTION':<28}  HOOKS / ERROR")
+        table = []
         for row in rows:
             detail = row["error"] if row["status"] in ("failed", "blocked", "not allowed") else ", ".join(row["hooks"])
             dist = f"{row['distribution']} {row['version']}".strip()
-            print(f"{row['name']:<{width}}  {row['status'].upper():<11}  {dist:<28}  {detail}")
+            table.append([row["name"], row["status"].upper(), dist, detail or ""])
+        print(format_table(["NAME", "STATUS", "DISTRIBUTION", "HOOKS / ERROR"], table))
     return 1 if runtime.failed() and runtime.strict else 0
 
 
