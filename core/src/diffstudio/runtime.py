@@ -128,7 +128,7 @@ class Runtime:
         self.pm = pluggy.PluginManager(PROJECT_NAME)
         self.pm.add_hookspecs(hookspecs)
         self.statuses: list[PluginStatus] = []
-        self.hooks = Hooks(self.pm, on_failure=self._hook_failed)
+        self.hooks = Hooks(self.pm, on_failure=self.plugin_failed)
         self._blocked = set(_csv_env(self.env, "DIFFSTUDIO_DISABLED_PLUGINS") or ())
         for name in self._blocked:
             self.pm.set_blocked(name)
@@ -236,28 +236,38 @@ class Runtime:
         self.statuses.append(status)
         return status
 
-    def _hook_failed(self, plugin_name: str, hook_name: str, reason: str, exc: BaseException | None) -> None:
-        """A hook implementation failed: disable its plugin and warn (or raise in strict mode)."""
+    def plugin_failed(self, plugin_name: str, hook_name: str, what: str, exc: BaseException | None = None) -> None:
+        """A plugin failed while the host used it: disable it and warn, or raise in strict mode.
+
+        Args:
+            plugin_name: The plugin.
+            hook_name: The hook it failed in (for :class:`~diffstudio.errors.PluginHookError`).
+            what: One line, e.g. ``"its load_model hook raised RuntimeError: boom"``.
+            exc: The exception, if any (chained in strict mode).
+
+        Raises:
+            PluginHookError: In strict mode (``DuplicateRegistrationError`` itself for a duplicate name).
+        """
         status = self._status(plugin_name)
         dist = f" ({status.distribution})" if not status.distribution.startswith("(") else ""
         where = f"plugin {plugin_name!r}{dist}"
-        reason = reason.rstrip(".")
+        what = what.rstrip(".")
         if self.strict:
             if isinstance(exc, DuplicateRegistrationError):
                 raise exc  # already names both plugins
             raise PluginHookError(
-                f"diffstudio: {where}: its {hook_name} hook {reason} (DIFFSTUDIO_STRICT_PLUGINS=1 makes this fatal; "
+                f"diffstudio: {where}: {what} (DIFFSTUDIO_STRICT_PLUGINS=1 makes this fatal; "
                 f"unset it to skip the plugin instead)",
                 plugin=plugin_name,
                 hook=hook_name,
             ) from exc
         status.status = "failed"
-        status.error = f"{hook_name} hook {reason}"
+        status.error = what.removeprefix("its ")
         if self.pm.get_plugin(plugin_name) is not None:
             self.pm.unregister(name=plugin_name)
         self.hooks.invalidate()
         print(
-            f"diffstudio: {where} disabled: its {hook_name} hook {reason}. Report it to the plugin's authors "
+            f"diffstudio: {where} disabled: {what}. Report it to the plugin's authors "
             f"(DIFFSTUDIO_DISABLED_PLUGINS={plugin_name} skips it quietly).",
             file=sys.stderr,
         )
