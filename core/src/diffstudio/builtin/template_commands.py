@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -73,12 +71,7 @@ def print_templates(args: argparse.Namespace, runtime: Runtime) -> int:
         lines = [f"{'ID':<{width}}  {'TARGET':<{twidth}}  DESCRIPTION"]
         lines += [f"{r['id']:<{width}}  {t:<{twidth}}  {r['description']}" for r, t in zip(rows, targets)]
         text = "\n".join(lines)
-    try:
-        print(text)
-        sys.stdout.flush()
-    except BrokenPipeError:  # `diffstudio templates | head`: the reader left; the final flush at exit must not fail
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+    print(text)  # a closed pipe (`diffstudio templates | head`) is handled by diffstudio.cli
     return 0
 
 

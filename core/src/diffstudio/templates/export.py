@@ -98,7 +98,7 @@ def export_template(
     spec = runtime.hooks.templates().get(name)
     where = f"export of {name!r}"
     geometry = resolve_geometry(model, where, ("dit_geometry=", normalise_geometry(dit_geometry, "dit_geometry=")),
-                                (f"the registration of {name!r}", spec.dit_geometry))  # fmt: skip
+                                default=(f"the registration of {name!r}", spec.dit_geometry))  # fmt: skip
     record: dict[str, Any] = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,

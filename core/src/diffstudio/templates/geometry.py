@@ -83,13 +83,21 @@ def geometry_of_model(model: object, where: str) -> dict[str, int] | None:
     return normalise_geometry(declared, where)
 
 
-def resolve_geometry(model: object, where: str, *records: tuple[str, object]) -> dict[str, int] | None:
-    """The geometry of a loaded template: the model's own declaration, else the first record.
+def resolve_geometry(
+    model: object,
+    where: str,
+    *records: tuple[str, object],
+    default: tuple[str, object] = ("", None),
+) -> dict[str, int] | None:
+    """The geometry of a loaded template: the model's own declaration, else a record, else the default.
 
     Args:
         model: The built template model.
         where: Its origin, for messages.
-        *records: ``(where, value)`` pairs: ``template.json``'s field, the registration's, ``TEMPLATE_DIT_GEOMETRY``.
+        *records: ``(where, value)`` pairs that describe this very template (``template.json``'s field,
+            ``TEMPLATE_DIT_GEOMETRY``, an explicit argument): each must agree with the model's declaration.
+        default: ``(where, value)`` used only when nothing else declares a geometry: the registration's, which
+            describes the class with its registered config (a data-only folder may hold another config).
 
     Raises:
         TemplateFormatError: A record is malformed, or contradicts what the model declares (the folder is
@@ -107,7 +115,8 @@ def resolve_geometry(model: object, where: str, *records: tuple[str, object]) ->
                 f"{source} records the DiT geometry {describe_geometry(recorded)}, but the template built from it "
                 f"declares {describe_geometry(own)}; rewrite it with `diffstudio template export`"
             )
-    return own
+    fallback = normalise_geometry(default[1], default[0])
+    return own if own is not None else fallback
 
 
 def pipeline_geometry(pipe: Any) -> dict[str, int] | None:

@@ -283,7 +283,7 @@ def _load_data(folder: Path, runtime: Runtime, torch_dtype: torch.dtype | None, 
     model = build_template(cls, config, weights, torch_dtype=torch_dtype, device=device, where=where)
     processor = spec.data_processor() if spec.data_processor is not None else None
     geometry = resolve_geometry(model, where, (where, data.get("dit_geometry")),
-                                (f"the registration of {data['template']!r}", spec.dit_geometry))  # fmt: skip
+                                default=(f"the registration of {data['template']!r}", spec.dit_geometry))  # fmt: skip
     return LoadedTemplate(model, folder.name, "data", str(folder), registered_name=data["template"],
                           config=config, data_processor=processor, dit_geometry=geometry)  # fmt: skip
 
@@ -358,7 +358,7 @@ def _load_installed(name: str, runtime: Runtime, torch_dtype: torch.dtype | None
     owner = runtime.hooks.templates().owner(name)
     model = build_template(cls, config, weights, torch_dtype=torch_dtype, device=device, where=f"plugin {owner}")
     processor = spec.data_processor() if spec.data_processor is not None else None
-    geometry = resolve_geometry(model, f"plugin {owner}", (f"the registration of {name!r}", spec.dit_geometry))
+    geometry = resolve_geometry(model, f"plugin {owner}", default=(f"the registration of {name!r}", spec.dit_geometry))
     return LoadedTemplate(model, name, "installed", f"package plugin {owner}", model_id=name, registered_name=name,
                           config=config, data_processor=processor, dit_geometry=geometry)  # fmt: skip
 
