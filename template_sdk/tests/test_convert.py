@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import importlib
 import json
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 from diffstudio.cli import main
 from diffstudio.runtime import Runtime
