@@ -33,6 +33,7 @@ from diffstudio.errors import DiffstudioError
 
 if TYPE_CHECKING:
     from diffstudio.runtime import Runtime
+    from diffstudio.types import CommandSpec
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -51,6 +52,23 @@ def _plugin_distribution(runtime: Runtime, plugin_name: str) -> str:
         if status.name == plugin_name and not status.distribution.startswith("("):
             return status.distribution
     return plugin_name
+
+
+def command_groups(runtime: Runtime) -> dict[str, list[str]]:
+    """The commands as ``--help`` lists them: ``{"": core's commands, distribution: that plugin's commands}``.
+
+    Core's group comes first, then the plugins' distributions in alphabetical order; names are sorted.
+    """
+    registry = runtime.hooks.commands()
+    groups: dict[str, list[str]] = {"": []}
+    plugin_groups: dict[str, list[str]] = {}
+    for name in registry.names():
+        owner = registry.owner(name)
+        if is_core_plugin(owner):
+            groups[""].append(name)
+        else:
+            plugin_groups.setdefault(_plugin_distribution(runtime, owner), []).append(name)
+    return {**groups, **dict(sorted(plugin_groups.items()))}
 
 
 def _plugin_epilog(groups: dict[str, list[tuple[str, str]]]) -> str:
@@ -76,13 +94,20 @@ def _plugin_epilog(groups: dict[str, list[tuple[str, str]]]) -> str:
     return "\n".join(lines)
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's layout, with the epilog kept as written and room for command names up to 24 characters."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=30)
+
+
 def _try_build_parser(runtime: Runtime) -> argparse.ArgumentParser | None:
     """Build the parser; None when a plugin's ``add_arguments`` failed (it was reported and disabled)."""
     registry = runtime.hooks.commands()
     parser = argparse.ArgumentParser(
         prog="diffstudio",
         description="diffusion image models, as plugins",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_Formatter,
     )
     parser.add_argument("--version", action="version", version=f"diffstudio {__version__}")
     parser.add_argument(
@@ -90,32 +115,40 @@ def _try_build_parser(runtime: Runtime) -> argparse.ArgumentParser | None:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     groups: dict[str, list[tuple[str, str]]] = {}
-    for spec in registry:
-        owner = registry.owner(spec.name)
-        if is_core_plugin(owner):
-            command_parser = sub.add_parser(spec.name, help=spec.help, description=spec.help)
-        else:  # listed in the epilog under its distribution instead of among core's commands
-            groups.setdefault(_plugin_distribution(runtime, owner), []).append((spec.name, spec.help))
-            command_parser = sub.add_parser(spec.name, description=spec.help)
-        try:
-            spec.add_arguments(command_parser)
-        except (Exception, SystemExit) as exc:  # noqa: BLE001 - one plugin's broken command must not break the CLI
-            from diffstudio._hooks import describe_exception
-
-            runtime.plugin_failed(
-                owner, "register_commands", f"its command {spec.name!r}: add_arguments raised "
-                f"{describe_exception(exc)}", exc,
-            )  # fmt: skip
-            return None
-        try:
-            command_parser.add_argument(
-                "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
-            )
-        except argparse.ArgumentError:
-            pass  # the command has its own --debug; the global one still works before the command name
-        command_parser.set_defaults(_command=spec.name)
+    for distribution, names in command_groups(runtime).items():
+        for name in names:
+            spec = registry.get(name)
+            if not distribution:
+                command_parser = sub.add_parser(spec.name, help=spec.help, description=spec.help)
+            else:  # listed in the epilog under its distribution instead of among core's commands
+                groups.setdefault(distribution, []).append((spec.name, spec.help))
+                command_parser = sub.add_parser(spec.name, description=spec.help)
+            if not _add_arguments(runtime, registry.owner(name), spec, command_parser):
+                return None
     parser.epilog = _plugin_epilog(groups) or None
     return parser
+
+
+def _add_arguments(runtime: Runtime, owner: str, spec: CommandSpec, command_parser: argparse.ArgumentParser) -> bool:
+    """Let the command add its arguments; False when it failed (the plugin was reported and disabled)."""
+    try:
+        spec.add_arguments(command_parser)
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - one plugin's broken command must not break the CLI
+        from diffstudio._hooks import describe_exception
+
+        runtime.plugin_failed(
+            owner, "register_commands", f"its command {spec.name!r}: add_arguments raised "
+            f"{describe_exception(exc)}", exc,
+        )  # fmt: skip
+        return False
+    try:
+        command_parser.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+        )
+    except argparse.ArgumentError:
+        pass  # the command has its own --debug; the global one still works before the command name
+    command_parser.set_defaults(_command=spec.name)
+    return True
 
 
 def build_parser(runtime: object) -> argparse.ArgumentParser:
