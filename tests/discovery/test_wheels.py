@@ -48,6 +48,15 @@ def _write_plugin(folder: Path, name: str, core_requirement: str, plugin_source:
     return folder
 
 
+#: Plugins that fail in ways that used to take the whole command line down (issue 21, finding 8).
+ISOLATION_PLUGINS = {
+    "exits": "raise SystemExit(3)\n",
+    "typo": "from diffstudio import hookimpl\n\n@hookimpl\ndef register_comands(register):\n    pass\n",
+    "garbage": "from diffstudio import hookimpl\n\n@hookimpl\ndef register_commands(register):\n    register('nope')\n",
+}
+FAILING = ("broken", "future", *ISOLATION_PLUGINS)
+
+
 @pytest.fixture(scope="module")
 def fresh_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("discovery")
@@ -58,6 +67,7 @@ def fresh_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
         _write_plugin(work / "broken", "broken", "diffstudio-core ~= 0.1.0",
                       "raise ImportError('this plugin is broken on purpose')\n"),
         _write_plugin(work / "future", "future", "diffstudio-core >= 99", "raise SystemExit('must not be imported')\n"),
+        *(_write_plugin(work / n, n, "diffstudio-core ~= 0.1.0", code) for n, code in ISOLATION_PLUGINS.items()),
     ]
     for source in sources:
         result = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
@@ -91,7 +101,21 @@ def test_installed_plugins_listed_and_broken_one_failed(fresh_env: Path) -> None
     assert rows["future"]["status"] == "failed"
     assert "diffstudio-core" in rows["future"]["error"]
     assert rows["builtin.fallbacks"]["status"] == "builtin"
-    assert "broken" in result.stderr and len(result.stderr.strip().splitlines()) == 2
+    assert {row["name"] for row in rows.values() if row["status"] == "failed"} == set(FAILING)
+    assert len(result.stderr.strip().splitlines()) == len(FAILING)
+    assert all(f"'{name}'" in result.stderr for name in FAILING)
+
+
+def test_systemexit_misspelt_hook_and_garbage_registration_fail_only_their_plugin(fresh_env: Path) -> None:
+    result = _plugins(fresh_env)
+    assert result.returncode == 0, result.stderr
+    rows = {row["name"]: row for row in json.loads(result.stdout)}
+    assert "SystemExit(3)" in rows["exits"]["error"]
+    assert "'register_comands'" in rows["typo"]["error"] and "did you mean 'register_commands'" in rows["typo"]["error"]
+    assert "register_commands" in rows["garbage"]["error"] and "expected a CommandSpec" in rows["garbage"]["error"]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("DIFFSTUDIO_") and k != "PYTHONPATH"}
+    helped = _run([str(fresh_env / "bin" / "diffstudio"), "--help"], env=clean)
+    assert helped.returncode == 0 and "plugins" in helped.stdout and "Traceback" not in helped.stderr
 
 
 def test_strict_mode_exits_non_zero_naming_the_plugin(fresh_env: Path) -> None:
@@ -101,10 +125,10 @@ def test_strict_mode_exits_non_zero_naming_the_plugin(fresh_env: Path) -> None:
 
 
 def test_block_and_allow_lists(fresh_env: Path) -> None:
-    blocked = _plugins(fresh_env, DIFFSTUDIO_DISABLED_PLUGINS="broken,future")
+    blocked = _plugins(fresh_env, DIFFSTUDIO_DISABLED_PLUGINS=",".join(FAILING))
     assert blocked.returncode == 0
     rows = {row["name"]: row for row in json.loads(blocked.stdout)}
-    assert rows["broken"]["status"] == "blocked" and rows["future"]["status"] == "blocked"
+    assert all(rows[name]["status"] == "blocked" for name in FAILING)
     assert blocked.stderr == ""
     allowed = _plugins(fresh_env, DIFFSTUDIO_LOAD_PLUGINS="example")
     rows = {row["name"]: row for row in json.loads(allowed.stdout)}
