@@ -116,6 +116,8 @@ class GenerationRecord:
         model_files: ``(path, sha256 or None)`` per loaded model file.
         extra: Anything else worth keeping (JSON record only).
         versions: Versions of diffstudio, python, torch and the plugins (see :func:`collect_versions`).
+        job: The job row that made this image (a valid ``diffstudio run`` job line; ``run --from`` replays it).
+        job_hash: The short hash of that job in the output file name (see :mod:`diffstudio.run_api`).
     """
 
     prompt: str
@@ -136,6 +138,8 @@ class GenerationRecord:
     model_files: list[tuple[str, str | None]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=collect_versions)
+    job: dict[str, Any] | None = None
+    job_hash: str | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -259,6 +263,8 @@ def record_to_dict(record: GenerationRecord) -> dict[str, Any]:
         "templates": [{"name": n, "inputs": _jsonable(i)} for n, i in record.templates],
         "extra": _jsonable(record.extra),
         "versions": dict(record.versions),
+        **({"job": _jsonable(record.job)} if record.job is not None else {}),
+        **({"job_hash": record.job_hash} if record.job_hash else {}),
     }
 
 
@@ -384,6 +390,8 @@ def record_for(
     loras: Iterable[tuple[str, str | None, float]] = (),
     templates: Sequence[tuple[str, Mapping[str, Any]]] = (),
     hash_files: bool | None = None,
+    job: Mapping[str, Any] | None = None,
+    job_hash: str | None = None,
 ) -> GenerationRecord:
     """Build the record of one image a pipeline produced.
 
@@ -398,6 +406,8 @@ def record_for(
         templates: ``(name, inputs)`` per template used.
         hash_files: Hash the model files (cached, see :func:`diffstudio._io.file_sha256`). Default: on,
             unless ``DIFFSTUDIO_HASH_FILES=0``.
+        job: The job row to record (``run --from`` replays it).
+        job_hash: The job's short hash (the one in the output file name).
 
     Returns:
         The record.
@@ -467,6 +477,8 @@ def record_for(
         model_files=model_files,
         extra=extra,
         versions=collect_versions(getattr(pipe, "runtime", None)),
+        job=None if job is None else dict(job),
+        job_hash=job_hash,
     )
 
 

@@ -39,25 +39,70 @@ def _plugins_run(args: argparse.Namespace, runtime: Runtime) -> int:
 
 
 def _run_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("prompt", nargs="?", help="the prompt (or use --jobs)")
+    parser.description = (
+        "Generate images from a prompt, a job file (--jobs) or the records of earlier images (--from). Each image is "
+        "named {index}-{prompt}-s{seed}-{job hash}.png; a re-run skips images whose identical job already wrote "
+        "them. Every option is recorded in the PNG and replayed by --from."
+    )
+    parser.add_argument("prompt", nargs="?", help="the prompt (or use --jobs / --from)")
     parser.add_argument("--jobs", help="JSON or JSONL file of jobs (each an object with a prompt and options)")
+    parser.add_argument(
+        "--from", dest="from_images", action="append", metavar="IMAGE.png",
+        help="re-run the job recorded in a PNG written by diffstudio run (repeatable; flags given here override "
+        "the recorded values; a warning when a file's SHA-256 differs from the record)",
+    )  # fmt: skip
     parser.add_argument(
         "--model",
         action="append",
-        help="model file, folder, glob or model id (repeat for several files); default: the embedded model",
+        help="model: checkpoint file, component folder, diffusers repository folder (model_index.json), glob or "
+        "model id (repeat for one file per component); default: the embedded model",
+    )
+    parser.add_argument("--tokenizer", action="append", metavar="DIR", help="tokenizer folder, when the model has none")
+    parser.add_argument(
+        "--lora", action="append", metavar="FILE[:SCALE]", help="apply a LoRA with a scale (default 1; repeatable)"
     )
     parser.add_argument("--out", default="outputs", help="output folder (default: ./outputs)")
+    parser.add_argument("--overwrite", action="store_true", help="regenerate images whose files already exist")
     parser.add_argument("--seed", type=int, default=None, help="base seed; image i of a batch uses seed + i")
     parser.add_argument("--steps", type=int, default=None, help="number of inference steps")
     parser.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale")
+    parser.add_argument("--guidance", type=float, default=None, help="distilled guidance (FLUX dev / Kontext)")
     parser.add_argument("--negative-prompt", default=None, help="negative prompt (used when cfg scale > 1)")
     parser.add_argument("--height", type=int, default=None, help="image height (multiple of 16)")
     parser.add_argument("--width", type=int, default=None, help="image width (multiple of 16)")
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    parser.add_argument("--max-sequence-length", type=int, default=None, help="text tokens (FLUX.2)")
+    parser.add_argument(
+        "--scheduler", default=None, help="noise schedule: flux1, flux2, static or one a plugin registers"
+    )
+    parser.add_argument("--shift", type=float, default=None, help="schedule shift (alone: the static schedule)")
     parser.add_argument("--device", default=None, help="computation device (default: cuda if available)")
-    parser.add_argument("--dtype", default=None, help="computation dtype (default: the model's choice)")
+    parser.add_argument(
+        "--dtype", default=None, help="computation dtype: float32, bfloat16, float16 (default: bf16 on cuda, fp32)"
+    )
     parser.add_argument("--no-metadata", action="store_true", help="write PNGs without generation parameters")
     parser.add_argument("--format", choices=("text", "json"), default="text", help="output format")
+    images = parser.add_argument_group("input images")
+    images.add_argument("--image", metavar="FILE", help="image-to-image (and inpainting) source image")
+    images.add_argument("--mask", metavar="FILE", help="inpainting mask for --image (white = repaint)")
+    images.add_argument(
+        "--denoising-strength", type=float, default=None, help="image-to-image strength in (0, 1] (default 1)"
+    )
+    images.add_argument(
+        "--edit-image", action="append", metavar="FILE",
+        help="edit / reference image (FLUX.2 edit images, FLUX.1 Kontext images; repeatable)",
+    )  # fmt: skip
+    memory = parser.add_argument_group("low-memory execution")
+    memory.add_argument(
+        "--vram-limit", type=float, default=None, metavar="GIB",
+        help="memory budget on the computation device in GiB; weights beyond it stream in layer by layer "
+        "(implies --offload cpu)",
+    )  # fmt: skip
+    memory.add_argument(
+        "--offload", choices=("cpu", "disk"), default=None,
+        help="keep weights in CPU memory or in the memory-mapped file between uses, onloaded layer by layer",
+    )  # fmt: skip
+    memory.add_argument("--fp8", action="store_true", help="store weights as float8, compute in --dtype")
     templates = parser.add_argument_group("Diffusion Templates")
     templates.add_argument(
         "--template", action="append", help="template to apply: installed name or folder (repeat for several)"
