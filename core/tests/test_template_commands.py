@@ -29,7 +29,7 @@ def test_templates_command_lists_ids_and_target_models(with_tint: None, capsys: 
     assert main(["templates", "--json"]) == 0
     rows = {row["id"]: row for row in json.loads(capsys.readouterr().out)}
     tint = rows["example/tint"]
-    assert tint["plugin"] == "diffstudio_tint.plugin" and tint["target_model"] == "diffstudio/shapes"
+    assert tint["plugin"] in ("tint", "diffstudio_tint.plugin") and tint["target_model"] == "diffstudio/shapes"
     assert tint["dit_geometry"] == {"double_blocks": 2, "single_blocks": 4, "heads": 2, "head_dim": 64}
     assert tint["base_pipeline"] == "flux2" and "tint strength" in tint["description"]
     assert rows["toy/scale"]["target_model"] is None and rows["toy/scale"]["dit_geometry"] is None
