@@ -30,9 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 
-def write_raw(
-    path: Path, header: dict[str, Any] | bytes, data: bytes = b"", *, length: int | None = None
-) -> Path:
+def write_raw(path: Path, header: dict[str, Any] | bytes, data: bytes = b"", *, length: int | None = None) -> Path:
     raw = header if isinstance(header, bytes) else json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(raw) if length is None else length) + raw + data)
     return path
@@ -52,9 +50,7 @@ def reference_rejects(path: Path) -> bool:
     return False
 
 
-def assert_error(
-    path: Path, error: type[SafetensorsFormatError], *words: str, tensor: str | None = None
-) -> str:
+def assert_error(path: Path, error: type[SafetensorsFormatError], *words: str, tensor: str | None = None) -> str:
     with pytest.raises(error) as info:
         read_header(path)
     message = str(info.value)
@@ -157,8 +153,8 @@ def test_not_utf8(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("raw", "words"),
     [
-        (b"[1, 2, 3]", ("does not start",)),
-        (b"not json at all", ("does not start",)),
+        (b"[1, 2, 3]", ("not an object", "list")),
+        (b"not json at all", ("not valid JSON",)),
         (b'{"a": ', ("not valid JSON",)),
         (b'{"a": NaN}', ("not valid JSON", "NaN")),
     ],
@@ -168,11 +164,28 @@ def test_not_a_json_object(tmp_path: Path, raw: bytes, words: tuple[str, ...]) -
     assert_error(path, HeaderJsonError, *words)
 
 
-def test_duplicate_json_keys(tmp_path: Path) -> None:
-    entry = '{"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}'
-    path = write_raw(tmp_path / "dup.safetensors", f'{{"x": {entry}, "x": {entry}}}'.encode(), b"\0")
-    with pytest.raises(HeaderJsonError, match="duplicate key 'x'"):
-        read_header(path)
+def test_duplicate_tensor_names_last_wins_as_in_the_reference(tmp_path: Path) -> None:
+    # serde's HashMap keeps the last of repeated keys, after checking every entry; so do we (finding 21.11)
+    first = '{"dtype": "U8", "shape": [2], "data_offsets": [0, 2]}'
+    last = '{"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}'
+    path = write_raw(tmp_path / "dup.safetensors", f'{{"x": {first}, "x": {last}}}'.encode(), b"\0")
+    assert read_header(path).tensors["x"].shape == (1,)
+    assert not reference_rejects(path)
+    swapped = write_raw(tmp_path / "dup2.safetensors", f'{{"x": {last}, "x": {first}}}'.encode(), b"\0")
+    assert_error(swapped, IncompleteBufferError, "need 2 bytes", tensor="x")
+    bad_first = '{"dtype": "XX", "shape": [1], "data_offsets": [0, 1]}'
+    invalid = write_raw(tmp_path / "dup3.safetensors", f'{{"x": {bad_first}, "x": {last}}}'.encode(), b"\0")
+    assert_error(invalid, InvalidTensorInfoError, "unknown dtype", tensor="x")
+
+
+def test_repeated_metadata_or_field_is_refused(tmp_path: Path) -> None:
+    entry = '"w": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}'
+    twice = write_raw(
+        tmp_path / "meta2.safetensors", f'{{"__metadata__": {{}}, "__metadata__": {{}}, {entry}}}'.encode(), b"\0"
+    )
+    assert_error(twice, InvalidMetadataError, "twice")
+    field = b'{"w": {"dtype": "U8", "dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}'
+    assert_error(write_raw(tmp_path / "field2.safetensors", field, b"\0"), InvalidTensorInfoError, "twice", tensor="w")
 
 
 @pytest.mark.parametrize("metadata", [{"epoch": 3}, {"tags": ["a"]}, ["a"], "text"])
@@ -245,14 +258,10 @@ def test_hostile_shape_is_rejected_quickly(tmp_path: Path) -> None:
 
 
 def test_sub_byte_dtype_must_fill_whole_bytes(tmp_path: Path) -> None:
-    path = write_raw(
-        tmp_path / "f4.safetensors", {"w": {"dtype": "F4", "shape": [3], "data_offsets": [0, 2]}}, b"\0\0"
-    )
+    path = write_raw(tmp_path / "f4.safetensors", {"w": {"dtype": "F4", "shape": [3], "data_offsets": [0, 2]}}, b"\0\0")
     with pytest.raises(TensorSizeError, match="12 bits"):
         read_header(path)
-    ok = write_raw(
-        tmp_path / "f4ok.safetensors", {"w": {"dtype": "F4", "shape": [4], "data_offsets": [0, 2]}}, b"\0\0"
-    )
+    ok = write_raw(tmp_path / "f4ok.safetensors", {"w": {"dtype": "F4", "shape": [4], "data_offsets": [0, 2]}}, b"\0\0")
     assert read_header(ok).tensors["w"].nbytes == 2
 
 
