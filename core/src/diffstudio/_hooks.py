@@ -311,8 +311,9 @@ def _check_command(spec: CommandSpec) -> str | None:
     name = spec.name
     if name.startswith("-") or any(c.isspace() for c in name):
         return "is not a valid command name (no leading '-', no spaces)"
-    if not isinstance(spec.help, str):
-        return f"has a help of type {type(spec.help).__name__}, expected str"
-    if not callable(spec.add_arguments) or not callable(spec.run):
+    fields: dict[str, object] = {"help": spec.help, "add_arguments": spec.add_arguments, "run": spec.run}
+    if not isinstance(fields["help"], str):
+        return f"has a help of type {type(fields['help']).__name__}, expected str"
+    if not callable(fields["add_arguments"]) or not callable(fields["run"]):
         return "has an add_arguments or run that is not callable"
     return None

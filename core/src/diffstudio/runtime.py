@@ -97,6 +97,11 @@ def incompatible_requirements(dist: metadata.Distribution) -> list[str]:
     return problems
 
 
+def _describe(status: PluginStatus) -> str:
+    """``plugin 'name' (distribution)`` for messages."""
+    return f"plugin {status.name!r} ({status.distribution.strip('()')})"
+
+
 def _load_failure(exc: BaseException) -> str:
     """One line for an import failure (``SystemExit`` has no useful message of its own)."""
     if isinstance(exc, SystemExit):
@@ -249,14 +254,13 @@ class Runtime:
             PluginHookError: In strict mode (``DuplicateRegistrationError`` itself for a duplicate name).
         """
         status = self._status(plugin_name)
-        dist = f" ({status.distribution})" if not status.distribution.startswith("(") else ""
-        where = f"plugin {plugin_name!r}{dist}"
+        where = _describe(status)
         what = what.rstrip(".")
         if self.strict:
             if isinstance(exc, DuplicateRegistrationError):
                 raise exc  # already names both plugins
             raise PluginHookError(
-                f"diffstudio: {where}: {what} (DIFFSTUDIO_STRICT_PLUGINS=1 makes this fatal; "
+                f"The {where} failed: {what} (DIFFSTUDIO_STRICT_PLUGINS=1 makes this fatal; "
                 f"unset it to skip the plugin instead)",
                 plugin=plugin_name,
                 hook=hook_name,
@@ -276,10 +280,12 @@ class Runtime:
         status.status = "failed"
         status.error = reason
         self.statuses.append(status)
-        message = f"diffstudio: plugin {status.name!r} ({status.distribution}) skipped: {reason}"
         if self.strict:
-            raise PluginLoadError(message + " (DIFFSTUDIO_STRICT_PLUGINS=1)")
-        print(message, file=sys.stderr)
+            raise PluginLoadError(
+                f"The {_describe(status)} failed to load: {reason} (DIFFSTUDIO_STRICT_PLUGINS=1 makes this fatal; "
+                f"unset it to skip the plugin instead)"
+            )
+        print(f"diffstudio: {_describe(status)} skipped: {reason}", file=sys.stderr)
 
     def _load_entrypoints(self) -> None:
         allow = _csv_env(self.env, "DIFFSTUDIO_LOAD_PLUGINS")
