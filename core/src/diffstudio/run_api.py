@@ -209,6 +209,7 @@ def run(
     num_images: int = 1,
     metadata: bool = True,
     overwrite: bool = False,
+    dry_run: bool = False,
     runtime: Runtime | None = None,
     device: str | None = None,
     torch_dtype: Any = None,
@@ -241,6 +242,7 @@ def run(
         num_images: Images per prompt given directly (image i uses ``seed + i``).
         metadata: Write generation parameters into each PNG.
         overwrite: Regenerate images whose files exist.
+        dry_run: Only plan: return each image's file (``skipped``: it exists) without loading any model.
         runtime: Plugin runtime (default: a new one).
         device: Computation device (default cuda when available); checked to exist.
         torch_dtype: Computation dtype (name or torch.dtype; default float32 on CPU, bfloat16 on CUDA).
@@ -307,7 +309,7 @@ def run(
     mine = planned[rank::world]
     results: list[dict[str, Any]] = []
     todo = [item for item in mine if item.todo]
-    if todo:
+    if todo and not dry_run:
         from diffstudio.run_session import Session
 
         session = Session(runtime, device=device, vram_limit=vram_limit, progress=progress and rank == 0,
@@ -427,7 +429,8 @@ def run_cli(args: argparse.Namespace, runtime: Runtime) -> int:
         raise PipelineInputError("give only one of PROMPT, --jobs FILE and --from IMAGE.png")
     results = run(
         args.prompt, jobs=args.jobs, from_images=from_images, model=args.model, out=args.out, seed=args.seed,
-        num_images=args.num_images, metadata=not args.no_metadata, overwrite=args.overwrite, runtime=runtime,
+        num_images=args.num_images, metadata=not args.no_metadata, overwrite=args.overwrite,
+        dry_run=args.dry_run, runtime=runtime,
         device=args.device, torch_dtype=args.dtype, loras=args.lora, tokenizer=args.tokenizer,
         vram_limit=args.vram_limit, offload=args.offload, fp8=args.fp8 or None, scheduler=args.scheduler,
         shift=args.shift, **_template_options(args), **options,
@@ -438,7 +441,7 @@ def run_cli(args: argparse.Namespace, runtime: Runtime) -> int:
             if args.format == "json":
                 _write_line_atomically(json.dumps(row))
             else:
-                state = "exists, skipped" if row["skipped"] else "written"
+                state = "exists, skipped" if row["skipped"] else ("to write" if args.dry_run else "written")
                 print(f"{row['path']}  (seed {row['seed']}, {state})", file=sys.stdout)
     return 0
 

@@ -63,6 +63,9 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", default="outputs", help="output folder (default: ./outputs)")
     parser.add_argument("--overwrite", action="store_true", help="regenerate images whose files already exist")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print each image's file name (and whether it exists); load nothing"
+    )
     parser.add_argument("--seed", type=int, default=None, help="base seed; image i of a batch uses seed + i")
     parser.add_argument("--steps", type=int, default=None, help="number of inference steps")
     parser.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale")
