@@ -6,7 +6,10 @@ The seed's arguments keep their names (``--dataset_base_path``, ``--model_paths`
 ``--validation_prompt`` / ``--validation_steps``, ``--pipeline_args``
 (fixed pipeline call arguments such as ``{"max_sequence_length": 32}``), ``--timestep_sampling`` /
 ``--loss_weighting``, ``--max_steps``, ``--checkpoint_steps``, ``--caption_dropout``, ``--ema_decay``,
-``--offload_models``, ``--distill_steps`` and ``--cache_memory_mb``.
+``--offload_models``, ``--distill_steps``, ``--cache_memory_mb`` and ``--allow_outside_dataset``.
+
+Every option also accepts its kebab-case spelling (``--dataset-base-path``), as ``diffstudio run``'s options
+are spelt; ``--help`` shows the seed's snake_case names.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class TrainConfig:
     width: int | None = None
     dataset_repeat: int = 1
     dataset_num_workers: int = 0
+    allow_outside_dataset: bool = False
     extra_inputs: list[str] = field(default_factory=list)
     model_paths: list[Any] = field(default_factory=list)
     model_id_with_origin_paths: list[str] = field(default_factory=list)
@@ -170,7 +174,28 @@ def _json_object(value: str) -> dict[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add every :class:`TrainConfig` option to ``parser`` (seed names, seed meanings)."""
+    """Add every :class:`TrainConfig` option to ``parser`` (seed names, seed meanings, kebab-case aliases)."""
+    before = list(parser._actions)
+    _add_arguments(parser)
+    add_kebab_aliases(parser, [a for a in parser._actions if a not in before])
+    note = "Every option also accepts its kebab-case spelling (--dataset-base-path for --dataset_base_path)."
+    parser.epilog = f"{parser.epilog}\n\n{note}" if parser.epilog else note
+
+
+def add_kebab_aliases(parser: argparse.ArgumentParser, actions: Sequence[argparse.Action]) -> None:
+    """Let each ``--snake_case`` option of ``actions`` also be spelt ``--kebab-case`` (not shown in ``--help``).
+
+    The alias is registered with the parser's option table only, so ``--help`` lists the primary names.
+    """
+    table = parser._option_string_actions
+    for action in actions:
+        for option in list(action.option_strings):
+            alias = option.replace("_", "-")
+            if option.startswith("--") and alias != option and alias not in table:
+                table[alias] = action
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     data = parser.add_argument_group("data")
     data.add_argument("--dataset_base_path", required=True, help="folder the metadata's file paths are relative to")
@@ -182,6 +207,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--dataset_repeat", type=int, default=1, help="repeat the rows this many times per epoch")
     data.add_argument("--dataset_num_workers", type=int, default=0, help="data loading worker processes")
     data.add_argument("--extra_inputs", type=_csv, default=[], help="comma-separated extra pipeline inputs")
+    data.add_argument(
+        "--allow_outside_dataset", action="store_true",
+        help="accept metadata file paths that resolve outside --dataset_base_path ('..', absolute paths, symbolic "
+        "links to elsewhere); refused by default",
+    )  # fmt: skip
     model = parser.add_argument_group("model")
     model.add_argument(
         "--model_paths", type=_json_list, default=[], help="JSON list of model files (or ModelConfig objects)"

@@ -6,6 +6,12 @@ folder) and any columns named by ``--extra_inputs`` (passed to the pipeline as t
 before training starts: a missing or unreadable image, an unknown column or an empty set stops with a message
 naming the row and the column.
 
+File paths must stay inside the data set folder: a path with ``..``, an absolute path or a symbolic link that
+resolves outside ``--dataset_base_path`` is refused (a data set from elsewhere could otherwise have the trainer
+read any image on the machine), unless ``--allow_outside_dataset`` is given. Images larger than PIL's
+decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, 89,478,485 pixels by default; set it from Python to
+change it, ``None`` to remove it) are refused before they are decoded.
+
 Images are resized to ``--height`` x ``--width`` (scaled to cover, then centre-cropped), or, without a fixed
 size, scaled down to at most ``--max_pixels`` pixels and cropped to multiples of 16. Samples are grouped by
 their final size so that a batch always shares one size (aspect-ratio buckets).
@@ -17,12 +23,14 @@ import csv
 import json
 import math
 import random
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from diffstudio.errors import ConfigError
 
@@ -73,8 +81,10 @@ def read_metadata(path: str | Path) -> list[dict[str, Any]]:
             rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         else:
             raise DatasetError(f"{path}: metadata must be .csv, .json or .jsonl, not {suffix or 'no extension'}")
-    except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as exc:
-        raise DatasetError(f"{path} cannot be parsed: {exc}") from exc
+    except (ValueError, RecursionError, csv.Error) as exc:  # JSON and UTF-8 errors are ValueErrors
+        raise DatasetError(f"{path} cannot be parsed: {type(exc).__name__}: {exc}") from exc
+    except OSError as exc:
+        raise DatasetError(f"{path} cannot be read: {exc}") from exc
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise DatasetError(f"{path} must hold a list of objects (one per sample)")
     return rows
@@ -97,11 +107,42 @@ def target_size(
     return h, w
 
 
+@contextmanager
+def open_image(path: Path, where: str = "") -> Iterator[Image.Image]:
+    """``Image.open(path)``, refusing images over PIL's decompression-bomb limit before they are decoded.
+
+    Raises:
+        DatasetError: the image has more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels, or cannot be opened.
+    """
+    prefix = f"{where} " if where else ""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below, as an error
+            opened = Image.open(path)
+    except Image.DecompressionBombError as exc:
+        raise DatasetError(f"{prefix}{path} is too large to decode safely ({exc}); downscale it") from exc
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for broken files
+        raise DatasetError(f"{prefix}{path} is not a readable image ({type(exc).__name__}: {exc})") from exc
+    with opened:
+        limit, (width, height) = Image.MAX_IMAGE_PIXELS, opened.size
+        if limit is not None and width * height > limit:
+            raise DatasetError(
+                f"{prefix}{path} is {width} x {height} = {width * height} pixels, over PIL's decompression-bomb "
+                f"limit of {limit} (PIL.Image.MAX_IMAGE_PIXELS); downscale it"
+            )
+        if width < 1 or height < 1:
+            raise DatasetError(f"{prefix}{path} is {width} x {height} pixels; an image needs at least one")
+        yield opened
+
+
 def load_image(path: Path, size: tuple[int, int]) -> Image.Image:
     """Open ``path`` as RGB, scale it to cover ``(height, width)`` and centre-crop to exactly that size."""
     height, width = size
-    with Image.open(path) as opened:
-        image = opened.convert("RGB")
+    with open_image(path) as opened:
+        try:
+            image = opened.convert("RGB")
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types for broken files
+            raise DatasetError(f"{path} is not a readable image ({type(exc).__name__}: {exc})") from exc
     scale = max(width / image.width, height / image.height)
     if image.size != (width, height):
         resized = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
@@ -125,6 +166,7 @@ class TrainingDataset:
         max_pixels: Pixel budget when no fixed size is given.
         repeat: How many times the rows are repeated per epoch.
         multiple: Height and width are multiples of this.
+        allow_outside: Accept file paths that resolve outside ``base_path`` (``--allow_outside_dataset``).
 
     Raises:
         DatasetError: see :func:`validate`.
@@ -142,6 +184,7 @@ class TrainingDataset:
         max_pixels: int = 1024 * 1024,
         repeat: int = 1,
         multiple: int = 16,
+        allow_outside: bool = False,
     ) -> None:
         if (height is None) != (width is None):
             raise DatasetError("give both --height and --width, or neither (then --max_pixels decides)")
@@ -158,6 +201,7 @@ class TrainingDataset:
         self.max_pixels = max_pixels
         self.multiple = multiple
         self.repeat = repeat
+        self.allow_outside = allow_outside
         self.rows = self.validate(read_metadata(self.metadata_path))
 
     def validate(self, rows: list[dict[str, Any]]) -> list[Sample]:
@@ -168,6 +212,8 @@ class TrainingDataset:
         allowed = {"prompt", *self.data_file_keys, *self.extra_inputs}
         samples = []
         for index, row in enumerate(rows):
+            if None in row:  # csv.DictReader's key for cells beyond the header
+                raise DatasetError(f"{where} row {index}: more cells than the header has columns")
             unknown = sorted(set(row) - allowed)
             if unknown:
                 raise DatasetError(
@@ -184,17 +230,17 @@ class TrainingDataset:
                 value = row.get(key)
                 if value in (None, ""):
                     raise DatasetError(f"{where} row {index}: column {key!r} is empty")
-                path = self.base_path / str(value)
-                if not path.is_file():
-                    raise DatasetError(f"{where} row {index}: {key} file {path} does not exist")
+                path = data_file(self.base_path, value, f"{where} row {index}: {key}", self.allow_outside)
                 try:
-                    with Image.open(path) as image:
+                    with open_image(path, f"{where} row {index}: {key} file") as image:
                         image.verify()
-                    with Image.open(path) as image:
+                    with open_image(path, f"{where} row {index}: {key} file") as image:
                         dims = image.size
-                except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+                except DatasetError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - PIL raises many types for broken files
                     raise DatasetError(
-                        f"{where} row {index}: {key} file {path} is not a readable image ({exc})"
+                        f"{where} row {index}: {key} file {path} is not a readable image ({type(exc).__name__}: {exc})"
                     ) from exc
                 files[key] = path
                 if size is None:
@@ -224,6 +270,39 @@ class TrainingDataset:
             inputs[key] = load_image(path, sample.size)
         inputs.update(sample.extra)
         return inputs
+
+
+def data_file(base: Path, value: Any, where: str, allow_outside: bool = False) -> Path:
+    """The file a metadata cell names, checked: text, an existing file, inside ``base`` (unless allowed).
+
+    Args:
+        base: ``--dataset_base_path``.
+        value: The cell (a path relative to ``base``).
+        where: The metadata file, row and column, for messages.
+        allow_outside: Accept paths that resolve outside ``base`` (``--allow_outside_dataset``).
+
+    Raises:
+        DatasetError: not text, a NUL character, outside ``base``, unresolvable, or not a file.
+    """
+    if not isinstance(value, str):
+        raise DatasetError(f"{where}: a file path must be text, got {type(value).__name__} {value!r}")
+    if "\x00" in value:
+        raise DatasetError(f"{where}: the path {value!r} contains a NUL character")
+    path = base / value
+    try:
+        if not allow_outside:
+            root, real = base.resolve(), path.resolve()
+            if not real.is_relative_to(root):
+                raise DatasetError(
+                    f"{where}: {value!r} resolves to {real}, outside --dataset_base_path {root}; move the file into "
+                    "the data set folder, or pass --allow_outside_dataset to train on files elsewhere"
+                )
+        exists = path.is_file()
+    except (OSError, RuntimeError) as exc:  # too long a name, a symbolic-link loop
+        raise DatasetError(f"{where}: {value!r} cannot be resolved ({type(exc).__name__}: {exc})") from exc
+    if not exists:
+        raise DatasetError(f"{where} file {path} does not exist")
+    return path
 
 
 def _decode(value: Any) -> Any:

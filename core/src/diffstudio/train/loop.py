@@ -21,18 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffstudio._io import atomic_write_text
 from diffstudio.lora import attach_lora, collect_lora
 from diffstudio.pipeline.base import BasePipeline
 from diffstudio.pipeline.state import PipelineState
 from diffstudio.runtime import Runtime
 from diffstudio.train.cache import SampleCache, prepared_units
-from diffstudio.train.checkpoints import (
-    TrainerState,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-    save_weights,
-)
+from diffstudio.train.checkpoints import TrainerState, TrainingParts, resume, save_checkpoint, save_weights
 from diffstudio.train.config import TrainConfig, TrainConfigError
 from diffstudio.train.data import TrainingDataset, epoch_batches
 from diffstudio.train.ema import EmaWeights
@@ -164,6 +159,7 @@ class Trainer:
             max_pixels=cfg.max_pixels,
             repeat=cfg.dataset_repeat,
             multiple=type(pipe).size_multiple,
+            allow_outside=cfg.allow_outside_dataset,
         )
 
     def _prepare(self, pipe: BasePipeline, dataset: TrainingDataset, cache: SampleCache | None,
@@ -210,16 +206,19 @@ class Trainer:
         model, optimizer = accelerator.prepare(objective, optimizer)
         optimizer_step = stepper(optimizer)
         self.ema = EmaWeights(objective, cfg.ema_decay) if cfg.ema_decay else None
-        if self.ema is not None:
-            accelerator.register_for_checkpointing(self.ema)
+        self.parts = TrainingParts(objective, getattr(optimizer, "optimizer", optimizer), self.ema, accelerator.scaler)
         state = TrainerState()
+        if self.checkpointing:
+            check_checkpoint_support(accelerator)
         if cfg.resume:
-            folder = latest_checkpoint(output)
-            if folder is not None:
-                state = load_checkpoint(accelerator, folder)
-                logger.info("resumed from %s (step %d)", folder, state.step)
+            resumed = resume(output, self.parts, accelerator.process_index)
+            if resumed is None:
+                logger.warning("--resume: no checkpoint in %s; training from the start", output / "checkpoints")
+            else:
+                state = resumed.apply(self.parts)
+                logger.info("resumed from %s (step %d)", resumed.folder, state.step)
                 if self._done(state) or state.epoch >= cfg.num_epochs:  # finished: its files and log stay as they are
-                    logger.info("%s is the end of the run (step %d); nothing to train", folder, state.step)
+                    logger.info("%s is the end of the run (step %d); nothing to train", resumed.folder, state.step)
                     accelerator.end_training()
                     return TrainResult(steps=state.step, seconds=time.monotonic() - started)
         cache, skip = None, set()
@@ -258,12 +257,12 @@ class Trainer:
                 if accelerator.is_main_process:  # stopped inside the epoch by --max_steps
                     path = output / f"step-{state.step}.safetensors"
                     result.files.append(str(self._save_weights(pipe, objective, path)))
-                save_checkpoint(accelerator, output, state)
+                self._checkpoint(accelerator, state)
                 break
             state.epoch, state.update_in_epoch = epoch + 1, 0
             if accelerator.is_main_process:
                 result.files.append(str(self._save_weights(pipe, objective, output / f"epoch-{epoch}.safetensors")))
-            save_checkpoint(accelerator, output, state)
+            self._checkpoint(accelerator, state)
             if self._done(state):
                 break
         if bar is not None:
@@ -271,7 +270,7 @@ class Trainer:
         accelerator.wait_for_everyone()
         result.steps, result.seconds = state.step, time.monotonic() - started
         if accelerator.is_main_process:
-            (output / "train_log.json").write_text(json.dumps(asdict(result)) + "\n", encoding="utf-8")
+            atomic_write_text(output / "train_log.json", json.dumps(asdict(result)) + "\n")
         accelerator.end_training()
         return result
 
@@ -299,6 +298,16 @@ class Trainer:
         if self.config.dataset_num_workers <= 0:
             return iter(())
         return loaded_batches(dataset, batches, workers=self.config.dataset_num_workers, with_files=with_files)
+
+    @property
+    def checkpointing(self) -> bool:
+        """Whether resumable checkpoints are written: with ``--checkpoint_steps``, or ``--resume`` (at epoch ends)."""
+        return bool(self.config.checkpoint_steps) or self.config.resume
+
+    def _checkpoint(self, accelerator: Any, state: TrainerState) -> None:
+        """The checkpoint at an epoch's end or at ``--max_steps``, when checkpoints are written at all."""
+        if self.checkpointing:  # after _after_step's: the epoch's end moves the state to the next epoch
+            save_checkpoint(accelerator, self.config.output_path, state, self.parts)
 
     def _lora_layout(self) -> str:
         return "kohya" if self.config.align_to_opensource_format else self.config.lora_format
@@ -342,9 +351,8 @@ class Trainer:
             bar.update(1)
         if cfg.save_steps and state.step % cfg.save_steps == 0 and accelerator.is_main_process:
             result.files.append(str(self._save_weights(pipe, objective, output / f"step-{state.step}.safetensors")))
-        every = cfg.checkpoint_steps or cfg.save_steps
-        if every and state.step % every == 0:
-            save_checkpoint(accelerator, output, state)
+        if cfg.checkpoint_steps and state.step % cfg.checkpoint_steps == 0:
+            save_checkpoint(accelerator, output, state, self.parts)
         if cfg.validation_prompt and cfg.validation_steps and state.step % cfg.validation_steps == 0:
             if accelerator.is_main_process:
                 self._validate(pipe, objective, output / "validation" / f"step-{state.step}.png")
@@ -434,6 +442,16 @@ class Trainer:
         accelerator.wait_for_everyone()
         result.seconds = time.monotonic() - started
         return result
+
+
+def check_checkpoint_support(accelerator: Any) -> None:
+    """Refuse checkpoints under FSDP / DeepSpeed / Megatron: their sharded states are pickles diffstudio won't load."""
+    kind = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type)).upper()
+    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise TrainConfigError(
+            f"--checkpoint_steps / --resume are not supported under {kind}: its sharded states are pickle files, "
+            "which diffstudio does not load. Train with DDP (the default), or without resumable checkpoints"
+        )
 
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:
