@@ -184,12 +184,18 @@ def test_models_lists_embedded_models_and_pipelines(tmp_path: Path) -> None:
             register(EmbeddedModel("diffstudio/toy", tmp_path, "toy", "toy", files, defaults={"height": 32}))
 
     runtime = Runtime(env={}, load_entrypoints=False, plugins=[toy_plugin, Embedded()])
-    data = catalog.model_rows(runtime)
+    (tmp_path / "hf" / "models--black-forest-labs--FLUX.2-klein-4B" / "snapshots" / "abc").mkdir(parents=True)
+    (tmp_path / "hf" / "models--org--no-snapshot").mkdir(parents=True)
+    (tmp_path / "ms" / "models" / "Qwen" / "Qwen3___5-0___6B").mkdir(parents=True)
+    env = {"HF_HUB_CACHE": str(tmp_path / "hf"), "MODELSCOPE_CACHE": str(tmp_path / "ms")}
+    data = catalog.model_rows(runtime, env)
     assert data["default_model"] is None
     [model] = data["embedded_models"]
     assert model["id"] == "diffstudio/toy" and model["pipeline"] == "toy" and model["defaults"] == {"height": 32}
     assert model["files"] == ["dit/*.safetensors"] and model["root"] == str(tmp_path)
     assert [p["name"] for p in data["pipelines"]] == ["toy"]
+    cached = [(row["id"], row["cache"]) for row in data["cached"]]
+    assert cached == [("Qwen/Qwen3.5-0.6B", "modelscope"), ("black-forest-labs/FLUX.2-klein-4B", "huggingface")]
     json.dumps(data)
 
 
@@ -197,7 +203,7 @@ def test_models_command_through_the_entry_point(plugin_env: dict[str, str]) -> N
     text = _cli(plugin_env, "models")
     assert text.returncode == 0 and "Embedded models" in text.stdout and "Pipelines" in text.stdout
     data = json.loads(_cli(plugin_env, "models", "--json").stdout)
-    assert set(data) == {"default_model", "embedded_models", "pipelines"}
+    assert set(data) == {"default_model", "embedded_models", "pipelines", "cached"}
 
 
 def test_help_plugins_and_models_do_not_import_torch(plugin_env: dict[str, str]) -> None:
