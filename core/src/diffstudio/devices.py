@@ -137,3 +137,34 @@ def parse_dtype(value: object, *, name: str) -> torch.dtype:
 def is_fp8(dtype: torch.dtype) -> bool:
     """True when ``dtype`` is one of torch's float8 storage types."""
     return str(dtype).removeprefix("torch.") in FP8_DTYPE_NAMES
+
+
+def check_device_available(device: str, name: str = "device") -> str:
+    """Check that this machine can use ``device`` (a string from :func:`parse_device`); return it unchanged.
+
+    ``"cuda"`` on a torch build or machine without CUDA, ``"cuda:3"`` on a machine with fewer GPUs, and
+    ``"mps"`` / ``"xpu"`` where those are absent are refused here, before any weight is loaded.
+
+    Raises:
+        ConfigError: The device is not usable here (the message names the setting and what is available).
+    """
+    import torch
+
+    kind, _, index = device.partition(":")
+    if kind in ("cpu", "meta", DISK):
+        return device
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(
+                f"{name}={device!r}: this torch build or machine has no usable CUDA device "
+                f"(torch {torch.__version__}, torch.cuda.is_available() is False); use {name}='cpu'"
+            )
+        if index and int(index) >= count:
+            raise ConfigError(f"{name}={device!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+        return device
+    backend = getattr(torch, kind, None) if kind != "mps" else getattr(torch.backends, "mps", None)
+    available = getattr(backend, "is_available", None)
+    if callable(available) and not available():
+        raise ConfigError(f"{name}={device!r}: the {kind} backend is not available here; use {name}='cpu'")
+    return device

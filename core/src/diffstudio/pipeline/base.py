@@ -5,6 +5,11 @@ A family subclasses it, names its component slots, implements :meth:`BasePipelin
 through ``load_model`` claims and ``vram_policy`` strategies, assembles and orders units, runs them (positive /
 negative / shared branches for CFG), runs the denoising loop (Euler steps of the pipeline's scheduler,
 callbacks, progress bar) and converts the result to the requested ``output_type``.
+
+Every call is checked before any compute (:mod:`diffstudio.pipeline.validate`, limits in
+:mod:`diffstudio.pipeline.limits`); the latents are checked for NaN/Inf after the first and the last denoising
+step. The diffusers names of arguments and methods are mapped once, here, for every family
+(:mod:`diffstudio.pipeline.diffusers_api`): a family's ``__call__`` is wrapped when its class is defined.
 """
 
 from __future__ import annotations
@@ -18,14 +23,18 @@ from typing import Any, ClassVar
 import torch
 
 from diffstudio.config import ModelConfig
-from diffstudio.errors import MissingPluginError, PipelineInputError, UnitGraphError
+from diffstudio.errors import ConfigError, MissingPluginError, PipelineInputError, UnitGraphError
 from diffstudio.identify import identify
+from diffstudio.pipeline import pretrained
+from diffstudio.pipeline.diffusers_api import DiffusersApi, wrap_call
+from diffstudio.pipeline.limits import Limits
 from diffstudio.pipeline.state import PipelineState
 from diffstudio.pipeline.units import Branch, PipelineUnit, order_units
+from diffstudio.pipeline.validate import OUTPUT_TYPES, check_callback_updates, check_values, ensure_finite
 from diffstudio.runtime import Runtime
 from diffstudio.types import LoadRequest, MemoryBudget, ModelClaim, VramStrategy
 
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+__all__ = ["OUTPUT_TYPES", "BasePipeline", "LoadedComponent", "RunInfo", "WrongFamilyError"]
 
 
 class WrongFamilyError(PipelineInputError):
@@ -61,7 +70,7 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") in ("", "0") and os.environ.get("LOCAL_RANK", "0") in ("", "0")
 
 
-class BasePipeline:
+class BasePipeline(DiffusersApi):
     """Base class of family pipelines.
 
     Class attributes set by families:
@@ -75,6 +84,10 @@ class BasePipeline:
             points (e.g. ``kv_extension``, ``dit_deltas``, ``block_residual``). Adapter and template-medium
             plugins contribute units that write these keys only to pipelines that list them, so a family opts
             in to a medium by honouring the key and naming it here.
+
+    Attributes:
+        limits: This pipeline's size limits (:class:`~diffstudio.pipeline.limits.Limits`, read from the
+            environment when the pipeline is created; set its fields to change them).
     """
 
     family: ClassVar[str] = ""
@@ -88,15 +101,17 @@ class BasePipeline:
     def __init__(
         self,
         *,
-        device: str | None = None,
-        torch_dtype: torch.dtype = torch.float32,
+        device: str | torch.device | None = None,
+        torch_dtype: torch.dtype | str | None = torch.float32,
         runtime: Runtime | None = None,
         scheduler: Any = None,
         vram_prefetch: int = 1,
     ) -> None:
+        dtype, checked = pretrained.check_dtype_device(torch_dtype, device)
         self.runtime = runtime if runtime is not None else Runtime()
-        self.device = device or default_device()
-        self.torch_dtype = torch_dtype
+        self.device = checked or default_device()
+        self.torch_dtype = dtype
+        self.limits = Limits.from_env()
         self.loaded: dict[str, LoadedComponent] = {}
         self.scheduler = scheduler if scheduler is not None else self.default_scheduler()
         self.vram_limit: float | None = None
@@ -110,6 +125,13 @@ class BasePipeline:
     # ----------------------------------------------------------------------------------------------------------
     # components
     # ----------------------------------------------------------------------------------------------------------
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Wrap a family's own ``__call__`` with the argument checks and diffusers names (once per class)."""
+        super().__init_subclass__(**kwargs)
+        call = cls.__dict__.get("__call__")
+        if call is not None:
+            cls.__call__ = wrap_call(call)  # type: ignore[method-assign]
 
     def default_scheduler(self) -> Any:
         """Return the family's default scheduler (families override)."""
@@ -146,34 +168,58 @@ class BasePipeline:
     @classmethod
     def from_pretrained(
         cls,
-        torch_dtype: torch.dtype = torch.bfloat16,
-        device: str | None = None,
+        *args: Any,
+        torch_dtype: torch.dtype | str | None = None,
+        device: str | torch.device | None = None,
         model_configs: Iterable[ModelConfig] = (),
         tokenizer_config: ModelConfig | None = None,
         vram_limit: float | None = None,
         runtime: Runtime | None = None,
         **kwargs: Any,
     ) -> BasePipeline:
-        """Load a pipeline from ``ModelConfig`` entries (one per model file set).
+        """Load a pipeline from a repository and/or ``ModelConfig`` entries (one per model file set).
 
         Args:
-            torch_dtype: Computation dtype of the pipeline.
-            device: Computation device (default: CUDA if available, else CPU).
+            *args: Optionally the repository first, as in diffusers: a diffusers folder (``model_index.json``
+                and component folders), a checkpoint file or component folder, or a model id (see
+                :mod:`diffstudio.pipeline.pretrained`); the seed's positional ``torch_dtype, device,
+                model_configs`` are also accepted.
+            torch_dtype: Computation dtype of the pipeline: a floating ``torch.dtype`` or its name
+                (``"bfloat16"``, ``"fp16"``); default ``torch.bfloat16``.
+            device: Computation device, a string or ``torch.device`` (default: CUDA if available, else CPU).
             model_configs: One config per component; each checkpoint is identified by the installed families.
+                Loaded after the repository's components (a component given here replaces the repository's).
             tokenizer_config: The tokenizer folder, for families that need one.
             vram_limit: Memory budget on the computation device, in GiB (None: no limit). It is this pipeline's
                 own budget, shared by its models and accounted by their memory strategies.
             runtime: The plugin runtime to use (default: a new one reading the installed plugins).
             **kwargs: Family-specific options; ``vram_prefetch=N`` sets how many streamed units are copied
                 ahead on CUDA (default 1).
+
+        Raises:
+            ConfigError: A wrong ``torch_dtype`` / ``device`` / ``model_configs`` / option, or a repository that
+                is neither a path nor a model id.
         """
+        named: dict[str, Any] = {"torch_dtype": torch_dtype, "device": device, "model_configs": model_configs}
+        repo = pretrained.split_positional(args, named, {"torch_dtype": None, "device": None, "model_configs": ()})
+        configs = pretrained.check_model_configs(named["model_configs"])
+        if tokenizer_config is not None and not isinstance(tokenizer_config, ModelConfig):
+            raise ConfigError(f"tokenizer_config is a {type(tokenizer_config).__name__}, not a ModelConfig")
+        unknown = sorted(set(kwargs) - {"scheduler", "vram_prefetch"})
+        if unknown:
+            raise ConfigError(
+                f"{cls.__name__}.from_pretrained() got unknown argument(s) {unknown}; accepted: torch_dtype, device, "
+                f"model_configs, tokenizer_config, vram_limit, runtime, scheduler, vram_prefetch"
+            )
         if vram_limit is not None and (isinstance(vram_limit, bool) or not isinstance(vram_limit, (int, float))):
             raise PipelineInputError(f"vram_limit={vram_limit!r} is not a number of GiB; pass e.g. 8.0, or None")
         if vram_limit is not None and vram_limit < 0:
             raise PipelineInputError(f"vram_limit={vram_limit} GiB must be >= 0 GiB (or None for no limit)")
-        pipe = cls(device=device, torch_dtype=torch_dtype, runtime=runtime, **kwargs)
+        pipe = cls(device=named["device"], torch_dtype=named["torch_dtype"], runtime=runtime, **kwargs)
         pipe.vram_limit = vram_limit
-        for config in model_configs:
+        if repo is not None:
+            configs = pretrained.repository_configs(repo, pipe.runtime) + configs
+        for config in configs:
             pipe.load_component(config)
         if tokenizer_config is not None:
             pipe.load_tokenizer(tokenizer_config)
@@ -464,10 +510,12 @@ class BasePipeline:
                 velocity = self.guidance(velocity, negative, cfg_scale)
             velocity = self.blend_inpaint(state, velocity, index)
             state.shared["latents"] = self.scheduler.step(velocity, index, state.shared["latents"])
+            if index == 0 or index == len(timesteps) - 1:
+                ensure_finite(state.shared["latents"], f"in the latents after denoising step {index + 1}")
             if callback_on_step_end is not None:
                 updates = callback_on_step_end(self, index, timestep, {"latents": state.shared["latents"]})
                 if updates:
-                    state.shared.update(updates)
+                    state.shared.update(check_callback_updates(updates, state.shared["latents"]))
         self.activate(())
 
     def blend_inpaint(self, state: PipelineState, velocity: torch.Tensor, index: int) -> torch.Tensor:
@@ -528,6 +576,7 @@ class BasePipeline:
         output_type = inputs.get("output_type", "pil")
         if output_type not in OUTPUT_TYPES:
             raise PipelineInputError(f"output_type={output_type!r}; expected one of {OUTPUT_TYPES}")
+        check_values(inputs, self.limits)
         cfg_scale = inputs.get("cfg_scale")
         cfg = cfg_scale is not None and float(cfg_scale) != 1.0
         with torch.no_grad():

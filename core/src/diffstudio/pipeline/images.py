@@ -9,6 +9,33 @@ import torch
 from PIL import Image
 
 from diffstudio.errors import PipelineInputError
+from diffstudio.pipeline.validate import ensure_finite
+
+
+def to_rgb(image: Any, *, argument: str = "image") -> Image.Image:
+    """Return ``image`` converted to RGB; a PIL image whose pixels cannot be read or converted is a typed error.
+
+    Raises:
+        PipelineInputError: ``image`` is not a PIL image, its mode has no RGB conversion (e.g. ``"La"``), or its
+            file is truncated or corrupt (the message names ``argument``).
+    """
+    if not isinstance(image, Image.Image):
+        raise PipelineInputError(
+            f"{argument} must be a PIL.Image.Image, got {type(image).__name__}; open files with PIL.Image.open(path)"
+        )
+    if image.mode == "RGB":
+        try:
+            image.load()
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise PipelineInputError(f"{argument}: cannot read the image's pixels ({exc}); check the file") from None
+        return image
+    try:
+        return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise PipelineInputError(
+            f"{argument}: cannot convert the {image.mode!r} image to RGB ({exc}); convert it yourself first, "
+            f"e.g. image.convert('RGBA').convert('RGB')"
+        ) from None
 
 
 def pil_to_tensor(image: Any, *, argument: str = "image") -> torch.Tensor:
@@ -17,11 +44,7 @@ def pil_to_tensor(image: Any, *, argument: str = "image") -> torch.Tensor:
     Raises:
         PipelineInputError: ``image`` is not a PIL image (the message names ``argument``).
     """
-    if not isinstance(image, Image.Image):
-        raise PipelineInputError(
-            f"{argument} must be a PIL.Image.Image, got {type(image).__name__}; open files with PIL.Image.open(path)"
-        )
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0  # (H, W, 3)
+    array = np.asarray(to_rgb(image, argument=argument), dtype=np.float32) / 127.5 - 1.0  # (H, W, 3)
     return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()
 
 
@@ -40,7 +63,11 @@ def convert_output(images: torch.Tensor, output_type: str, single: bool) -> Any:
         output_type: ``"pil"`` (list of PIL images), ``"np"`` (``(B, H, W, 3)`` float32 in ``[0, 1]``) or
             ``"pt"`` (``(B, 3, H, W)`` float32 in ``[0, 1]``).
         single: The caller passed one prompt: return one image instead of a list (``"pil"`` only).
+
+    Raises:
+        NonFiniteOutputError: The decoded images hold NaN or Inf (checked before any conversion).
     """
+    ensure_finite(images, "in the decoded images")
     if output_type == "pil":
         pil = tensor_to_pil(images)
         return pil[0] if single else pil

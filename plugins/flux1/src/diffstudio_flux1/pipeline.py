@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 from diffstudio.config import ModelConfig
-from diffstudio.errors import PipelineInputError
+from diffstudio.errors import ConfigError, PipelineInputError
 from diffstudio.pipeline.base import BasePipeline
+from diffstudio.pipeline.validate import check_prompts
 from diffstudio.scheduler import FlowMatchScheduler
 from torch import Tensor
 
@@ -72,33 +73,46 @@ class FluxImagePipeline(BasePipeline):
     # loading
     # ------------------------------------------------------------------------------------------------------
 
+    call_aliases = {
+        "strength": "denoising_strength",
+        "true_cfg_scale": "cfg_scale",
+        "max_sequence_length": "t5_sequence_length",
+    }
+
     @classmethod
     def from_pretrained(  # type: ignore[override]
         cls,
-        torch_dtype: torch.dtype = torch.bfloat16,
-        device: str | None = None,
+        *args: Any,
+        torch_dtype: torch.dtype | str | None = None,
+        device: str | torch.device | None = None,
         model_configs: Sequence[ModelConfig] = (),
         tokenizer_1_config: ModelConfig | None = None,
         tokenizer_2_config: ModelConfig | None = None,
         vram_limit: float | None = None,
         **kwargs: Any,
     ) -> FluxImagePipeline:
-        """Load the pipeline from ``ModelConfig`` entries (DiT, VAE, CLIP, T5; any supported layout).
+        """Load the pipeline from a repository and/or ``ModelConfig`` entries (DiT, VAE, CLIP, T5).
 
         Args:
-            torch_dtype: Computation dtype.
+            *args: Optionally the repository first (a diffusers folder such as a downloaded ``FLUX.1-dev``, a
+                checkpoint file, or a model id); see ``BasePipeline.from_pretrained``.
+            torch_dtype: Computation dtype (a floating ``torch.dtype`` or its name; default bfloat16).
             device: Computation device (default CUDA when available).
-            model_configs: One config per component.
+            model_configs: One config per component (after the repository's, replacing what they claim).
             tokenizer_1_config: The CLIP ``tokenizer/`` folder (default: beside the CLIP text encoder).
             tokenizer_2_config: The T5 ``tokenizer_2/`` folder (default: beside the T5 encoder).
             vram_limit: Memory budget in GiB on the computation device.
             **kwargs: ``runtime=`` and other BasePipeline options.
 
         Raises:
+            ConfigError: A wrong ``torch_dtype``, ``device``, ``model_configs`` or repository.
             WrongFamilyError: A checkpoint belongs to another family (e.g. a FLUX.2 file).
         """
+        for name, config in (("tokenizer_1_config", tokenizer_1_config), ("tokenizer_2_config", tokenizer_2_config)):
+            if config is not None and not isinstance(config, ModelConfig):
+                raise ConfigError(f"{name} is a {type(config).__name__}, not a ModelConfig")
         pipe = super().from_pretrained(
-            torch_dtype=torch_dtype, device=device, model_configs=model_configs, vram_limit=vram_limit, **kwargs
+            *args, torch_dtype=torch_dtype, device=device, model_configs=model_configs, vram_limit=vram_limit, **kwargs
         )
         assert isinstance(pipe, FluxImagePipeline)
         for index, config in ((1, tokenizer_1_config), (2, tokenizer_2_config)):
@@ -169,6 +183,14 @@ class FluxImagePipeline(BasePipeline):
             raise PipelineInputError("load_lora needs the DiT; add its ModelConfig to from_pretrained")
         text_encoder = self.text_encoder if self.has("text_encoder") else None
         return apply_lora(self.dit, source, scale=scale, fuse=fuse, name=name, text_encoder=text_encoder)
+
+    def apply_lora_source(self, source: Any, *, scale: float, name: str | None, fuse: bool) -> LoraReport:
+        """A path or state dict through :meth:`load_lora` (what the diffusers-named LoRA methods call)."""
+        return self.load_lora(source, scale, fuse=fuse, name=name)
+
+    def guidance_scale_target(self) -> str:
+        """The diffusers ``guidance_scale`` is FLUX.1's distilled ``embedded_guidance`` (``FluxPipeline``)."""
+        return "embedded_guidance"
 
     def unload_lora(self, name: str | None = None) -> list[str]:
         """Remove one LoRA (by name) or all of them; return the names removed."""
@@ -268,8 +290,8 @@ class FluxImagePipeline(BasePipeline):
 
     def call_inputs(self, prompt: str | Sequence[str], **kwargs: Any) -> dict[str, Any]:
         """Turn call arguments into the state inputs :meth:`generate` runs (see :meth:`__call__` for names)."""
+        prompt, negative = check_prompts(prompt, kwargs.pop("negative_prompt", ""), self.limits)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        negative = kwargs.pop("negative_prompt", "")
         negatives = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
         if len(negatives) != len(prompts):
             raise PipelineInputError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
@@ -316,9 +338,15 @@ class FluxImagePipeline(BasePipeline):
     ) -> Any:
         """Generate images.
 
+        The diffusers names are accepted too (``generator``, ``guidance_scale`` = ``embedded_guidance``,
+        ``true_cfg_scale`` = ``cfg_scale``, ``max_sequence_length`` = ``t5_sequence_length``,
+        ``num_images_per_prompt``, ``return_dict``, ``strength``; see :mod:`diffstudio.pipeline.diffusers_api`).
+        Every argument is checked before any compute (:mod:`diffstudio.pipeline.validate`, limits in
+        ``pipe.limits``).
+
         Args:
-            prompt: One prompt (returns one image) or a list (returns a list).
-            negative_prompt: Used when ``cfg_scale`` > 1 (one for all, or one per prompt).
+            prompt: One prompt (returns one image) or a list (returns a list): a ``str`` or a list of ``str``.
+            negative_prompt: Used when ``cfg_scale`` > 1 (one for all, or one per prompt); ``None`` is ``""``.
             cfg_scale: Real classifier-free guidance scale; 1 disables it.
             embedded_guidance: Distilled guidance of dev / Kontext (ignored by schnell).
             t5_sequence_length: T5 tokens (512; 256 is what schnell was trained with).
@@ -343,7 +371,7 @@ class FluxImagePipeline(BasePipeline):
             **extra: Inputs of plugin units (``kv_cache``, ``extra_text_embedding``, adapter inputs, ...).
         """
         self.check_inputs(extra)
-        if tiled and not 0 < int(tile_stride) <= int(tile_size):
+        if tiled and not 0 < tile_stride <= tile_size:
             raise PipelineInputError(f"tile_stride {tile_stride} must be in (0, tile_size={tile_size}]")
         inputs = self.call_inputs(
             prompt, negative_prompt=negative_prompt, cfg_scale=cfg_scale, embedded_guidance=embedded_guidance,

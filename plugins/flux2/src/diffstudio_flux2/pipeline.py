@@ -21,6 +21,7 @@ from diffstudio.config import ModelConfig
 from diffstudio.errors import PipelineInputError, UnknownCheckpointError
 from diffstudio.nn.delta import scoped_deltas
 from diffstudio.pipeline.base import BasePipeline
+from diffstudio.pipeline.validate import check_prompts, check_values
 from diffstudio.scheduler import FlowMatchScheduler
 from diffstudio.types import ModelClaim
 from torch import Tensor
@@ -70,28 +71,33 @@ class Flux2ImagePipeline(BasePipeline):
     @classmethod
     def from_pretrained(  # type: ignore[override]
         cls,
-        torch_dtype: torch.dtype = torch.bfloat16,
-        device: str | None = None,
+        *args: Any,
+        torch_dtype: torch.dtype | str | None = None,
+        device: str | torch.device | None = None,
         model_configs: Sequence[ModelConfig] = (),
         tokenizer_config: ModelConfig | None = None,
         vram_limit: float | None = None,
         **kwargs: Any,
     ) -> Flux2ImagePipeline:
-        """Load the pipeline from ``ModelConfig`` entries (DiT, VAE, text encoder; any supported layout).
+        """Load the pipeline from a repository and/or ``ModelConfig`` entries (DiT, VAE, text encoder).
 
         Args:
-            torch_dtype: Computation dtype.
+            *args: Optionally the repository first (a diffusers folder such as a downloaded
+                ``FLUX.2-klein-4B``, a checkpoint file, or a model id); see ``BasePipeline.from_pretrained``.
+            torch_dtype: Computation dtype (a floating ``torch.dtype`` or its name; default bfloat16).
             device: Computation device (default CUDA when available).
-            model_configs: One config per component.
+            model_configs: One config per component (after the repository's, replacing what they claim).
             tokenizer_config: The tokenizer folder (default: ``tokenizer/`` beside the text encoder).
             vram_limit: Memory budget in GiB on the computation device.
             **kwargs: ``runtime=`` and other BasePipeline options.
 
         Raises:
+            ConfigError: A wrong ``torch_dtype``, ``device``, ``model_configs`` or repository.
             TextEncoderMismatchError: the text encoder's width differs from the DiT's context width.
             TokenizerConfigError: a text encoder is loaded but no tokenizer can be found.
         """
         pipe = super().from_pretrained(
+            *args,
             torch_dtype=torch_dtype,
             device=device,
             model_configs=model_configs,
@@ -237,6 +243,12 @@ class Flux2ImagePipeline(BasePipeline):
             source = lora_config
         return apply_lora(self.dit, source, scale=alpha, name=name, fuse=hotload is False)
 
+    def apply_lora_source(self, source: Any, *, scale: float, name: str | None, fuse: bool) -> LoraReport:
+        """A path or state dict through :meth:`load_lora` (what the diffusers-named LoRA methods call)."""
+        if isinstance(source, Mapping):
+            return self.load_lora(state_dict=source, alpha=scale, hotload=not fuse, name=name)
+        return self.load_lora(lora_config=source, alpha=scale, hotload=not fuse, name=name)
+
     def unload_lora(self, name: str | None = None) -> list[str]:
         """Remove one LoRA by name, or every LoRA applied with :meth:`load_lora`; return the names removed."""
         from diffstudio_flux2.lora import list_loras, remove_lora
@@ -348,6 +360,10 @@ class Flux2ImagePipeline(BasePipeline):
             )
         return velocity
 
+    def guidance_scale_target(self) -> str:
+        """The diffusers ``guidance_scale``: ``embedded_guidance`` for dev (``Flux2Pipeline``), else ``cfg_scale``."""
+        return "embedded_guidance" if self.variant == "dev" else "cfg_scale"
+
     def default_steps(self, cfg_scale: float) -> int:
         """Step count of the seed's examples for this variant."""
         if self.variant == "dev":
@@ -382,8 +398,8 @@ class Flux2ImagePipeline(BasePipeline):
         """The state inputs of one call (what ``__call__`` runs; the trainer's entry too).
 
         Args:
-            prompt: One prompt (returns one image) or a list (returns a list).
-            negative_prompt: Used when ``cfg_scale`` > 1 (one for all, or one per prompt).
+            prompt: One prompt (returns one image) or a list (returns a list): a ``str`` or a list of ``str``.
+            negative_prompt: Used when ``cfg_scale`` > 1 (one for all, or one per prompt); ``None`` is ``""``.
             cfg_scale: Real classifier-free guidance scale (klein-base: 4); 1 disables it.
             embedded_guidance: Distilled guidance of dev (ignored by klein).
             height: Image height, a multiple of 16.
@@ -403,10 +419,16 @@ class Flux2ImagePipeline(BasePipeline):
             inpaint_blur_sigma: Mask blur sigma in latent cells.
             sigmas: Explicit schedule (unshifted sigmas, ``(N,)``).
             latents: Initial noise in token layout ``(B, h*w, C)``.
-            max_sequence_length: Text tokens (512).
+            max_sequence_length: Text tokens (512; at most ``pipe.limits.max_sequence_length``).
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
             **extra: Inputs of plugin units (``kv_cache``, ``extra_text_embedding``, ...).
+
+        Raises:
+            PipelineInputError: A wrong argument (see :mod:`diffstudio.pipeline.validate` for the spec).
+            LimitExceededError: A size above ``pipe.limits`` (see :mod:`diffstudio.pipeline.limits`).
         """
+        prompt, negative_prompt = check_prompts(prompt, negative_prompt, self.limits)
+        check_values({"cfg_scale": cfg_scale, "num_inference_steps": num_inference_steps}, self.limits)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if isinstance(negative_prompt, str):
             negatives = [negative_prompt] * len(prompts)
@@ -452,6 +474,9 @@ class Flux2ImagePipeline(BasePipeline):
         **kwargs: Any,
     ) -> Any:
         """Generate images; the arguments are those of :meth:`call_inputs` (the seed's names).
+
+        The diffusers names are accepted too (``generator``, ``guidance_scale``, ``num_images_per_prompt``,
+        ``return_dict``, ``strength``; see :mod:`diffstudio.pipeline.diffusers_api`).
 
         Args:
             prompt: One prompt (returns one image) or a list (returns a list).
