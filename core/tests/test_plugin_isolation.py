@@ -59,6 +59,7 @@ def test_load_model_hook_that_raises_is_disabled_and_named(toy_file: Path, capsy
     assert err.count("\n") == 1 and "'badload'" in err and "load_model" in err
     assert runtime.pm.get_plugin("badload") is None
     assert "badload (failed, see `diffstudio plugins`)" in runtime.hooks.families_asked()
+    runtime.unregister("badload")  # a test fixture's clean-up after the plugin was disabled
 
 
 def test_load_model_hook_returning_garbage_is_disabled(toy_file: Path, capsys: pytest.CaptureFixture[str]) -> None:

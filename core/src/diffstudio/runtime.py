@@ -181,8 +181,9 @@ class Runtime:
         return registered
 
     def unregister(self, name: str) -> None:
-        """Unregister a plugin by name (tests); resets cached registries."""
-        self.pm.unregister(name=name)
+        """Unregister a plugin by name (tests); resets cached registries. A plugin disabled after a failure is gone."""
+        if self.pm.get_plugin(name) is not None:
+            self.pm.unregister(name=name)
         self.statuses = [s for s in self.statuses if s.name != name]
         self.hooks.invalidate()
 
