@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from diffstudio.errors import PipelineInputError
-from diffstudio.pipeline.images import convert_output, pil_to_tensor
+from diffstudio.pipeline.images import convert_output, pil_to_tensor, to_rgb
 from diffstudio.pipeline.units import InputParam, OutputParam, PipelineUnit
 from PIL import Image
 
@@ -181,8 +181,8 @@ class ImageIds(PipelineUnit):
 
 
 def _pixels(images: Sequence[Image.Image], size: tuple[int, int], argument: str) -> torch.Tensor:
-    resized = [img.convert("RGB") if img.size == size else img.convert("RGB").resize(size, Image.Resampling.LANCZOS)
-               for img in images]  # fmt: skip
+    rgb = [to_rgb(img, argument=argument) for img in images]
+    resized = [img if img.size == size else img.resize(size, Image.Resampling.LANCZOS) for img in rgb]
     return torch.cat([pil_to_tensor(img, argument=argument) for img in resized])
 
 
@@ -239,7 +239,8 @@ class InpaintMask(PipelineUnit):
         if not isinstance(mask, Image.Image):
             raise PipelineInputError(f"inpaint_mask must be a PIL image, got {type(mask).__name__}")
         h, w = _pipe(pipe).latent_grid(inputs["height"], inputs["width"])
-        grey = pil_to_tensor(mask.convert("RGB").resize((w, h), Image.Resampling.BILINEAR)).mean(1, keepdim=True)
+        rgb = to_rgb(mask, argument="inpaint_mask").resize((w, h), Image.Resampling.BILINEAR)
+        grey = pil_to_tensor(rgb, argument="inpaint_mask").mean(1, keepdim=True)
         weights = (grey + 1) / 2  # (1, 1, h, w) in [0, 1]
         return {"inpaint_mask": weights.flatten(2).transpose(1, 2).to(pipe.device, pipe.torch_dtype)}
 

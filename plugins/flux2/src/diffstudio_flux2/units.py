@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from diffstudio.errors import PipelineInputError
-from diffstudio.pipeline.images import convert_output, pil_to_tensor
+from diffstudio.pipeline.images import convert_output, pil_to_tensor, to_rgb
 from diffstudio.pipeline.units import InputParam, OutputParam, PipelineUnit
 from PIL import Image
 
@@ -222,9 +222,9 @@ class InputImage(PipelineUnit):
         if len(images) not in (1, noise.shape[0]):
             raise PipelineInputError(f"got {len(images)} input images for {noise.shape[0]} prompts")
         size = (inputs["width"], inputs["height"])
-        pixels = torch.cat([pil_to_tensor(img.convert("RGB").resize(size, Image.Resampling.LANCZOS)
-                                          if img.size != size else img, argument="input_image")
-                            for img in images])  # fmt: skip
+        rgb = [to_rgb(img, argument="input_image") for img in images]
+        resized = [img.resize(size, Image.Resampling.LANCZOS) if img.size != size else img for img in rgb]
+        pixels = torch.cat([pil_to_tensor(img, argument="input_image") for img in resized])
         latents = pack_latents(flux.encode_image(pixels)).expand(noise.shape[0], -1, -1)
         sigma = float(pipe.scheduler.sigmas[0])
         start = pipe.scheduler.add_noise(latents, noise, sigma)
@@ -254,7 +254,7 @@ class EditImages(PipelineUnit):
         auto = True if inputs["edit_image_auto_resize"] is None else bool(inputs["edit_image_auto_resize"])
         tokens, sizes = [], []
         for image in as_image_list(inputs["edit_image"], "edit_image"):
-            image = resize_edit_image(image.convert("RGB"), flux.spatial_factor, auto)
+            image = resize_edit_image(to_rgb(image, argument="edit_image"), flux.spatial_factor, auto)
             latents = flux.encode_image(pil_to_tensor(image, argument="edit_image"))  # (1, C, h, w)
             sizes.append((latents.shape[2], latents.shape[3]))
             tokens.append(pack_latents(latents))
@@ -289,7 +289,8 @@ class InpaintMask(PipelineUnit):
         if not isinstance(mask, Image.Image):
             raise PipelineInputError(f"inpaint_mask must be a PIL image, got {type(mask).__name__}")
         h, w = _pipe(pipe).latent_grid(inputs["height"], inputs["width"])
-        grey = pil_to_tensor(mask.convert("RGB").resize((w, h), Image.Resampling.BILINEAR)).mean(1, keepdim=True)
+        rgb = to_rgb(mask, argument="inpaint_mask").resize((w, h), Image.Resampling.BILINEAR)
+        grey = pil_to_tensor(rgb, argument="inpaint_mask").mean(1, keepdim=True)
         weights = (grey + 1) / 2  # (1, 1, h, w) in [0, 1]
         size = int(inputs["inpaint_blur_size"] or 0)
         if size > 1:
