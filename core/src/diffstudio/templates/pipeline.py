@@ -101,6 +101,8 @@ class TemplatePipeline:
             raise TemplateError("TemplatePipeline needs at least one template (model_configs=[ModelConfig(...)])")
         if isinstance(code_sha256, str):
             code_sha256 = [code_sha256] * len(templates)
+        elif code_sha256 is not None and not isinstance(code_sha256, (list, tuple)):
+            require_pin(code_sha256)
         self._pins: list[str | None] = (
             [require_pin(pin, f"code_sha256[{i}]") for i, pin in enumerate(code_sha256)]
             if code_sha256 is not None
