@@ -308,6 +308,19 @@ class Job:
         return {k: v for k, v in self.fields.items() if k in CALL_FIELDS}
 
 
+def check_field(name: str, value: Any, label: str | None = None) -> Any:
+    """Check one value with the rules of job field ``name``; return it canonical.
+
+    Raises:
+        JobFieldError: Wrong type or range; the message starts with ``label`` (default: the field name).
+    """
+    checker, _ = FIELDS[name]
+    try:
+        return checker(value)
+    except _Bad as bad:
+        raise JobFieldError(f"{label or name}: {bad}", job=0, line=None, field=name) from None
+
+
 def _where(source: str | None, line: int | None, index: int) -> str:
     if source and line:
         return f"{source}:{line}: job {index}"

@@ -37,7 +37,16 @@ from typing import Any
 
 from diffstudio.config import ModelConfig
 from diffstudio.errors import PipelineInputError
-from diffstudio.jobs import FIELDS, Job, JobFileError, contained, load_jobs, rows_from_images, validate_row
+from diffstudio.jobs import (
+    FIELDS,
+    Job,
+    JobFileError,
+    check_field,
+    contained,
+    load_jobs,
+    rows_from_images,
+    validate_row,
+)
 from diffstudio.run_models import DEFAULT_MODEL_ID, ModelPlan, file_identity, memory_fields, plan_model
 from diffstudio.runtime import Runtime
 
@@ -187,10 +196,8 @@ def _run_settings(explicit: Mapping[str, Any]) -> dict[str, Any]:
             value = [os.fspath(v) if isinstance(v, os.PathLike) else v for v in value]
         elif isinstance(value, os.PathLike):
             value = os.fspath(value)
-        try:
-            checked[name] = validate_row({"prompt": "-", name: value}, 0).fields.get(name, value)
-        except JobFileError as exc:
-            raise PipelineInputError(str(exc).replace("job 0: ", f"{name}=")) from None
+        flag = _FLAGS.get(name)
+        checked[name] = check_field(name, value, f"{flag} ({name}=)" if flag else f"{name}=")
     return checked
 
 
@@ -417,6 +424,15 @@ _CLI_FIELDS = (
     ("mask", "inpaint_mask"), ("denoising_strength", "denoising_strength"), ("edit_image", "edit_image"),
     ("max_sequence_length", "max_sequence_length"),
 )  # fmt: skip
+
+
+#: The flag of each job field, for messages.
+_FLAGS = {
+    **{name: "--" + key.replace("_", "-") for key, name in _CLI_FIELDS},
+    "dtype": "--dtype", "loras": "--lora", "model": "--model", "tokenizer": "--tokenizer", "templates": "--template",
+    "template_inputs": "--template-input", "negative_template_inputs": "--negative-template-input",
+    "scheduler": "--scheduler", "shift": "--shift", "fp8": "--fp8",
+}  # fmt: skip
 
 
 def run_cli(args: argparse.Namespace, runtime: Runtime) -> int:

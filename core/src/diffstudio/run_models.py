@@ -280,7 +280,7 @@ def check_complete(pipe: Any, plan: ModelPlan) -> None:
     """
     slots: Mapping[str, str] = getattr(type(pipe), "slots", {})
     missing = [s for s in needed_components(pipe) if not pipe.has(s)]
-    problems = [f"{slots.get(s, s)} ({s})" for s in missing]
+    problems = [f"{s} ({slots[s]})" if s in slots else s for s in missing]
     tokenizer_missing = (
         pipe.has("text_encoder") and hasattr(pipe, "tokenizer") and getattr(pipe, "tokenizer", 1) is None
     )
