@@ -108,7 +108,20 @@ def test_pinned_template_ignores_pycache(
 
 def test_template_code_writes_no_bytecode(tmp_path: Path, runtime: Runtime) -> None:
     folder, marker = seed_folder(tmp_path)
-    load_template(folder, runtime=runtime, trust_code=True)
+    (folder / "h1_sibling_helper.py").write_text("VALUE = 3\n")
+    source = (folder / "model.py").read_text()
+    (folder / "model.py").write_text(  # a model.py that imports a file beside it
+        "import sys\nsys.path.insert(0, __import__('os').path.dirname(__file__))\nimport h1_sibling_helper\n"
+        "sys.path.pop(0)\n" + source
+    )
+    writing = sys.dont_write_bytecode
+    sys.dont_write_bytecode = False  # as in a plain interpreter: imports would write bytecode
+    try:
+        load_template(folder, runtime=runtime, trust_code=True)
+        assert sys.dont_write_bytecode is False  # restored
+    finally:
+        sys.dont_write_bytecode = writing
+        sys.modules.pop("h1_sibling_helper", None)
     assert marker.read_text() == "benign" and bytecode_files(folder) == []
 
 

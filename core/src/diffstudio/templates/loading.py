@@ -5,13 +5,20 @@ Data-only folder (the format ``diffstudio template export`` writes and the docs 
     my-template/
       template.json        {"format": "diffstudio-template", "format_version": 1,
                             "template": "<registered name>", "config": {...constructor kwargs...},
-                            "weights": ["model.safetensors"]}
+                            "weights": ["model.safetensors"],
+                            "dit_geometry": {"double_blocks": 2, "single_blocks": 4, "heads": 2, "head_dim": 64},
+                            "target_model": "diffstudio/shapes"}       (the last two optional)
       model.safetensors
+
+``template.json`` is at most 16 MiB; weight names must stay inside the folder (``..``, absolute paths and symbolic
+links out are refused) and be safetensors files.
 
 Seed-format folder (DiffSynth's): ``model.py`` defining ``TEMPLATE_MODEL`` (the class), optionally
 ``TEMPLATE_MODEL_PATH`` (a relative safetensors path, a list of shards, or None for the class's own
-initialisation), ``TEMPLATE_MODEL_CONFIG`` (constructor kwargs) and ``TEMPLATE_DATA_PROCESSOR`` (a class), plus
-the weights. When both ``template.json`` and ``model.py`` are present, ``template.json`` wins and no code runs.
+initialisation), ``TEMPLATE_MODEL_CONFIG`` (constructor kwargs), ``TEMPLATE_DATA_PROCESSOR`` (a class) and
+``TEMPLATE_DIT_GEOMETRY``, plus the weights. ``model.py`` runs only as :mod:`.trust` allows, compiled from the exact
+bytes that were hashed (never from ``__pycache__``). When both ``template.json`` and ``model.py`` are present,
+``template.json`` wins and no code runs.
 """
 
 from __future__ import annotations
@@ -303,11 +310,15 @@ def _exec_code(trusted: TrustedCode) -> ModuleType:
     module = ModuleType(module_name)
     module.__file__ = str(code)
     sys.modules[module_name] = module  # classes defined in it resolve their module (dataclasses, pickling)
+    writing = sys.dont_write_bytecode
+    sys.dont_write_bytecode = True  # nor does what it imports leave bytecode in the folder
     try:
         exec(compiled, module.__dict__)  # noqa: S102 - the caller trusted exactly these bytes (see .trust)
     except Exception as exc:
         sys.modules.pop(module_name, None)
         raise TemplateFormatError(f"executing {code} failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        sys.dont_write_bytecode = writing
     return module
 
 
