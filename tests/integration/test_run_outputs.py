@@ -102,3 +102,21 @@ def test_explicit_output_is_regenerated_when_its_job_changed(runtime: Runtime, t
     assert not run(jobs=[{**job, "num_inference_steps": 2}], dry_run=True, **common)[0]["skipped"]
     names = [Path(r["path"]).name for r in run(jobs=[{**job, "num_images": 2}], dry_run=True, **common)]
     assert names == ["mine-s1.png", "mine-s2.png"]
+
+
+def test_memory_flags_keep_pixels_and_fp8_is_part_of_the_job(runtime: Runtime, tmp_path: Path) -> None:
+    import numpy as np
+    from diffstudio.outputs import read_image_metadata
+    from PIL import Image
+
+    common = {"runtime": runtime, "device": "cpu", "progress": False, "seed": 4, **SMALL}
+    (plain,) = run("a blue square", out=tmp_path / "plain", **common)
+    (low,) = run("a blue square", out=tmp_path / "low", offload="disk", vram_limit=0.0001, **common)
+    (fp8,) = run("a blue square", out=tmp_path / "fp8", fp8=True, **common)
+    assert Path(low["path"]).name == Path(plain["path"]).name != Path(fp8["path"]).name
+    images = [np.asarray(Image.open(r["path"]).convert("RGB"), dtype=np.int16) for r in (plain, low, fp8)]
+    assert np.array_equal(images[0], images[1]) and np.abs(images[0] - images[2]).max() <= 64
+    _, record = read_image_metadata(low["path"])
+    assert record is not None and record["extra"]["memory"]["offload_device"] == "disk"
+    _, record = read_image_metadata(fp8["path"])
+    assert record is not None and record["job"]["fp8"] is True

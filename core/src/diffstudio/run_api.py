@@ -278,7 +278,7 @@ def run(
     runtime = runtime if runtime is not None else Runtime()
     if vram_limit is not None and offload is None:
         offload = "cpu"
-    memory = memory_fields(offload, bool(fp8))
+    memory = memory_fields(offload, False)
     extra = {k: v for k, v in options.items() if k not in FIELDS}
     named = {k: v for k, v in options.items() if k in FIELDS}
     template_names = [os.fspath(t) if isinstance(t, os.PathLike) else t for t in templates or []]
@@ -298,9 +298,12 @@ def run(
     planned: list[_Planned] = []
     for job in job_list:
         settings = {**given, **job.fields}
-        key = (tuple(settings.get("model") or ()), tuple(settings.get("tokenizer") or ()))
+        key = (tuple(settings.get("model") or ()), tuple(settings.get("tokenizer") or ()), bool(settings.get("fp8")))
         if key not in plans:
-            plans[key] = plan_model(runtime, settings.get("model"), tokenizers=settings.get("tokenizer"), memory=memory)
+            job_memory = memory_fields(offload, bool(settings.get("fp8")))
+            plans[key] = plan_model(
+                runtime, settings.get("model"), tokenizers=settings.get("tokenizer"), memory=job_memory
+            )
         plan = plans[key]
         settings = {**plan.defaults, **settings}
         dtype = _dtype_name(torch_dtype_for(settings.get("dtype"), device))
@@ -320,7 +323,7 @@ def run(
         from diffstudio.run_session import Session
 
         session = Session(runtime, device=device, vram_limit=vram_limit, progress=progress and rank == 0,
-                          trust_code=trust_code, code_sha256=code_sha256,
+                          trust_code=trust_code, code_sha256=code_sha256, memory=memory,
                           config_templates=config_templates)  # fmt: skip
         for item in sorted(todo, key=lambda i: list(dict.fromkeys(p.pipe_key for p in todo)).index(i.pipe_key)):
             session.generate(item, extra, metadata=metadata)

@@ -109,6 +109,7 @@ class Session:
         progress: bool,
         trust_code: bool,
         code_sha256: Any,
+        memory: Mapping[str, Any] | None = None,
         config_templates: Sequence[Any] = (),
         hash_files: bool | None = None,
     ) -> None:
@@ -117,6 +118,7 @@ class Session:
         if hash_files is None:
             hash_files = os.environ.get("DIFFSTUDIO_HASH_FILES", "1").strip().lower() not in ("0", "false", "no")
         self.hash_files = hash_files
+        self.memory = {**(memory or {}), **({"vram_limit_gib": vram_limit} if vram_limit is not None else {})}
         self._key: tuple[Any, ...] | None = None
         self._pipe: Any = None
         self._templates: dict[tuple[str, ...], Any] = {}
@@ -266,4 +268,6 @@ class Session:
             record = record_for(pipe, prompt=item.job.prompt, seed=seed, image=image, arguments=arguments,
                                 loras=lora_records, templates=used, hash_files=self.hash_files, job=job,
                                 job_hash=item.digest)  # fmt: skip
+            if self.memory:
+                record.extra["memory"] = self.memory
             save_image(image, path, record, metadata=metadata)
