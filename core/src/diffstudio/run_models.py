@@ -177,6 +177,8 @@ def plan_model(
                 plan.files += files
         except OSError as exc:
             raise ModelArgumentError(f"{flag} {config.describe()}: cannot list its files: {exc}") from None
+    for config in plan.tokenizers:
+        plan.files += _files_of(config, roots)
     return plan
 
 
@@ -238,7 +240,8 @@ def check_device(device: str | None) -> str:
     try:
         torch.empty(1, device=name)
     except Exception as exc:  # AssertionError on CPU builds, RuntimeError for absent devices
-        cuda = "this torch build has no CUDA" if not torch.backends.cuda.is_built() else "no such GPU is visible"
+        built = torch.version.cuda is not None
+        cuda = "no such GPU is visible" if built else "this torch build has no CUDA"
         reason = cuda if name.startswith("cuda") else f"{type(exc).__name__}: {str(exc)[:200]}"
         raise ConfigError(
             f"--device {device}: not available on this machine ({reason}; torch {torch.__version__}). "
