@@ -92,3 +92,15 @@ def test_train_accepts_kebab_case_flags():
         and "--dataset-base-path DATASET" not in shown.stdout
     )
     assert "kebab-case" in shown.stdout
+
+
+@pytest.mark.parametrize("name", ["checkpoint_steps", "save_steps", "max_steps", "validation_steps"])
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_step_intervals_below_one_are_refused(name, value):
+    """``--checkpoint_steps 0`` wrote nothing and ``-1`` wrote a checkpoint every step, silently."""
+    from diffstudio.train import TrainConfigError
+
+    argv = ["--dataset_base_path", "d", "--dataset_metadata_path", "d/m.csv", "--model_paths", '["d.st"]',
+            "--trainable_models", "dit", f"--{name}", value]  # fmt: skip
+    with pytest.raises(TrainConfigError, match=f"--{name} must be an integer >= 1"):
+        config_from_args(argv)

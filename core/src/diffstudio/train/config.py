@@ -115,6 +115,10 @@ class TrainConfig:
                 raise TrainConfigError(f"--{name} must be > 0, got {getattr(self, name)!r}")
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise TrainConfigError(f"--lr_scheduler {self.lr_scheduler!r} is not one of {', '.join(LR_SCHEDULERS)}")
+        for name in ("max_steps", "save_steps", "checkpoint_steps", "validation_steps"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise TrainConfigError(f"--{name} must be an integer >= 1 when given, got {value!r}")
         if self.lr_warmup_steps < 0:
             raise TrainConfigError(f"--lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
         if self.lr_scheduler != "constant" and self.max_steps is None:
@@ -268,13 +272,23 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--task", choices=TASKS, default="sft")
     run.add_argument("--distill_steps", type=int, default=4, help="sampling steps unrolled by direct_distill")
     run.add_argument("--output_path", default="models/train")
-    run.add_argument("--save_steps", type=int, default=None, help="save the trained weights every N steps")
-    run.add_argument("--checkpoint_steps", type=int, default=None, help="resumable checkpoint every N steps")
+    run.add_argument(
+        "--save_steps", type=int, default=None, help="save the trained weights every N steps (no resumable checkpoint)"
+    )
+    run.add_argument(
+        "--checkpoint_steps", type=int, default=None,
+        help="write a resumable checkpoint (checkpoints/step-N) every N steps and at each epoch's end; without it "
+        "(and without --resume) no checkpoint is written",
+    )  # fmt: skip
     run.add_argument("--remove_prefix_in_ckpt", default=None, help="strip this prefix from saved keys")
     run.add_argument(
         "--align_to_opensource_format", action="store_true", help="save LoRAs in the kohya layout (--lora_format kohya)"
     )
-    run.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output_path")
+    run.add_argument(
+        "--resume", action="store_true",
+        help="continue from the newest usable checkpoint in --output_path (older ones when it is damaged); "
+        "checkpoints are then also written at each epoch's end",
+    )  # fmt: skip
     run.add_argument(
         "--cache_memory_mb",
         type=int,

@@ -15,8 +15,9 @@ class EmaWeights:
 
     ``d`` follows diffusers' ``EMAModel`` (its default, no ``use_ema_warmup``): 0 for the first update (the
     average starts at the trained values, not at the initialisation), then ``min(decay, (1 + n) / (10 + n))``
-    for update ``n``, so early checkpoints are not dominated by the random start. Has ``state_dict`` /
-    ``load_state_dict`` so accelerate checkpoints it (``register_for_checkpointing``), update count included.
+    for update ``n``, so early checkpoints are not dominated by the random start. ``state_dict`` /
+    ``load_state_dict`` give and take the decay, the update count and the averages; checkpoints store them as
+    safetensors + JSON (:mod:`diffstudio.train.state_files`), never as a pickle.
     """
 
     def __init__(self, module: nn.Module, decay: float) -> None:
