@@ -56,6 +56,7 @@ _TORCH_DTYPES: dict[str, str] = {
     "I64": "int64",
     "U64": "uint64",
 }
+_INT64_MAX = 2**63 - 1
 _SAFETENSORS_DTYPES = {torch_name: st_name for st_name, torch_name in _TORCH_DTYPES.items()}
 
 
@@ -71,7 +72,7 @@ class TensorNotFoundError(CheckpointError, KeyError):
 
 
 class UnsupportedDtypeError(CheckpointError):
-    """A tensor's dtype has no torch equivalent in this torch build."""
+    """A tensor's dtype (or a dimension beyond 64-bit signed sizes) has no torch equivalent in this torch build."""
 
 
 class CheckpointChangedError(SafetensorsFormatError):
@@ -351,6 +352,11 @@ class Checkpoint:
         if pickled is not None:
             return pickled
         dtype = self.torch_dtype(name)
+        if any(dim > _INT64_MAX for dim in entry.shape):  # valid safetensors when another dimension is 0
+            raise UnsupportedDtypeError(
+                f"Tensor {name!r} in {self.files[entry.file]} has shape {list(entry.shape)}, with a dimension "
+                "beyond torch's 64-bit signed sizes; torch cannot represent it. Re-export the checkpoint."
+            )
         if entry.nbytes == 0:
             return torch.empty(entry.shape, dtype=dtype)
         storage = self._storage(entry.file)
