@@ -96,8 +96,10 @@ class StrictLoadError(CheckpointError):
         missing: Sequence[str],
         unexpected: Sequence[str],
         mismatched: Sequence[str] = (),
+        source: str | None = None,
     ) -> None:
-        parts = [f"Loading weights into {module} failed (strict)."]
+        origin = f" from {source}" if source else ""
+        parts = [f"Loading weights{origin} into {module} failed (strict)."]
         if missing:
             parts.append(f"Missing keys ({len(missing)}): {', '.join(missing[:20])}" + (" ..." * (len(missing) > 20)))
         if unexpected:
@@ -108,6 +110,8 @@ class StrictLoadError(CheckpointError):
             parts.append(f"Shape mismatches ({len(mismatched)}): {', '.join(mismatched[:20])}")
         parts.append("The file does not belong to this model variant, or a converter is missing.")
         super().__init__(" ".join(parts))
+        self.module = module
+        self.source = source
         self.missing = list(missing)
         self.unexpected = list(unexpected)
         self.mismatched = list(mismatched)
