@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 from diffstudio.config import ModelConfig
-from diffstudio.errors import AmbiguousCheckpointError, UnknownCheckpointError
+from diffstudio.errors import AmbiguousCheckpointError, StrictLoadError, UnknownCheckpointError
 from diffstudio.loading.checkpoint import Checkpoint
 from diffstudio.loading.sources import WEIGHT_SUFFIXES
 from diffstudio.resolve import resolve_files
 from diffstudio.runtime import Runtime
-from diffstudio.types import ModelClaim
+from diffstudio.types import LoadRequest, ModelClaim
 
 
 def open_checkpoint(runtime: Runtime, config: ModelConfig) -> Checkpoint:
@@ -46,4 +49,21 @@ def identify(runtime: Runtime, config: ModelConfig) -> tuple[Checkpoint, ModelCl
         raise UnknownCheckpointError(checkpoint.source, checkpoint.telling_keys(), runtime.hooks.families_asked())
     if len(claims) > 1:
         raise AmbiguousCheckpointError(checkpoint.source, [c.describe() for c in claims])
-    return checkpoint, claims[0]
+    return checkpoint, naming_source(claims[0])
+
+
+def naming_source(claim: ModelClaim) -> ModelClaim:
+    """The claim with a loader whose strict-load errors name the checkpoint (plugins need not pass ``source=``)."""
+    load = claim.load
+
+    def load_naming_source(checkpoint: Checkpoint, request: LoadRequest) -> Any:
+        try:
+            return load(checkpoint, request)
+        except StrictLoadError as exc:
+            if exc.source:
+                raise
+            raise StrictLoadError(
+                exc.module, exc.missing, exc.unexpected, exc.mismatched, source=checkpoint.source
+            ) from exc
+
+    return dataclasses.replace(claim, load=load_naming_source)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from diffstudio.loading.assign import (
     MetaTensorsRemainError,
+    WeightDtypeError,
     build_on_meta,
     find_meta_tensors,
     load_state_dict_into,
@@ -59,6 +60,7 @@ __all__ = [
     "TensorNotFoundError",
     "UnsupportedDtypeError",
     "UnsupportedFileError",
+    "WeightDtypeError",
     "build_on_meta",
     "conv_to_linear",
     "find_meta_tensors",

@@ -26,13 +26,23 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["MetaTensorsRemainError", "build_on_meta", "find_meta_tensors", "load_state_dict_into"]
+__all__ = [
+    "MetaTensorsRemainError",
+    "WeightDtypeError",
+    "build_on_meta",
+    "find_meta_tensors",
+    "load_state_dict_into",
+]
 
 M = TypeVar("M", bound="nn.Module")
 
 
 class MetaTensorsRemainError(CheckpointError):
     """Parameters or buffers are still on the meta device after loading."""
+
+
+class WeightDtypeError(CheckpointError):
+    """A checkpoint holds integer, bool or complex data where the module has real floating-point weights."""
 
 
 def build_on_meta(factory: Callable[[], M]) -> M:
@@ -71,6 +81,18 @@ def _plan(
     return missing, unexpected, mismatched
 
 
+def _wrong_kinds(expected: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """Tensors whose kind (real floating point vs integer/bool/complex) differs from the module's."""
+    wrong = []
+    for name, tensor in expected.items():
+        given = state_dict.get(name)
+        if given is None or not tensor.is_floating_point():
+            continue
+        if not given.is_floating_point():
+            wrong.append(f"{name} ({str(given.dtype).removeprefix('torch.')}, expected floating point)")
+    return wrong
+
+
 def load_state_dict_into(
     module: nn.Module,
     state_dict: Mapping[str, torch.Tensor],
@@ -79,6 +101,7 @@ def load_state_dict_into(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     init_non_persistent: Callable[[nn.Module], None] | None = None,
+    source: str | None = None,
 ) -> None:
     """Assign ``state_dict`` to ``module`` (built with :func:`build_on_meta` or normally).
 
@@ -96,9 +119,11 @@ def load_state_dict_into(
         device: Target device, or None to keep the tensors where they are (CPU for a checkpoint).
         init_non_persistent: Called with ``module`` after assignment to create non-persistent buffers (after
             any ``reset_non_persistent_buffers()`` methods of submodules), inside ``torch.device(target)``.
+        source: The file or folder the tensors come from, named in error messages.
 
     Raises:
         StrictLoadError: missing/unexpected keys (when strict) or shape mismatches, all listed at once.
+        WeightDtypeError: integer, bool or complex tensors for floating-point weights, all listed at once.
         MetaTensorsRemainError: parameters or buffers are still on meta after loading.
     """
     import torch
@@ -107,7 +132,19 @@ def load_state_dict_into(
     missing, unexpected, mismatched = _plan(expected, state_dict)
     if mismatched or (strict and (missing or unexpected)):
         raise StrictLoadError(
-            type(module).__name__, missing if strict else [], unexpected if strict else [], mismatched
+            type(module).__name__,
+            missing if strict else [],
+            unexpected if strict else [],
+            mismatched,
+            source=source,
+        )
+    wrong = _wrong_kinds(expected, state_dict)
+    if wrong:
+        shown = "; ".join(wrong[:10]) + (f" ... ({len(wrong)} tensors)" if len(wrong) > 10 else "")
+        raise WeightDtypeError(
+            f"{source or 'The checkpoint'} holds tensors of the wrong kind for {type(module).__name__}: {shown}. "
+            "Weights must be floating point (F32, F16, BF16, F8); the file is damaged or is not this model's "
+            "checkpoint."
         )
     converted: dict[str, torch.Tensor] = {}
     for name, tensor in state_dict.items():
@@ -129,7 +166,7 @@ def load_state_dict_into(
     if remaining:
         shown = ", ".join(remaining[:20]) + (" ..." if len(remaining) > 20 else "")
         raise MetaTensorsRemainError(
-            f"After loading {type(module).__name__}, {len(remaining)} parameter(s)/buffer(s) are still "
+            f"After loading {type(module).__name__}{f' from {source}' if source else ''}, {len(remaining)} parameter(s)/buffer(s) are still "
             "on the "
             f"meta device: {shown}. Checkpoint keys that are missing must be provided (load with strict=True "
             f"to list them); non-persistent buffers must be recreated by a reset_non_persistent_buffers() "

@@ -251,7 +251,7 @@ def detect_flux1_dit_format(shapes: Shapes) -> Format | None:
         return None
     for fmt, (embed_key, mod_key, vector_key) in DIT_PROBES.items():
         embed, mod, vector = _shape(shapes, embed_key), _shape(shapes, mod_key), _shape(shapes, vector_key)
-        if embed is None or mod is None or vector is None or len(embed) != 2:
+        if embed is None or mod is None or vector is None or len(embed) != 2 or len(vector) != 2:
             continue
         hidden = embed[0]
         if mod == (6 * hidden, hidden) and vector[0] == hidden:

@@ -86,9 +86,9 @@ def load_dit(checkpoint: Checkpoint, request: LoadRequest) -> nn.Module:
     state = {k[len(prefix) :]: v for k, v in checkpoint.state_dict(keys, prefetch=not diffusers_layout).items()}
     if diffusers_layout:
         state = convert_diffusers_to_bfl_dit(state)
-    params = FluxParams.from_state_dict_shapes({k: tuple(v.shape) for k, v in state.items()})
+    params = FluxParams.from_state_dict_shapes({k: tuple(v.shape) for k, v in state.items()}, source=checkpoint.source)
     model = build_on_meta(lambda: Flux(params))
-    load_state_dict_into(model, state, dtype=request.torch_dtype, device=request.device)
+    load_state_dict_into(model, state, dtype=request.torch_dtype, device=request.device, source=checkpoint.source)
     return model.eval().requires_grad_(False)
 
 
@@ -136,9 +136,11 @@ def load_vae(checkpoint: Checkpoint, request: LoadRequest) -> nn.Module:
                 factors[ours] = float(config[theirs])
         if config.get("norm_num_groups"):
             factors["norm_groups"] = int(config["norm_num_groups"])
-    params = AutoEncoderParams.from_state_dict_shapes({k: tuple(v.shape) for k, v in state.items()}, **factors)
+    params = AutoEncoderParams.from_state_dict_shapes(
+        {k: tuple(v.shape) for k, v in state.items()}, **factors, source=checkpoint.source
+    )
     model = build_on_meta(lambda: AutoEncoder(params))
-    load_state_dict_into(model, state, dtype=request.torch_dtype, device=request.device)
+    load_state_dict_into(model, state, dtype=request.torch_dtype, device=request.device, source=checkpoint.source)
     return model.eval().requires_grad_(False)
 
 

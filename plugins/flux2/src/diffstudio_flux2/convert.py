@@ -256,7 +256,7 @@ def detect_flux2_vae_format(shapes: Shapes) -> Format | None:
     }
     bn = _shape(shapes, "bn.running_mean")
     moments = _shape(shapes, "encoder.conv_out.weight")
-    if bn is None or moments is None or len(bn) != 1:
+    if bn is None or moments is None or len(bn) != 1 or len(moments) != 4:
         return None
     for fmt, (quant_key, probe_key) in layouts.items():
         quant = _shape(shapes, quant_key)

@@ -84,7 +84,8 @@ def claim_dit(checkpoint: Checkpoint) -> ModelClaim | None:
     embed = "img_in.weight" if fmt == "bfl" else "x_embedder.weight"
     hidden = checkpoint.shape(prefix + embed)[0]
     context_key = "txt_in.weight" if fmt == "bfl" else "context_embedder.weight"
-    context = checkpoint.shape(prefix + context_key)[1] if prefix + context_key in checkpoint else 0
+    context_shape = checkpoint.shape(prefix + context_key) if prefix + context_key in checkpoint else ()
+    context = context_shape[1] if len(context_shape) == 2 else 0
     guidance = any(n.startswith(("guidance_in.", "time_guidance_embed.guidance_embedder.")) for n in names)
     variant = variant_name(hidden, context, guidance)
     source = ("comfy" if prefix else "bfl") if fmt == "bfl" else "diffusers"
@@ -107,9 +108,9 @@ def load_dit(checkpoint: Checkpoint, request: LoadRequest) -> nn.Module:
     state = {k[len(prefix) :]: v for k, v in checkpoint.state_dict(keys, prefetch=not diffusers_layout).items()}
     if diffusers_layout:
         state = convert_diffusers_to_bfl_dit(state)
-    params = Flux2Params.from_state_dict_shapes({k: tuple(v.shape) for k, v in state.items()})
+    params = Flux2Params.from_state_dict_shapes({k: tuple(v.shape) for k, v in state.items()}, source=checkpoint.source)
     model = build_on_meta(lambda: Flux2(params))
-    load_state_dict_into(model, state, dtype=request.torch_dtype, device=request.device)
+    load_state_dict_into(model, state, dtype=request.torch_dtype, device=request.device, source=checkpoint.source)
     return model.eval().requires_grad_(False)
 
 
@@ -162,10 +163,12 @@ def load_vae(checkpoint: Checkpoint, request: LoadRequest) -> nn.Module:
     state = checkpoint.state_dict()
     if "quant_conv.weight" in state:
         state = convert_diffusers_to_bfl_vae(state)
-    params = AutoEncoderParams.from_state_dict_shapes({k: tuple(v.shape) for k, v in state.items()})
+    params = AutoEncoderParams.from_state_dict_shapes(
+        {k: tuple(v.shape) for k, v in state.items()}, source=checkpoint.source
+    )
     params = replace(params, norm_groups=vae_norm_groups(checkpoint))
     model = build_on_meta(lambda: Flux2AutoEncoder(params))
-    load_state_dict_into(model, state, dtype=request.torch_dtype, device=request.device)
+    load_state_dict_into(model, state, dtype=request.torch_dtype, device=request.device, source=checkpoint.source)
     for name in ("running_mean", "running_var"):
         buffer = getattr(model.bn, name)
         setattr(model.bn, name, buffer.to(torch.float32))
@@ -264,7 +267,7 @@ def recognise_foreign(checkpoint: Checkpoint) -> tuple[str, list[str]] | None:
         return "a FLUX.1 DiT (diffusers FluxTransformer2DModel layout)", sorted(diffusers)[:2]
     conv_out = next((k for k in keys if k.endswith("encoder.conv_out.weight") and "decoder" not in k), None)
     if conv_out is not None and not any(n.startswith("bn.") for n in names):
-        channels = checkpoint.shape(conv_out)[0] // 2
-        if channels == 16:
+        conv_shape = checkpoint.shape(conv_out)
+        if len(conv_shape) == 4 and conv_shape[0] // 2 == 16:
             return "a 16-channel autoencoder without FLUX.2's latent BatchNorm (FLUX.1's ae)", [conv_out]
     return None

@@ -2,6 +2,10 @@
 
 Field names follow BFL's ``flux2`` reference code. Sizes can also be read off a checkpoint's tensor shapes
 (``from_state_dict_shapes``), keyed by the BFL (canonical) names.
+
+Errors are typed: sizes that cannot be read off a checkpoint raise :class:`ParamsShapeError` (a
+:class:`~diffstudio.errors.CheckpointError` naming the file and the tensor), inconsistent hand-given sizes raise
+:class:`~diffstudio.errors.ConfigError`; both are ``ValueError`` subclasses too.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+from diffstudio.errors import CheckpointError, ConfigError
+
 Shapes = Mapping[str, Sequence[int]]
 """Tensor name -> shape, e.g. read from a safetensors header without loading data."""
 
@@ -18,17 +24,34 @@ TIMESTEP_DIM = 256
 """Width of the sinusoidal timestep/guidance embedding fed to ``time_in`` / ``guidance_in``."""
 
 
-def _require(shapes: Shapes, key: str) -> tuple[int, ...]:
+class ParamsShapeError(CheckpointError, ValueError):
+    """A checkpoint's tensor shapes do not give consistent FLUX.2 sizes (a tensor is missing or has another rank)."""
+
+
+def _fail(what: str, source: str, problem: str) -> ParamsShapeError:
+    return ParamsShapeError(
+        f"Cannot read the {what} sizes off {source}: {problem}. The file is damaged or is not a {what} checkpoint "
+        "(check the file, or pass another one)."
+    )
+
+
+def _require(
+    shapes: Shapes, key: str, ndim: int, what: str = "FLUX.2", source: str = "the checkpoint"
+) -> tuple[int, ...]:
     if key not in shapes:
-        raise ValueError(f"cannot infer FLUX.2 sizes: tensor {key!r} is missing (BFL key names expected)")
-    return tuple(int(s) for s in shapes[key])
+        raise _fail(what, source, f"tensor {key!r} is missing (BFL key names expected)")
+    shape = tuple(int(s) for s in shapes[key])
+    if len(shape) != ndim:
+        raise _fail(what, source, f"tensor {key!r} has shape {list(shape)}, expected {ndim} dimension(s)")
+    return shape
 
 
-def _count_blocks(shapes: Shapes, prefix: str) -> int:
+def _count_blocks(shapes: Shapes, prefix: str, what: str = "FLUX.2", source: str = "the checkpoint") -> int:
     pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
     indices = {int(m.group(1)) for k in shapes if (m := pattern.match(k))}
     if indices and indices != set(range(max(indices) + 1)):
-        raise ValueError(f"{prefix} indices are not contiguous: {sorted(indices)}")
+        shown = sorted(indices)
+        raise _fail(what, source, f"{prefix} indices are not contiguous: {shown[:20]}{' ...' * (len(shown) > 20)}")
     return len(indices)
 
 
@@ -62,12 +85,12 @@ class Flux2Params:
 
     def __post_init__(self) -> None:
         self.axes_dim = tuple(self.axes_dim)
-        if self.hidden_size % self.num_heads != 0:
-            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
+        if self.num_heads <= 0 or self.hidden_size <= 0 or self.hidden_size % self.num_heads != 0:
+            raise ConfigError(f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
         if sum(self.axes_dim) != self.head_dim:
-            raise ValueError(f"axes_dim {self.axes_dim} must sum to the head dim {self.head_dim}")
+            raise ConfigError(f"axes_dim {self.axes_dim} must sum to the head dim {self.head_dim}")
         if any(d % 2 for d in self.axes_dim):
-            raise ValueError(f"every entry of axes_dim {self.axes_dim} must be even")
+            raise ConfigError(f"every entry of axes_dim {self.axes_dim} must be even")
 
     @property
     def head_dim(self) -> int:
@@ -83,49 +106,64 @@ class Flux2Params:
     def preset(cls, name: str) -> Flux2Params:
         """Return a copy of an official preset (see :data:`FLUX2_PRESETS`)."""
         if name not in FLUX2_PRESETS:
-            raise ValueError(f"unknown FLUX.2 preset {name!r}; known: {sorted(FLUX2_PRESETS)}")
+            raise ConfigError(f"unknown FLUX.2 preset {name!r}; known: {sorted(FLUX2_PRESETS)}")
         return replace(FLUX2_PRESETS[name])
 
     @classmethod
-    def from_state_dict_shapes(cls, shapes: Shapes) -> Flux2Params:
+    def from_state_dict_shapes(cls, shapes: Shapes, *, source: str = "the checkpoint") -> Flux2Params:
         """Infer the sizes from BFL-named tensor shapes (no tensor data needed).
 
         Depths come from block indices, widths from weight shapes, the head dim from the QK-norm scale size.
         ``axes_dim`` splits the head dim into 4 equal axes and ``theta`` is 2000 (neither is stored).
 
+        Args:
+            shapes: Tensor name -> shape.
+            source: The file or folder the shapes come from, for messages.
+
         Raises:
-            ValueError: A needed key is missing or the shapes are inconsistent.
+            ParamsShapeError: A needed key is missing, has another rank, or the shapes are inconsistent.
         """
-        hidden, in_channels = _require(shapes, "img_in.weight")
-        context_hidden, context_in_dim = _require(shapes, "txt_in.weight")
-        depth = _count_blocks(shapes, "double_blocks")
-        depth_single = _count_blocks(shapes, "single_blocks")
+
+        def need(key: str, ndim: int) -> tuple[int, ...]:
+            return _require(shapes, key, ndim, source=source)
+
+        hidden, in_channels = need("img_in.weight", 2)
+        context_hidden, context_in_dim = need("txt_in.weight", 2)
+        depth = _count_blocks(shapes, "double_blocks", source=source)
+        depth_single = _count_blocks(shapes, "single_blocks", source=source)
         if depth:
-            (head_dim,) = _require(shapes, "double_blocks.0.img_attn.norm.query_norm.scale")
-            mlp_hidden = _require(shapes, "double_blocks.0.img_mlp.2.weight")[1]
+            (head_dim,) = need("double_blocks.0.img_attn.norm.query_norm.scale", 1)
+            mlp_hidden = need("double_blocks.0.img_mlp.2.weight", 2)[1]
         elif depth_single:
-            (head_dim,) = _require(shapes, "single_blocks.0.norm.query_norm.scale")
-            mlp_hidden = _require(shapes, "single_blocks.0.linear2.weight")[1] - hidden
+            (head_dim,) = need("single_blocks.0.norm.query_norm.scale", 1)
+            mlp_hidden = need("single_blocks.0.linear2.weight", 2)[1] - hidden
         else:
-            raise ValueError("cannot infer FLUX.2 sizes: no double_blocks.* or single_blocks.* tensors")
-        time_in = _require(shapes, "time_in.in_layer.weight")
-        if context_hidden != hidden or time_in != (hidden, TIMESTEP_DIM):
-            raise ValueError(f"inconsistent FLUX.2 widths: img_in {hidden}, txt_in {context_hidden}, time_in {time_in}")
-        if hidden % head_dim or head_dim % 8:
-            raise ValueError(f"head dim {head_dim} (from the QK-norm scale) does not fit hidden size {hidden}")
-        params = cls(
-            in_channels=in_channels,
-            context_in_dim=context_in_dim,
-            hidden_size=hidden,
-            num_heads=hidden // head_dim,
-            depth=depth,
-            depth_single_blocks=depth_single,
-            axes_dim=(head_dim // 4,) * 4,
-            mlp_ratio=mlp_hidden / hidden,
-            use_guidance_embed="guidance_in.in_layer.weight" in shapes,
-        )
+            raise _fail("FLUX.2", source, "no double_blocks.* or single_blocks.* tensors")
+        time_in = need("time_in.in_layer.weight", 2)
+        if hidden <= 0 or context_hidden != hidden or time_in != (hidden, TIMESTEP_DIM):
+            raise _fail(
+                "FLUX.2", source, f"inconsistent widths: img_in {hidden}, txt_in {context_hidden}, time_in {time_in}"
+            )
+        if head_dim <= 0 or hidden % head_dim or head_dim % 8:
+            raise _fail(
+                "FLUX.2", source, f"head dim {head_dim} (from the QK-norm scale) does not fit hidden size {hidden}"
+            )
+        try:
+            params = cls(
+                in_channels=in_channels,
+                context_in_dim=context_in_dim,
+                hidden_size=hidden,
+                num_heads=hidden // head_dim,
+                depth=depth,
+                depth_single_blocks=depth_single,
+                axes_dim=(head_dim // 4,) * 4,
+                mlp_ratio=mlp_hidden / hidden,
+                use_guidance_embed="guidance_in.in_layer.weight" in shapes,
+            )
+        except ConfigError as exc:
+            raise _fail("FLUX.2", source, str(exc)) from None
         if params.mlp_hidden_dim != mlp_hidden:
-            raise ValueError(f"MLP width {mlp_hidden} is not representable with hidden size {hidden}")
+            raise _fail("FLUX.2", source, f"MLP width {mlp_hidden} is not representable with hidden size {hidden}")
         return params
 
 
@@ -184,9 +222,9 @@ class AutoEncoderParams:
     def __post_init__(self) -> None:
         self.ch_mult = tuple(self.ch_mult)
         self.patch_size = (int(self.patch_size[0]), int(self.patch_size[1]))
-        bad = [self.ch * m for m in self.ch_mult if (self.ch * m) % self.norm_groups]
+        bad = [self.ch * m for m in self.ch_mult if self.norm_groups <= 0 or (self.ch * m) % self.norm_groups]
         if bad:
-            raise ValueError(f"channel counts {bad} are not divisible by norm_groups {self.norm_groups}")
+            raise ConfigError(f"channel counts {bad} are not divisible by norm_groups {self.norm_groups}")
 
     @property
     def latent_channels(self) -> int:
@@ -199,31 +237,41 @@ class AutoEncoderParams:
         return (1 << (len(self.ch_mult) - 1)) * self.patch_size[0]
 
     @classmethod
-    def from_state_dict_shapes(cls, shapes: Shapes) -> AutoEncoderParams:
+    def from_state_dict_shapes(cls, shapes: Shapes, *, source: str = "the checkpoint") -> AutoEncoderParams:
         """Infer the sizes from BFL-named autoencoder tensor shapes (``ae.safetensors`` layout).
 
         Raises:
-            ValueError: A needed key is missing or the shapes are inconsistent.
+            ParamsShapeError: A needed key is missing, has another rank, or the shapes are inconsistent.
         """
-        ch, in_channels = _require(shapes, "encoder.conv_in.weight")[:2]
-        out_ch = _require(shapes, "decoder.conv_out.weight")[0]
-        two_z = _require(shapes, "encoder.conv_out.weight")[0]
-        levels = _count_blocks(shapes, "encoder.down")
+        what = "FLUX.2 AE"
+
+        def need(key: str, ndim: int = 4) -> tuple[int, ...]:
+            return _require(shapes, key, ndim, what, source)
+
+        ch, in_channels = need("encoder.conv_in.weight")[:2]
+        out_ch = need("decoder.conv_out.weight")[0]
+        two_z = need("encoder.conv_out.weight")[0]
+        levels = _count_blocks(shapes, "encoder.down", what, source)
         if levels == 0:
-            raise ValueError("cannot infer FLUX.2 AE sizes: no encoder.down.* tensors")
-        ch_mult = tuple(_require(shapes, f"encoder.down.{i}.block.0.conv1.weight")[0] // ch for i in range(levels))
-        num_res_blocks = _count_blocks(shapes, "encoder.down.0.block")
-        (bn_channels,) = _require(shapes, "bn.running_mean")
+            raise _fail(what, source, "no encoder.down.* tensors")
+        if ch <= 0 or two_z < 2:
+            raise _fail(what, source, f"encoder.conv_in has {ch} and encoder.conv_out {two_z} output channels")
+        ch_mult = tuple(need(f"encoder.down.{i}.block.0.conv1.weight")[0] // ch for i in range(levels))
+        num_res_blocks = _count_blocks(shapes, "encoder.down.0.block", what, source)
+        (bn_channels,) = need("bn.running_mean", 1)
         z = two_z // 2
         if bn_channels % z:
-            raise ValueError(f"latent BatchNorm has {bn_channels} channels, not a multiple of z_channels {z}")
+            raise _fail(what, source, f"latent BatchNorm has {bn_channels} channels, not a multiple of z_channels {z}")
         side = math.isqrt(bn_channels // z)
-        return cls(
-            in_channels=in_channels,
-            ch=ch,
-            out_ch=out_ch,
-            ch_mult=ch_mult,
-            num_res_blocks=num_res_blocks,
-            z_channels=z,
-            patch_size=(side, side),
-        )
+        try:
+            return cls(
+                in_channels=in_channels,
+                ch=ch,
+                out_ch=out_ch,
+                ch_mult=ch_mult,
+                num_res_blocks=num_res_blocks,
+                z_channels=z,
+                patch_size=(side, side),
+            )
+        except ConfigError as exc:
+            raise _fail(what, source, str(exc)) from None
