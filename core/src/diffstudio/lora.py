@@ -9,28 +9,107 @@ know a family's key names.
 A LoRA on a layer ``y = W x`` adds ``scale * (alpha / rank) * up @ down @ x``, with ``down`` of shape
 ``(rank, in_features)`` and ``up`` of shape ``(out_features, rank)``; ``alpha=None`` means ``alpha = rank`` (a
 factor of 1), which is how PEFT files without alphas behave.
+
+A file is checked before it changes a model (the families call these checks when they read one): its alphas are
+finite numbers, one per layer (:func:`alpha_value`); its tensors hold no NaN or Inf (:func:`check_finite`); its
+metadata does not name another base model (:func:`check_base_model`); and it names no block index the model lacks
+(:func:`check_block_range`). FLUX.1 and FLUX.2 use the same BFL layer names, so a FLUX.1-dev attention LoRA has the
+shapes of FLUX.2-klein-4B's layers; the last two checks are what tell them apart.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from diffstudio.errors import CheckpointError
 from diffstudio.nn.delta import delta_linears
 
 __all__ = [
+    "BASE_MODEL_KEYS",
     "CanonicalLora",
+    "LoraAlphaError",
+    "LoraArchitectureError",
+    "LoraBaseModelError",
     "LoraDelta",
+    "LoraNonFiniteError",
+    "LoraShapeError",
+    "LoraTargetError",
     "LoraWeights",
+    "alpha_value",
     "attach_lora",
+    "base_model_family",
+    "check_base_model",
+    "check_block_range",
+    "check_finite",
     "collect_lora",
     "detach_lora",
     "lora_names",
     "merge_lora",
 ]
+
+BASE_MODEL_KEYS = ("ss_base_model_version", "modelspec.architecture", "base_model", "base_model_version")
+"""Safetensors metadata keys that trainers use to record a LoRA's base model (kohya, ai-toolkit, modelspec)."""
+
+
+class LoraShapeError(CheckpointError, ValueError):
+    """A LoRA's down and up matrices do not form a pair, or do not fit the layer they target."""
+
+
+class LoraAlphaError(CheckpointError, ValueError):
+    """A LoRA alpha is not one finite number (NaN, Inf, several values, not a number)."""
+
+
+class LoraNonFiniteError(CheckpointError):
+    """A LoRA's tensors hold NaN or Inf values."""
+
+
+class LoraBaseModelError(CheckpointError):
+    """A LoRA's metadata names a different base model than the one it is applied to."""
+
+
+class LoraArchitectureError(CheckpointError):
+    """A LoRA names layers the model does not have (block indices beyond its depth, another family's layers)."""
+
+
+class LoraTargetError(CheckpointError, KeyError):
+    """A canonical LoRA names a module that is not a ``DeltaLinear`` of the model."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+def alpha_value(value: object, where: str) -> float:
+    """The alpha ``value`` (a tensor, number or numeric string) as a float, checked.
+
+    Args:
+        value: The alpha as the file holds it.
+        where: The key or module it comes from, for the message.
+
+    Raises:
+        LoraAlphaError: Not exactly one value, not a number, NaN or infinite.
+    """
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise LoraAlphaError(f"LoRA alpha {where} must be one number, but it has shape {list(value.shape)}")
+        if value.is_complex() or value.dtype == torch.bool:
+            raise LoraAlphaError(f"LoRA alpha {where} must be a real number, but it is {value.dtype}")
+        number = float(value.detach().reshape(()).float().item())
+    elif isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise LoraAlphaError(f"LoRA alpha {where} must be a number, got {type(value).__name__} {value!r:.40}")
+    else:
+        try:
+            number = float(value)
+        except (ValueError, OverflowError):
+            raise LoraAlphaError(f"LoRA alpha {where} must be a number, got {value!r:.40}") from None
+    if not math.isfinite(number):
+        raise LoraAlphaError(f"LoRA alpha {where} is {number}; it must be a finite number. The file is damaged.")
+    return number
 
 
 @dataclass
@@ -49,10 +128,14 @@ class LoraWeights:
 
     def __post_init__(self) -> None:
         if self.down.ndim != 2 or self.up.ndim != 2 or self.down.shape[0] != self.up.shape[1]:
-            raise ValueError(
+            raise LoraShapeError(
                 f"LoRA down {tuple(self.down.shape)} and up {tuple(self.up.shape)} do not form a pair: "
                 "expected down (rank, in_features) and up (out_features, rank)"
             )
+        if self.down.shape[0] == 0:
+            raise LoraShapeError(f"LoRA down {tuple(self.down.shape)} has rank 0")
+        if self.alpha is not None:
+            self.alpha = alpha_value(self.alpha, "of the pair")
 
     @property
     def rank(self) -> int:
@@ -142,7 +225,7 @@ def attach_lora(
     for key, weights in lora.items():
         layer = layers[key]
         if weights.down.shape[1] != layer.in_features or weights.up.shape[0] != layer.out_features:
-            raise ValueError(
+            raise LoraShapeError(
                 f"LoRA for {key} maps {weights.down.shape[1]} -> {weights.up.shape[0]} features but the layer "
                 f"is {layer.in_features} -> {layer.out_features}"
             )
@@ -186,3 +269,104 @@ def merge_lora(model: nn.Module, lora: Mapping[str, LoraWeights], scale: float =
         for key, weights in lora.items():
             layer = layers[key]
             layer.weight.add_((scale * weights.delta_weight()).to(layer.weight))
+
+
+# -- checks before a LoRA changes a model ----------------------------------------------------------------------
+
+
+def check_finite(lora: Mapping[str, LoraWeights], source: str) -> None:
+    """Refuse a LoRA whose matrices hold NaN or Inf (it would turn every image into NaN).
+
+    Raises:
+        LoraNonFiniteError: names the layers at fault and the source.
+    """
+    bad = [
+        path
+        for path, weights in lora.items()
+        if not (bool(torch.isfinite(weights.down).all()) and bool(torch.isfinite(weights.up).all()))
+    ]
+    if bad:
+        shown = ", ".join(bad[:6]) + (f" ... ({len(bad)} layers)" if len(bad) > 6 else "")
+        raise LoraNonFiniteError(
+            f"The LoRA {source} holds NaN or Inf values in {shown}; it would produce a NaN image. The file is "
+            "damaged or was saved from a diverged training run; use another checkpoint of it."
+        )
+
+
+def base_model_family(metadata: Mapping[str, str] | None) -> tuple[str, str] | None:
+    """The base model family a LoRA's metadata names: ``(family, "key=value")``, or None when it names none.
+
+    Families: ``flux1``, ``flux2``, ``sdxl``, ``sd3``, ``sd1``, ``sd2`` (from values such as ``flux1``,
+    ``flux-1-dev/lora``, ``flux-2-klein-4b/lora``, ``sdxl_base_v1-0``, ``stable-diffusion-xl-v1-base/lora``).
+    """
+    for key in BASE_MODEL_KEYS:
+        value = (metadata or {}).get(key)
+        if not isinstance(value, str):
+            continue
+        norm = re.sub(r"[^a-z0-9]", "", value.lower())
+        for family, pattern in _FAMILY_PATTERNS:
+            if re.search(pattern, norm):
+                return family, f"{key}={value!r:.60}"
+    return None
+
+
+_FAMILY_PATTERNS = (
+    ("flux1", r"flux1"),
+    ("flux2", r"flux2"),
+    ("sdxl", r"sdxl|stablediffusionxl"),
+    ("sd3", r"sd3|stablediffusion3"),
+    ("sd2", r"^sd2|^sdv2|stablediffusionv?2"),
+    ("sd1", r"^sd1|^sdv1|stablediffusionv?1"),
+)
+
+
+def check_base_model(metadata: Mapping[str, str] | None, family: str, what: str, source: str) -> None:
+    """Refuse a LoRA whose metadata names another base model family than ``family``.
+
+    Args:
+        metadata: The LoRA file's safetensors metadata.
+        family: The model's family, e.g. ``"flux2"``.
+        what: The model, for the message, e.g. ``"this FLUX.2 DiT"``.
+        source: The LoRA, for the message.
+
+    Raises:
+        LoraBaseModelError: the metadata names another family.
+    """
+    found = base_model_family(metadata)
+    if found is not None and found[0] != family:
+        raise LoraBaseModelError(
+            f"The LoRA {source} was made for {found[0]} (its metadata says {found[1]}), not for {what}. Both "
+            "families may share layer names and widths, so it could load but would change the images "
+            "meaninglessly; use a LoRA trained for this model."
+        )
+
+
+_BLOCK_INDEX = re.compile(r"^(\w+)\.(\d+)\.")
+
+
+def check_block_range(paths: Iterable[str], layers: Iterable[str], what: str, source: str) -> None:
+    """Refuse a LoRA that names block indices beyond the model's depth (it was made for a deeper model).
+
+    For every ``<blocks>.<i>.`` prefix the model's layer names use, the LoRA's paths must stay below the model's
+    block count; prefixes the model does not use are left to the caller's match report.
+
+    Raises:
+        LoraArchitectureError: names the blocks, the model's count and the source.
+    """
+    depth: dict[str, int] = {}
+    for name in layers:
+        match = _BLOCK_INDEX.match(name)
+        if match:
+            depth[match.group(1)] = max(depth.get(match.group(1), 0), int(match.group(2)) + 1)
+    beyond: dict[str, int] = {}
+    for path in paths:
+        match = _BLOCK_INDEX.match(path)
+        if match and match.group(1) in depth and int(match.group(2)) >= depth[match.group(1)]:
+            beyond[match.group(1)] = max(beyond.get(match.group(1), 0), int(match.group(2)) + 1)
+    if beyond:
+        shown = "; ".join(f"{kind} up to index {top - 1}, the model has {depth[kind]}" for kind, top in beyond.items())
+        raise LoraArchitectureError(
+            f"The LoRA {source} names blocks {what} does not have ({shown}): it was made for a deeper model "
+            "(e.g. a FLUX.1-dev LoRA on FLUX.2-klein, whose layers have the same names and widths). Use a LoRA "
+            "trained for this model."
+        )

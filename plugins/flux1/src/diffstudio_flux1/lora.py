@@ -26,11 +26,28 @@ from typing import Any
 
 import torch
 from diffstudio.loading import Checkpoint
-from diffstudio.lora import LoraWeights, attach_lora, detach_lora, merge_lora
+from diffstudio.lora import (
+    LoraArchitectureError,
+    LoraWeights,
+    attach_lora,
+    check_base_model,
+    check_block_range,
+    check_finite,
+    detach_lora,
+    merge_lora,
+)
 from diffstudio.nn import DeltaLinear, delta_linears, to_delta_linears
 from torch import Tensor, nn
 
-from diffstudio_flux1.lora_formats import PARSERS, TEXT_PREFIX, LoraError, ParsedLora, layouts, module_kind
+from diffstudio_flux1.lora_formats import (
+    PARSERS,
+    TEXT_PREFIX,
+    LoraError,
+    LoraFormatError,
+    ParsedLora,
+    layouts,
+    module_kind,
+)
 
 logger = logging.getLogger(__name__)
 LoraSource = str | os.PathLike[str] | Mapping[str, Tensor]
@@ -125,21 +142,32 @@ def detect_lora_format(keys: list[str], source: str = "the LoRA") -> str:
     )
 
 
-def load_lora(source: LoraSource) -> tuple[ParsedLora, str, str]:
+def load_lora(source: LoraSource, metadata: Mapping[str, str] | None = None) -> tuple[ParsedLora, str, str]:
     """Read a LoRA without applying it: ``(parsed, format name, source description)``.
+
+    The file's alphas must be single finite numbers and its matrices free of NaN/Inf, and its metadata must not
+    name another base model (a FLUX.2 or SDXL LoRA); ``metadata`` stands for a state dict's.
 
     Raises:
         UnknownLoraFormatError: See :func:`detect_lora_format`.
+        LoraFormatError: Inconsistent tensors (pairs that do not fit, complex matrices).
+        LoraAlphaError, LoraNonFiniteError, LoraBaseModelError: See :mod:`diffstudio.lora`.
         CheckpointError: The file cannot be read (pickles are refused, truncated files reported).
     """
     if isinstance(source, (str, os.PathLike)):
         with Checkpoint.open(source) as checkpoint:
             state = checkpoint.state_dict()
+            metadata = checkpoint.metadata
         description = str(source)
-    else:
+    elif isinstance(source, Mapping):
         state, description = dict(source), "<state dict>"
+    else:
+        raise LoraFormatError(f"a LoRA source is a path or a state dict, not {type(source).__name__}")
+    check_base_model(metadata, "flux1", "a FLUX.1 model", description)
     fmt = detect_lora_format(list(state), description)
-    return PARSERS[fmt](state), fmt, description
+    parsed = PARSERS[fmt](state)
+    check_finite(parsed.lora, description)
+    return parsed, fmt, description
 
 
 def _state(model: nn.Module) -> _State:
@@ -172,6 +200,7 @@ def apply_lora(
     name: str | None = None,
     fuse: bool = False,
     text_encoder: nn.Module | None = None,
+    metadata: Mapping[str, str] | None = None,
 ) -> LoraReport:
     """Apply a LoRA to a FLUX.1 DiT (and its CLIP text encoder when the file has ``lora_te1_`` layers).
 
@@ -182,13 +211,15 @@ def apply_lora(
         name: Name to apply it under; default: the file's stem (``lora`` for dicts), made unique.
         fuse: Merge into the weights (no per-step cost; :func:`remove_lora` restores them exactly).
         text_encoder: The CLIP text model; without it, CLIP layers of the file are reported as unmatched.
+        metadata: Safetensors metadata for a state-dict ``source`` (a file's own is read from the file).
 
     Raises:
         LoraNameError: ``name`` is already applied.
         LoraMatchError: Nothing matches, or a matched layer has other sizes.
+        LoraArchitectureError: The LoRA names FLUX.2 layers or blocks beyond the DiT's depth.
         UnknownLoraFormatError, CheckpointError: See :func:`load_lora`.
     """
-    parsed, fmt, description = load_lora(source)
+    parsed, fmt, description = load_lora(source, metadata)
     state = _state(dit)
     if name is None:
         stem = Path(description).stem if not description.startswith("<") else "lora"
@@ -199,6 +230,7 @@ def apply_lora(
     elif name in state.applied:
         raise LoraNameError(f"a LoRA named {name!r} is already applied; remove_lora(dit, {name!r}) first")
     layers = _layers(dit, text_encoder)
+    _check_architecture(parsed, layers, description)
     matched = {path: w for path, w in parsed.lora.items() if path in layers}
     unmatched = parsed.unmatched + [k for path in parsed.lora if path not in layers for k in parsed.sources[path]]
     wrong = [
@@ -234,6 +266,22 @@ def apply_lora(
     if unmatched:
         logger.warning("LoRA %r: %d keys were not applied: %s", name, len(unmatched), ", ".join(unmatched[:10]))
     return report
+
+
+_FLUX2_ONLY = ("double_stream_modulation", "single_stream_modulation")
+
+
+def _check_architecture(parsed: ParsedLora, layers: Mapping[str, DeltaLinear], description: str) -> None:
+    """Refuse FLUX.2 LoRAs (FLUX.2-only layer names) and LoRAs for deeper models (block indices beyond ours)."""
+    foreign = [key for key in parsed.unmatched if any(mark in key for mark in _FLUX2_ONLY)]
+    if foreign:
+        raise LoraArchitectureError(
+            f"The LoRA {description} names FLUX.2 layers ({', '.join(foreign[:3])}); it is a FLUX.2 LoRA, and "
+            "FLUX.1 shares enough layer names with FLUX.2 that parts of it would load. Use a LoRA trained for "
+            "FLUX.1."
+        )
+    dit_paths = [path for path in parsed.lora if not path.startswith(TEXT_PREFIX)]
+    check_block_range(dit_paths, [p for p in layers if not p.startswith(TEXT_PREFIX)], "this FLUX.1 DiT", description)
 
 
 def remove_lora(dit: nn.Module, name: str, *, text_encoder: nn.Module | None = None) -> None:

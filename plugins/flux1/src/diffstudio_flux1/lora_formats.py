@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 from diffstudio.errors import CheckpointError
-from diffstudio.lora import LoraWeights
+from diffstudio.lora import LoraWeights, alpha_value
 from diffstudio.types import LoraFormat
 from torch import Tensor
 
@@ -102,9 +102,9 @@ def _group(state: Mapping[str, Tensor]) -> tuple[dict[str, dict[str, Tensor]], d
     return groups, keys, other
 
 
-def _factor(group: Mapping[str, Tensor], rank: int) -> float:
+def _factor(group: Mapping[str, Tensor], rank: int, module: str) -> float:
     alpha = group.get("alpha")
-    return 1.0 if alpha is None else float(alpha.float().reshape(-1)[0]) / rank
+    return 1.0 if alpha is None else alpha_value(alpha, f"{module}.alpha") / rank
 
 
 Resolver = Callable[[str], list[tuple[str, int, int, bool]] | None]
@@ -120,12 +120,16 @@ def _assemble(state: Mapping[str, Tensor], resolve: Resolver) -> ParsedLora:
         if targets is None or "down" not in group or "up" not in group:
             unmatched.extend(names)
             continue
+        if group["down"].is_complex() or group["up"].is_complex():
+            raise LoraFormatError(f"{module}: the LoRA matrices are complex numbers ({group['down'].dtype})")
         down, up = group["down"].float(), group["up"].float()
         if down.ndim == 4:  # 1x1 conv LoRAs of some trainers
             down, up = down.flatten(1), up.flatten(1)
         if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1]:
             raise LoraFormatError(f"{module}: down {tuple(down.shape)} and up {tuple(up.shape)} do not form a pair")
-        factor = _factor(group, down.shape[0])
+        if down.shape[0] == 0:
+            raise LoraFormatError(f"{module}: down {tuple(down.shape)} has rank 0")
+        factor = _factor(group, down.shape[0], module)
         ups = up.chunk(len(targets), dim=0) if len(targets) > 1 else (up,)
         for (target, slot, count, swap), piece in zip(targets, ups):
             parts.setdefault(target, []).append(_Part(target, slot, count, down, piece, factor, names, swap))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +29,18 @@ from typing import Any
 import torch
 from diffstudio._io import atomic_write_bytes
 from diffstudio.loading import Checkpoint
-from diffstudio.lora import CanonicalLora, LoraWeights, attach_lora, detach_lora, lora_names, merge_lora
+from diffstudio.lora import (
+    CanonicalLora,
+    LoraArchitectureError,
+    LoraWeights,
+    attach_lora,
+    check_base_model,
+    check_block_range,
+    check_finite,
+    detach_lora,
+    lora_names,
+    merge_lora,
+)
 from diffstudio.nn import DeltaLinear, delta_linears
 from diffstudio.types import LoraFormat
 from torch import Tensor, nn
@@ -214,9 +226,13 @@ def load_lora(source: LoraSource, metadata: Mapping[str, str] | None = None) -> 
     Returns:
         ``(parsed, format name, source description)``; ``parsed.lora`` is the canonical LoRA.
 
+    The file's alphas must be single finite numbers and its matrices free of NaN/Inf, and its metadata must not
+    name another base model (a FLUX.1 or SDXL LoRA).
+
     Raises:
         UnknownLoraFormatError, AmbiguousLoraFormatError: See :func:`detect_lora_format`.
         LoraFormatError: Inconsistent tensors (e.g. a pair whose ranks differ).
+        LoraAlphaError, LoraNonFiniteError, LoraBaseModelError: See :mod:`diffstudio.lora`.
         CheckpointError: The file cannot be read (see :func:`read_lora_file`).
     """
     state: dict[str, Any]
@@ -226,11 +242,15 @@ def load_lora(source: LoraSource, metadata: Mapping[str, str] | None = None) -> 
     elif isinstance(source, Mapping):
         state, description = dict(source.items()), "<state dict>"
         if state and all(isinstance(value, LoraWeights) for value in state.values()):
+            check_finite(state, "<canonical LoRA>")
             return ParsedLora(state, {key: [key] for key in state}), "canonical", "<canonical LoRA>"
     else:
-        raise TypeError(f"a LoRA source is a path, a state dict or a canonical LoRA, not {type(source).__name__}")
+        raise LoraFormatError(f"a LoRA source is a path, a state dict or a canonical LoRA, not {type(source).__name__}")
+    check_base_model(metadata, "flux2", "a FLUX.2 model", description)
     fmt = detect_lora_format(list(state), source=description)
-    return PARSERS[fmt.name](state, metadata), fmt.name, description
+    parsed = PARSERS[fmt.name](state, metadata)
+    check_finite(parsed.lora, description)
+    return parsed, fmt.name, description
 
 
 def _state(model: nn.Module) -> _LoraState:
@@ -250,8 +270,27 @@ def _default_name(description: str, taken: set[str]) -> str:
     return name
 
 
+_FLUX1_ONLY = re.compile(  # per-block modulations and the pooled-text embedder exist in FLUX.1 only
+    r"(img_mod|txt_mod)[._]lin|single_blocks[._]\d+[._]modulation[._]lin|vector_in|norm1_context|norm1\.linear"
+    r"|time_text_embed"
+)
+
+
+def _check_architecture(parsed: ParsedLora, layers: Mapping[str, DeltaLinear], description: str) -> None:
+    """Refuse FLUX.1 LoRAs (FLUX.1-only layer names) and LoRAs for deeper models (block indices beyond ours)."""
+    foreign = [key for key in parsed.unmatched if _FLUX1_ONLY.search(key)]
+    if foreign:
+        raise LoraArchitectureError(
+            f"The LoRA {description} names FLUX.1 layers ({', '.join(foreign[:3])}); it is a FLUX.1 LoRA, and FLUX.2 "
+            "shares enough layer names and widths with FLUX.1 (FLUX.2-klein-4B with FLUX.1-dev) that parts of it "
+            "would load. Use a LoRA trained for FLUX.2."
+        )
+    check_block_range(parsed.lora, layers, "this FLUX.2 DiT", description)
+
+
 def _match(parsed: ParsedLora, layers: Mapping[str, DeltaLinear], description: str) -> tuple[CanonicalLora, list[str]]:
     """Keep the pairs whose layer exists; return them and the keys of the others (in file order)."""
+    _check_architecture(parsed, layers, description)
     matched = {path: w for path, w in parsed.lora.items() if path in layers}
     missing = [key for path in parsed.lora if path not in layers for key in parsed.sources.get(path, [path])]
     unmatched = list(parsed.unmatched) + missing
@@ -303,6 +342,7 @@ def apply_lora(
     Raises:
         LoraNameError: ``name`` is already applied to this model.
         LoraMatchError: The LoRA matches none of the model's layers, or a layer has other sizes.
+        LoraArchitectureError: The LoRA names FLUX.1 layers or blocks beyond the DiT's depth.
         UnknownLoraFormatError, AmbiguousLoraFormatError, LoraFormatError, CheckpointError: See :func:`load_lora`.
     """
     parsed, fmt, description = load_lora(source, metadata)

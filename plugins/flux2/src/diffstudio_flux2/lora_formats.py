@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffstudio.lora import CanonicalLora, LoraWeights
+from diffstudio.lora import CanonicalLora, LoraWeights, alpha_value
 from diffstudio.types import LoraFormat
 from torch import Tensor
 
@@ -132,9 +132,10 @@ def peft_alphas(metadata: Mapping[str, str] | None) -> AlphaLookup | None:
     raw = (metadata or {}).get(ADAPTER_METADATA_KEY)
     if not raw:
         return None
+    where = f"in the {ADAPTER_METADATA_KEY!r} metadata"
     try:
-        config = json.loads(raw)
-    except json.JSONDecodeError as exc:
+        config = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
         raise LoraFormatError(f"the {ADAPTER_METADATA_KEY!r} metadata is not valid JSON: {exc}") from None
     if not isinstance(config, dict):
         return None
@@ -142,22 +143,47 @@ def peft_alphas(metadata: Mapping[str, str] | None) -> AlphaLookup | None:
     config = scoped or config
     default = config.get("lora_alpha")
     patterns = config.get("alpha_pattern") or {}
+    if not isinstance(patterns, dict):
+        raise LoraFormatError(f"alpha_pattern {where} must be an object of patterns to alphas, got {patterns!r:.60}")
+    compiled = [(_peft_pattern(pattern, where), value) for pattern, value in patterns.items()]
     rslora = bool(config.get("use_rslora", False))
 
     def lookup(name: str, rank: int) -> float | None:
         alpha = default
-        for pattern, value in patterns.items():
-            try:
-                if re.match(rf"(.*\.)?({pattern})$", name):
-                    alpha = value
-                    break
-            except re.error:
-                continue
+        for pattern, value in compiled:
+            if pattern is not None and pattern.match(name):
+                alpha = value
+                break
         if alpha is None:
             return None
-        return float(alpha) * math.sqrt(rank) if rslora else float(alpha)
+        number = alpha_value(alpha, f"of {name} {where}")
+        return number * math.sqrt(rank) if rslora else number
 
     return lookup
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+_NESTED_QUANTIFIER = re.compile(r"\)[*+?{]|[*+][*+{]")
+
+
+def _peft_pattern(pattern: str, where: str) -> re.Pattern[str] | None:
+    """PEFT's matching of an ``alpha_pattern`` key (the name or one of its dotted suffixes), compiled once.
+
+    Patterns come from the file, so ones that could backtrack for long (a quantified group, stacked quantifiers,
+    more than 200 characters) are refused; PEFT's own patterns are module names. Invalid regexes match nothing.
+
+    Raises:
+        LoraFormatError: A pattern that could take exponential time.
+    """
+    if len(pattern) > 200 or _NESTED_QUANTIFIER.search(pattern):
+        raise LoraFormatError(f"alpha_pattern key {pattern!r:.60} {where} is not a plain module-name pattern")
+    try:
+        return re.compile(rf"(.*\.)?({pattern})$")
+    except re.error:
+        return None
 
 
 def _groups(
@@ -175,9 +201,7 @@ def _groups(
         group = groups.setdefault(module, _Group(found[0], found[1]))
         group.keys.append(key)
         if role == "alpha":
-            if value.numel() != 1:
-                raise LoraFormatError(f"{key} should hold one number, it has shape {tuple(value.shape)}")
-            group.alpha = float(value.float().item())
+            group.alpha = alpha_value(value, key)
         elif getattr(group, role) is not None:
             raise LoraFormatError(f"{key}: the LoRA {role} matrix of {module} appears twice")
         else:
