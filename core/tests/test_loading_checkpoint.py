@@ -331,6 +331,24 @@ def test_file_changed_after_open(single: Path) -> None:
         checkpoint.tensor("ids")
 
 
+def test_truncated_after_mapping_is_refused_before_the_next_tensor(tmp_path: Path) -> None:
+    # finding 21.10: touching a mapped page past the end of a truncated file is SIGBUS; the map of a file is made
+    # once, so the size is checked again before every tensor is handed out (and before moving/deleting)
+    path = tmp_path / "two.safetensors"
+    save_file({"a": torch.arange(4.0), "b": torch.arange(4096.0)}, str(path))
+    checkpoint = Checkpoint.open(path)
+    first = checkpoint.tensor("a").clone()  # the file is now mapped
+    os.truncate(path, 64)
+    with pytest.raises(CheckpointChangedError, match="changed size from"):
+        checkpoint.tensor("b")
+    with pytest.raises(CheckpointChangedError):
+        checkpoint.state_dict()
+    path.unlink()
+    with pytest.raises(CheckpointChangedError, match="moved or deleted"):
+        checkpoint.tensor("a")
+    assert first.tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
 def test_dtype_without_torch_equivalent(tmp_path: Path) -> None:
     header = json.dumps({"w": {"dtype": "F4", "shape": [4], "data_offsets": [0, 2]}}).encode()
     path = tmp_path / "f4.safetensors"

@@ -4,6 +4,14 @@ Opening a checkpoint reads only the safetensors headers (names, dtypes, shapes, 
 not import torch. Tensors are produced on demand as zero-copy CPU views of a private, read-only-on-disk memory
 map of each file (one map per file, shared by all its tensors): the data is paged in from the page cache when
 it is first touched, and writing to a tensor changes only this process's copy of the page, never the file.
+
+Files that change while mapped: the operating system kills a process with SIGBUS when it touches a mapped page
+that lies past the end of a file that was truncated after it was mapped, and no Python code can catch that. So
+every file's size is checked against the size its header was validated with before each tensor is handed out
+(:class:`CheckpointChangedError` otherwise), and diffstudio writes every file it produces to a temporary name
+and renames it (:mod:`diffstudio._io`), which leaves the old inode, and every map of it, intact. What remains is
+a file truncated in place by another program *after* its tensors were handed out (and before they were copied
+or used): load such files from a folder nothing else writes to, or copy them first.
 """
 
 from __future__ import annotations
@@ -315,20 +323,36 @@ class Checkpoint:
 
     # -- tensors ---------------------------------------------------------------------------------------------
 
+    def _check_unchanged(self, file: int) -> int:
+        """Return the file's size after checking it is still the size its header was validated against.
+
+        A memory-mapped file that shrinks kills the process with SIGBUS on the next touch of a page past its new
+        end; this check, made before every tensor is handed out, turns a file that is being rewritten (a download
+        cache, a checkpoint written in place) into a typed error instead. Pages already handed out stay mapped:
+        see :class:`Checkpoint`.
+        """
+        path = self.files[file]
+        try:
+            size = os.stat(path).st_size
+        except OSError as exc:
+            raise CheckpointChangedError(
+                f"{path} can no longer be read ({exc.strerror}) after its header was read; it was moved or deleted. "
+                "Open the checkpoint again."
+            ) from None
+        if size != self._file_sizes[file]:
+            raise CheckpointChangedError(
+                f"{path} changed size from {self._file_sizes[file]} to {size} bytes after its header was read; it "
+                "is being written or was replaced. Wait for the download to finish, then open it again."
+            )
+        return size
+
     def _storage(self, file: int) -> torch.UntypedStorage:
         import torch
 
+        size = self._check_unchanged(file)
         storage = self._storages.get(file)
         if storage is None:
             path = self.files[file]
-            size = os.stat(path).st_size
-            if size != self._file_sizes[file]:
-                raise CheckpointChangedError(
-                    f"{path} changed size from {self._file_sizes[file]} to {size} bytes after its header was "
-                    "read; it is being written or was replaced. Wait for the download to finish, then "
-                    "open it "
-                    f"again."
-                )
             mapped = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
             storage = cast("torch.UntypedStorage", mapped)
             self._storages[file] = storage
