@@ -50,6 +50,7 @@ BUILTIN_PLUGINS: tuple[tuple[str, bool], ...] = (
     ("diffstudio.builtin.vram", True),
     ("diffstudio.builtin.schedulers", False),
     ("diffstudio.builtin.commands", True),
+    ("diffstudio.builtin.inspect_command", False),
     ("diffstudio.builtin.catalog", False),
     ("diffstudio.builtin.template_commands", False),
 )
