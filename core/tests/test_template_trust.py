@@ -176,6 +176,19 @@ def test_trust_code_through_run_api_is_checked(tmp_path: Path, runtime: Runtime)
     assert not marker.exists()
 
 
+def test_trust_flag_is_checked_even_when_nothing_is_generated(tmp_path: Path, runtime: Runtime) -> None:
+    from diffstudio import run
+
+    folder, marker = seed_folder(tmp_path)
+    with pytest.raises(TrustFlagError, match="trust_code"):
+        run("a toy", out=tmp_path / "out", runtime=runtime, device="cpu", progress=False, dry_run=True,
+            templates=[str(folder)], trust_code="yes")  # fmt: skip
+    with pytest.raises(TrustFlagError, match="code_sha256"):
+        run("a toy", out=tmp_path / "out", runtime=runtime, device="cpu", progress=False, dry_run=True,
+            templates=[str(folder)], trust_code=True, code_sha256=[123])  # fmt: skip
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("pin", [123, b"ab" * 32, ["0" * 64]])
 def test_code_sha256_must_be_a_string(tmp_path: Path, runtime: Runtime, pin: object) -> None:
     folder, marker = seed_folder(tmp_path)

@@ -274,7 +274,11 @@ def run(
         One dict per image of this process: ``{"prompt", "seed", "path", "skipped", "job", "hash"}``.
     """
     from diffstudio.run_models import check_device, torch_dtype_for
+    from diffstudio.templates.trust import check_trust_flag, require_pin
 
+    check_trust_flag(trust_code)
+    for pin in [code_sha256] if code_sha256 is None or isinstance(code_sha256, str) else list(code_sha256):
+        require_pin(pin)
     runtime = runtime if runtime is not None else Runtime()
     if vram_limit is not None and offload is None:
         offload = "cpu"
