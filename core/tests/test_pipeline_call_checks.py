@@ -290,3 +290,10 @@ def test_pipe_to_moves_components_and_checks_the_device(pipe: toy.ToyPipeline) -
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no usable CUDA device"):
             pipe.to("cuda")
+
+
+@pytest.mark.parametrize("limit", [float("nan"), float("inf")])
+def test_non_finite_vram_limit_is_refused(runtime: Runtime, limit: float) -> None:
+    # found by tests/fuzz/test_fuzz_call_args.py: NaN passed the "< 0" check
+    with pytest.raises(PipelineInputError, match="must be a finite number >= 0"):
+        toy.ToyPipeline.from_pretrained(vram_limit=limit, runtime=runtime)

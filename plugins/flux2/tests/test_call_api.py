@@ -22,7 +22,7 @@ from diffstudio_flux2 import Flux2ImagePipeline
 from PIL import Image
 
 shapes_model = pytest.importorskip("diffstudio_shapes.model")
-SMALL = {"height": 16, "width": 16, "num_inference_steps": 1, "output_type": "pt"}
+SMALL = {"height": 16, "width": 16, "num_inference_steps": 1, "max_sequence_length": 8, "output_type": "pt"}
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +159,26 @@ def test_model_configs_after_a_repository_replace_its_components(pipe: Flux2Imag
         model_configs=[ModelConfig(path=str(weights / shapes_model.DIT_FILE))],
     )
     assert loaded.loaded["dit"].files == (str(weights / shapes_model.DIT_FILE),)
+
+
+def test_empty_edit_image_list_is_a_typed_error(pipe: Flux2ImagePipeline) -> None:
+    # found by tests/fuzz/test_fuzz_call_args.py: torch.cat() of no reference tokens escaped as a ValueError
+    with pytest.raises(PipelineInputError, match=r"edit_image=\[\] holds no image"):
+        pipe("a", edit_image=[], **SMALL)
+
+
+def test_latents_of_another_batch_are_refused(pipe: Flux2ImagePipeline) -> None:
+    tokens = (16 // pipe.spatial_factor) ** 2
+    with pytest.raises(PipelineInputError, match=r"latents= has shape \(3, 1, 32\); expected \(1 or 2, 1, 32\)"):
+        pipe(["a", "b"], latents=torch.zeros(3, tokens, pipe.latent_channels), **SMALL)
+
+
+def test_explicit_sigmas_set_the_step_count_under_cfg(pipe: Flux2ImagePipeline) -> None:
+    # found by the fuzz: with cfg_scale > 1 the klein-base default of 50 steps was checked against the step limit
+    # although the two explicit sigmas were what would run
+    pipe.limits.max_steps = 4
+    try:
+        pipe("a", cfg_scale=2.0, sigmas=[1.0, 0.5], height=16, width=16, max_sequence_length=8, output_type="latent")
+        assert pipe.last_run.arguments["num_inference_steps"] == 2
+    finally:
+        pipe.limits.max_steps = 1000

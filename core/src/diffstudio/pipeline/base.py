@@ -213,8 +213,8 @@ class BasePipeline(DiffusersApi):
             )
         if vram_limit is not None and (isinstance(vram_limit, bool) or not isinstance(vram_limit, (int, float))):
             raise PipelineInputError(f"vram_limit={vram_limit!r} is not a number of GiB; pass e.g. 8.0, or None")
-        if vram_limit is not None and vram_limit < 0:
-            raise PipelineInputError(f"vram_limit={vram_limit} GiB must be >= 0 GiB (or None for no limit)")
+        if vram_limit is not None and not 0 <= vram_limit < float("inf"):
+            raise PipelineInputError(f"vram_limit={vram_limit} GiB must be a finite number >= 0 (or None for no limit)")
         pipe = cls(device=named["device"], torch_dtype=named["torch_dtype"], runtime=runtime, **kwargs)
         pipe.vram_limit = vram_limit
         if repo is not None:

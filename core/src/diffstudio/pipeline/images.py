@@ -38,6 +38,25 @@ def to_rgb(image: Any, *, argument: str = "image") -> Image.Image:
         ) from None
 
 
+def as_image_list(value: Any, argument: str) -> list[Image.Image]:
+    """Accept one PIL image or a non-empty list/tuple of them; anything else is a typed error naming ``argument``.
+
+    Raises:
+        PipelineInputError: An empty list (pass None for no image), or an entry that is not a PIL image.
+    """
+    images = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not images:
+        raise PipelineInputError(f"{argument}=[] holds no image; pass an image, a list of images, or None for none")
+    for i, image in enumerate(images):
+        if not isinstance(image, Image.Image):
+            where = f"{argument}[{i}]" if isinstance(value, (list, tuple)) else argument
+            raise PipelineInputError(
+                f"{where} must be a PIL.Image.Image, got {type(image).__name__}; open files with "
+                f"PIL.Image.open(path).convert('RGB')"
+            )
+    return images
+
+
 def pil_to_tensor(image: Any, *, argument: str = "image") -> torch.Tensor:
     """Convert a PIL image to ``(1, 3, H, W)`` float32 in ``[-1, 1]``.
 

@@ -154,7 +154,8 @@ def check_values(values: Mapping[str, Any], limits: Limits, *, batch: int | None
     if steps is not None:
         if not _is_int(steps) or steps < 1:
             raise PipelineInputError(f"num_inference_steps={_short(steps)} is not an int >= 1; pass e.g. 4 or 30")
-        limits.check("max_steps", int(steps), "num_inference_steps")
+        if values.get("sigmas") is None:  # explicit sigmas set the step count (checked below)
+            limits.check("max_steps", int(steps), "num_inference_steps")
     if values.get("sigmas") is not None:
         _check_sigmas(values["sigmas"], limits)
     for name in _SEQUENCE_LENGTHS:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from diffstudio.errors import PipelineInputError
-from diffstudio.pipeline.images import convert_output, pil_to_tensor, to_rgb
+from diffstudio.pipeline.images import as_image_list, convert_output, pil_to_tensor, to_rgb
 from diffstudio.pipeline.units import InputParam, OutputParam, PipelineUnit
 from PIL import Image
 
@@ -46,18 +46,6 @@ def _tiling(inputs: Mapping[str, Any]) -> dict[str, Any]:
         "tile_size": int(inputs.get("tile_size") or 128),
         "tile_stride": int(inputs.get("tile_stride") or 64),
     }
-
-
-def as_image_list(value: Any, argument: str) -> list[Image.Image]:
-    """Accept one PIL image or a list of them; anything else is a ``PipelineInputError`` naming ``argument``."""
-    images = list(value) if isinstance(value, (list, tuple)) else [value]
-    for i, image in enumerate(images):
-        if not isinstance(image, Image.Image):
-            where = f"{argument}[{i}]" if isinstance(value, (list, tuple)) else argument
-            raise PipelineInputError(
-                f"{where} must be a PIL.Image.Image, got {type(image).__name__}; open files with PIL.Image.open(path)"
-            )
-    return images
 
 
 class CheckSize(PipelineUnit):

@@ -437,6 +437,8 @@ class Flux2ImagePipeline(BasePipeline):
         if len(negatives) != len(prompts):
             raise PipelineInputError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
         steps = num_inference_steps if num_inference_steps is not None else self.default_steps(cfg_scale)
+        if sigmas is not None and num_inference_steps is None:
+            steps = len(sigmas)  # explicit sigmas set the step count
         inputs: dict[str, Any] = {
             "prompt": prompts,
             "negative_prompt": negatives,

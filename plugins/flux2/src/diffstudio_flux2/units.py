@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from diffstudio.errors import PipelineInputError
-from diffstudio.pipeline.images import convert_output, pil_to_tensor, to_rgb
+from diffstudio.pipeline.images import as_image_list, convert_output, pil_to_tensor, to_rgb
 from diffstudio.pipeline.units import InputParam, OutputParam, PipelineUnit
 from PIL import Image
 
@@ -31,19 +31,6 @@ EDIT_IMAGE_MAX_AREA = 1024 * 1024
 
 def _pipe(pipe: BasePipeline) -> Flux2ImagePipeline:
     return cast("Flux2ImagePipeline", pipe)
-
-
-def as_image_list(value: Any, argument: str) -> list[Image.Image]:
-    """Accept one PIL image or a list of them; anything else is a ``PipelineInputError`` naming ``argument``."""
-    images = list(value) if isinstance(value, (list, tuple)) else [value]
-    for i, image in enumerate(images):
-        if not isinstance(image, Image.Image):
-            where = f"{argument}[{i}]" if isinstance(value, (list, tuple)) else argument
-            raise PipelineInputError(
-                f"{where} must be a PIL.Image.Image, got {type(image).__name__}; open files with "
-                f"PIL.Image.open(path).convert('RGB')"
-            )
-    return images
 
 
 def resize_edit_image(image: Image.Image, multiple: int, auto_resize: bool) -> Image.Image:
@@ -165,10 +152,10 @@ class Noise(PipelineUnit):
         channels = flux.latent_channels
         given = inputs["latents"]
         if given is not None:
-            if given.ndim != 3 or tuple(given.shape[1:]) != (h * w, channels):
+            if given.ndim != 3 or tuple(given.shape[1:]) != (h * w, channels) or given.shape[0] not in (1, batch):
                 raise PipelineInputError(
-                    f"latents= has shape {tuple(given.shape)}; expected (B, {h * w}, {channels}) tokens for "
-                    f"{inputs['height']}x{inputs['width']}"
+                    f"latents= has shape {tuple(given.shape)}; expected (1 or {batch}, {h * w}, {channels}) tokens "
+                    f"for {batch} image(s) of {inputs['height']}x{inputs['width']}"
                 )
             noise = given.to(pipe.device, pipe.torch_dtype).expand(batch, -1, -1)
         else:
