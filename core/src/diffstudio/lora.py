@@ -134,6 +134,8 @@ class LoraWeights:
             )
         if self.down.shape[0] == 0:
             raise LoraShapeError(f"LoRA down {tuple(self.down.shape)} has rank 0")
+        if self.down.is_complex() or self.up.is_complex():
+            raise LoraShapeError(f"LoRA matrices must be real numbers, not {self.down.dtype} / {self.up.dtype}")
         if self.alpha is not None:
             self.alpha = alpha_value(self.alpha, "of the pair")
 
@@ -274,17 +276,21 @@ def merge_lora(model: nn.Module, lora: Mapping[str, LoraWeights], scale: float =
 # -- checks before a LoRA changes a model ----------------------------------------------------------------------
 
 
+def _finite(tensor: Tensor) -> bool:
+    if not tensor.is_floating_point() and not tensor.is_complex():
+        return True
+    if tensor.element_size() == 1:  # float8 kinds: isfinite is not implemented for all of them
+        tensor = tensor.float()
+    return bool(torch.isfinite(tensor).all())
+
+
 def check_finite(lora: Mapping[str, LoraWeights], source: str) -> None:
     """Refuse a LoRA whose matrices hold NaN or Inf (it would turn every image into NaN).
 
     Raises:
         LoraNonFiniteError: names the layers at fault and the source.
     """
-    bad = [
-        path
-        for path, weights in lora.items()
-        if not (bool(torch.isfinite(weights.down).all()) and bool(torch.isfinite(weights.up).all()))
-    ]
+    bad = [path for path, weights in lora.items() if not (_finite(weights.down) and _finite(weights.up))]
     if bad:
         shown = ", ".join(bad[:6]) + (f" ... ({len(bad)} layers)" if len(bad) > 6 else "")
         raise LoraNonFiniteError(
@@ -332,8 +338,9 @@ def check_base_model(metadata: Mapping[str, str] | None, family: str, what: str,
     Raises:
         LoraBaseModelError: the metadata names another family.
     """
-    found = base_model_family(metadata)
-    if found is not None and found[0] != family:
+    named = (base_model_family({key: value}) for key, value in (metadata or {}).items() if key in BASE_MODEL_KEYS)
+    found = next((item for item in named if item is not None and item[0] != family), None)  # any key naming another
+    if found is not None:
         raise LoraBaseModelError(
             f"The LoRA {source} was made for {found[0]} (its metadata says {found[1]}), not for {what}. Both "
             "families may share layer names and widths, so it could load but would change the images "

@@ -148,6 +148,12 @@ def _fuse(parts: Sequence[_Part]) -> LoraWeights:
         up = swap_halves(p.up) if p.swap else p.up
         return LoraWeights(p.down, up, None if p.factor == 1.0 else p.factor * p.down.shape[0])
     count = parts[0].parts
+    widths = {p.down.shape[1] for p in parts}
+    if len(widths) > 1:
+        names = sorted({k for p in parts for k in p.keys})
+        raise LoraFormatError(
+            f"{parts[0].target}: the parts {', '.join(names[:6])} read inputs of different widths {sorted(widths)}"
+        )
     rows = {p.slot: p.up.shape[0] for p in parts}
     if count == 4 and 3 not in rows:  # single-block linear1 without a proj_mlp part: FLUX.1's MLP is 4 x hidden
         rows[3] = 4 * next(iter(rows.values()))
