@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from diffstudio.errors import CheckpointError
+from diffstudio.loading.finite import is_finite
 from diffstudio.nn.delta import delta_linears
 
 __all__ = [
@@ -276,21 +277,13 @@ def merge_lora(model: nn.Module, lora: Mapping[str, LoraWeights], scale: float =
 # -- checks before a LoRA changes a model ----------------------------------------------------------------------
 
 
-def _finite(tensor: Tensor) -> bool:
-    if not tensor.is_floating_point() and not tensor.is_complex():
-        return True
-    if tensor.element_size() == 1:  # float8 kinds: isfinite is not implemented for all of them
-        tensor = tensor.float()
-    return bool(torch.isfinite(tensor).all())
-
-
 def check_finite(lora: Mapping[str, LoraWeights], source: str) -> None:
     """Refuse a LoRA whose matrices hold NaN or Inf (it would turn every image into NaN).
 
     Raises:
         LoraNonFiniteError: names the layers at fault and the source.
     """
-    bad = [path for path, weights in lora.items() if not (_finite(weights.down) and _finite(weights.up))]
+    bad = [path for path, weights in lora.items() if not (is_finite(weights.down) and is_finite(weights.up))]
     if bad:
         shown = ", ".join(bad[:6]) + (f" ... ({len(bad)} layers)" if len(bad) > 6 else "")
         raise LoraNonFiniteError(

@@ -33,6 +33,7 @@ from diffstudio.loading.convert import (
     split_qkv,
     swap_halves,
 )
+from diffstudio.loading.finite import is_finite, nonfinite_tensors
 from diffstudio.loading.pickle_policy import PickleContentError
 from diffstudio.loading.safetensors_header import SafetensorsHeader, TensorInfo, read_header
 from diffstudio.loading.sources import (
@@ -64,10 +65,12 @@ __all__ = [
     "build_on_meta",
     "conv_to_linear",
     "find_meta_tensors",
+    "is_finite",
     "fuse_qkv",
     "linear_to_conv",
     "load_state_dict_into",
     "map_tensors",
+    "nonfinite_tensors",
     "read_header",
     "rename_keys",
     "split_qkv",

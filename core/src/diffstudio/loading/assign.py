@@ -165,10 +165,10 @@ def load_state_dict_into(
     remaining = find_meta_tensors(module)
     if remaining:
         shown = ", ".join(remaining[:20]) + (" ..." if len(remaining) > 20 else "")
+        origin = f" from {source}" if source else ""
         raise MetaTensorsRemainError(
-            f"After loading {type(module).__name__}{f' from {source}' if source else ''}, {len(remaining)} parameter(s)/buffer(s) are still "
-            "on the "
-            f"meta device: {shown}. Checkpoint keys that are missing must be provided (load with strict=True "
+            f"After loading {type(module).__name__}{origin}, {len(remaining)} parameter(s)/buffer(s) are still on "
+            f"the meta device: {shown}. Checkpoint keys that are missing must be provided (load with strict=True "
             f"to list them); non-persistent buffers must be recreated by a reset_non_persistent_buffers() "
             f"method on their module or by the init_non_persistent callback."
         )
