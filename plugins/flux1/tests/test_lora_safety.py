@@ -84,3 +84,16 @@ def test_flux2_lora_is_refused(dit: Flux, tmp_path: Path) -> None:
     with pytest.raises(LoraArchitectureError, match="FLUX.2 layers"):
         apply_lora(dit, save(tmp_path, state))
     assert not list_loras(dit)
+
+
+def test_deeply_nested_lora_header_is_a_typed_error(dit: Flux, tmp_path: Path) -> None:
+    # finding 21.5: 10 kB of nesting raised RecursionError through LoRA loading
+    import struct
+
+    from diffstudio.errors import SafetensorsFormatError
+
+    raw = b'{"a":{"dtype":"U8","shape":[0],"data_offsets":[0,0],"x":' + b"[" * 5_000 + b"]" * 5_000 + b"}}"
+    path = tmp_path / "deep.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw)
+    with pytest.raises(SafetensorsFormatError, match="deep.safetensors"):
+        apply_lora(dit, path)

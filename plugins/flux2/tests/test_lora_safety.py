@@ -143,3 +143,16 @@ def test_lora_naming_flux1_only_layers_is_refused(dit: Flux2, tmp_path: Path) ->
 def test_complex_lora_source_type_is_typed(dit: Flux2) -> None:
     with pytest.raises(LoraFormatError):
         apply_lora(dit, 42)  # type: ignore[arg-type]
+
+
+def test_deeply_nested_lora_header_is_a_typed_error(dit: Flux2, tmp_path: Path) -> None:
+    # finding 21.5: 10 kB of nesting raised RecursionError through LoRA loading
+    import struct
+
+    from diffstudio.errors import SafetensorsFormatError
+
+    raw = b'{"__metadata__":{"k":"v"},"a":' + b"[" * 5_000 + b"]" * 5_000 + b"}"
+    path = tmp_path / "deep.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw)
+    with pytest.raises(SafetensorsFormatError, match="deep.safetensors"):
+        apply_lora(dit, path)
