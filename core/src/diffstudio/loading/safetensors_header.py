@@ -482,6 +482,9 @@ def _read_raw(file: Path) -> tuple[int, int, bytes]:
                 file,
                 f"the header length prefix says {header_size} bytes, more than the {limits.max_header_bytes} "
                 f"allowed (the format allows {MAX_HEADER_SIZE}; {ENV_MAX_HEADER_BYTES} sets the limit)",
+                advice=_ADVICE
+                if header_size > MAX_HEADER_SIZE
+                else f"If you trust the file, raise the limit with {ENV_MAX_HEADER_BYTES}=<bytes>.",
             )
         if header_size + 8 > size:
             raise HeaderLengthError(
