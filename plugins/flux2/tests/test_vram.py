@@ -1,7 +1,7 @@
 """Low-memory execution of the FLUX.2 pipeline: exactness, stages, budget, fp8, hook, reports, RSS, errors.
 
-The models are the benchmark's (``benchmarks/vram.py``): a random BFL-layout DiT, the tiny Qwen3 encoder and
-a small VAE, every file bf16, so the bf16 configurations are lossless and must match bit for bit.
+The models are those of ``vram_kit.py`` (shared with ``benchmarks/vram.py``): a random BFL-layout DiT, the tiny
+Qwen3 encoder and a small VAE, every file bf16, so the bf16 configurations are lossless and must match bit for bit.
 """
 
 from __future__ import annotations
@@ -24,18 +24,18 @@ from diffstudio.testing import import_file
 from diffstudio.vram import LayerwiseStrategy
 from diffstudio_flux2 import Flux2ImagePipeline
 
-BENCH = Path(__file__).resolve().parents[3] / "benchmarks" / "vram.py"
+KIT = Path(__file__).with_name("vram_kit.py")
 F32, BF16, FP8 = torch.float32, torch.bfloat16, torch.float8_e4m3fn
 SLOTS = ("text_encoder", "dit", "vae")
 
 
-def _bench() -> ModuleType:
-    return import_file(BENCH)
+def _kit() -> ModuleType:
+    return import_file(KIT)
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path: Path = _bench().build_repo(tmp_path_factory.mktemp("vram"), hidden=320, depth=1, single=4)
+    path: Path = _kit().build_repo(tmp_path_factory.mktemp("vram"), hidden=320, depth=1, single=4)
     return path
 
 
@@ -58,7 +58,7 @@ def run(pipe: Flux2ImagePipeline, output_type: str = "pt") -> torch.Tensor:
 
 
 def fields(kind: str) -> dict[str, Any]:
-    return dict(_bench().memory_fields(kind, "cpu"))
+    return dict(_kit().memory_fields(kind, "cpu"))
 
 
 LORA = {"double_blocks.0.img_attn.qkv": LoraWeights(torch.randn(4, 320), torch.randn(960, 4) * 0.1, alpha=2.0)}
@@ -181,7 +181,7 @@ def test_bad_memory_settings_are_typed_errors_naming_the_field(repo: Path) -> No
 
 
 def _child(repo: Path, config: str, limit: float | None) -> dict[str, Any]:
-    cmd = [sys.executable, str(BENCH), "--child", config, "--repo", str(repo), "--side", "32"]
+    cmd = [sys.executable, str(KIT), "--child", config, "--repo", str(repo), "--side", "32"]
     if limit is not None:
         cmd += ["--vram-limit", repr(limit)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1", **_env()})
