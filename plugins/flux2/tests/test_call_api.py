@@ -182,3 +182,19 @@ def test_explicit_sigmas_set_the_step_count_under_cfg(pipe: Flux2ImagePipeline) 
         assert pipe.last_run.arguments["num_inference_steps"] == 2
     finally:
         pipe.limits.max_steps = 1000
+
+
+def test_from_pretrained_accepts_a_model_id_from_the_hub_cache(
+    pipe: Flux2ImagePipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub = tmp_path / "hub"
+    repo = hub / "models--someone--shapes-klein"
+    _diffusers_layout(repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded = Flux2ImagePipeline.from_pretrained("someone/shapes-klein", torch_dtype=torch.float32, device="cpu")
+    assert sorted(loaded.loaded) == ["dit", "text_encoder", "vae"]
+    loaded.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(loaded("a red circle", seed=3, **SMALL), pipe("a red circle", seed=3, **SMALL))

@@ -71,6 +71,7 @@ class PipelineOutput:
         return (self.images,)
 
 
+@functools.lru_cache(maxsize=256)
 def _positional_names(call: Callable[..., Any]) -> tuple[list[str], set[str], bool]:
     signature = inspect.signature(call)
     names, keywords, var_keyword = [], set(), False
@@ -97,6 +98,7 @@ def translate_call(
         PipelineInputError, LimitExceededError: A wrong argument (see :mod:`diffstudio.pipeline.validate`).
     """
     names, keywords, var_keyword = _positional_names(call)
+    names, keywords = list(names), set(keywords)
     if len(args) > len(names):
         raise PipelineInputError(
             f"{type(pipe).__name__}() takes {len(names)} positional argument(s) ({', '.join(names)}) but got "
