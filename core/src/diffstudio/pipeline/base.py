@@ -205,11 +205,12 @@ class BasePipeline(DiffusersApi):
         configs = pretrained.check_model_configs(named["model_configs"])
         if tokenizer_config is not None and not isinstance(tokenizer_config, ModelConfig):
             raise ConfigError(f"tokenizer_config is a {type(tokenizer_config).__name__}, not a ModelConfig")
-        unknown = sorted(set(kwargs) - {"scheduler", "vram_prefetch"})
+        unknown = sorted(set(kwargs) - pretrained.init_options(cls, BasePipeline))
         if unknown:
             raise ConfigError(
                 f"{cls.__name__}.from_pretrained() got unknown argument(s) {unknown}; accepted: torch_dtype, device, "
-                f"model_configs, tokenizer_config, vram_limit, runtime, scheduler, vram_prefetch"
+                f"model_configs, tokenizer_config, vram_limit, runtime, "
+                f"{', '.join(sorted(pretrained.init_options(cls, BasePipeline)))}"
             )
         if vram_limit is not None and (isinstance(vram_limit, bool) or not isinstance(vram_limit, (int, float))):
             raise PipelineInputError(f"vram_limit={vram_limit!r} is not a number of GiB; pass e.g. 8.0, or None")

@@ -62,6 +62,22 @@ def split_positional(args: Sequence[Any], named: dict[str, Any], defaults: dict[
     return repo
 
 
+def init_options(cls: type, base: type) -> set[str]:
+    """Keyword options of ``cls.__init__`` that ``from_pretrained`` passes on (``base``'s when it takes ``**kwargs``).
+
+    ``device``, ``torch_dtype`` and ``runtime`` are not counted: ``from_pretrained`` names them itself.
+    """
+    import inspect
+
+    names: set[str] = set()
+    for klass in (cls, base):
+        params = inspect.signature(klass.__init__).parameters.values()  # type: ignore[misc]
+        names |= {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != "self"}
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
+    return names - {"device", "torch_dtype", "runtime"}
+
+
 def check_dtype_device(torch_dtype: Any, device: Any) -> tuple[torch.dtype, str | None]:
     """Check ``torch_dtype`` (a floating torch.dtype or its name) and ``device`` (str or torch.device, usable here).
 
