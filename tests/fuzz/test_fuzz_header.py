@@ -14,6 +14,7 @@ Figures: ``test_fuzz_header_mutations`` runs 1,500 cases in CI and 100,000 with 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -106,6 +107,11 @@ STRINGS = [Raw('"\\ud800"'), Raw('"\\udc00x"'), Raw('"\\ud83d\\ude00"'), Raw('"\
 JUNK: list[Any] = [*NUMBERS, *STRINGS, [], Obj(), [1, [2, [3]]], deep(124), deep(125), deep(126), deep(200), deep(3000)]
 
 
+def junk(rng: random.Random) -> Any:
+    """A fresh copy of one JUNK value (the mutations edit what they insert; the table must stay as it is)."""
+    return copy.deepcopy(rng.choice(JUNK))
+
+
 def get_field(entry: Obj, key: str, default: Any) -> Any:
     return next((v for k, v in entry if k == key), default)
 
@@ -164,10 +170,15 @@ def mutate_structure(header: Obj, rng: random.Random) -> None:  # noqa: C901 - o
             set_field(copy, "shape", [1])
         header.insert(rng.randrange(len(header) + 1), (name, copy))
     elif what == 5:  # metadata
-        meta = Obj([(rng.choice(["k", *STRINGS[:2]]), rng.choice(["v", *JUNK[:6], *STRINGS[:3]])) for _ in range(2)])
+        meta = Obj(
+            [
+                (rng.choice(["k", *STRINGS[:2]]), rng.choice(["v", *copy.deepcopy(JUNK[:6]), *STRINGS[:3]]))
+                for _ in range(2)
+            ]
+        )
         header.insert(rng.randrange(len(header) + 1), ("__metadata__", rng.choice([meta, None, [], "x", meta])))
     elif what == 6 and entry is not None:  # unknown field
-        entry.insert(rng.randrange(len(entry) + 1), (rng.choice(["x", "dtype_", *STRINGS[:3]]), rng.choice(JUNK)))
+        entry.insert(rng.randrange(len(entry) + 1), (rng.choice(["x", "dtype_", *STRINGS[:3]]), junk(rng)))
     elif what == 7 and entry is not None:  # repeat or drop a known field
         if rng.random() < 0.5:
             entry.append(rng.choice(list(entry)))
@@ -175,9 +186,9 @@ def mutate_structure(header: Obj, rng: random.Random) -> None:  # noqa: C901 - o
             entry.pop(rng.randrange(len(entry)))
     elif what == 8 and tensors:  # entry not an object
         i = rng.choice(tensors)
-        header[i] = (header[i][0], rng.choice(JUNK))
+        header[i] = (header[i][0], junk(rng))
     elif what == 9:
-        header.append((rng.choice(["__metadata__", "", "t"]), rng.choice(JUNK)))
+        header.append((rng.choice(["__metadata__", "", "t"]), junk(rng)))
     elif what == 10 and tensors:  # the deepest legal nesting and one more
         assert entry is not None
         entry.append(("x", Obj([("y", deep(rng.choice([122, 123, 124])))])))
