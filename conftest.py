@@ -1,12 +1,19 @@
 """Fixtures shared by the FLUX.1 adapter plugins' tests (controlnet, eligen, ipadapter) and the integration tests.
 
-They use the FLUX.1 family's tiny-model helpers, which live with its tests (``plugins/flux1/tests``): tiny perturbed
-models in the official layouts and a tiny on-disk FLUX.1 repository (2 heads of 32 channels, T5 width 24, CLIP
-width 20) with diffusers pipelines over the same files. A package's own ``conftest.py`` may override any of them.
+They use the FLUX.1 family's tiny-model test kit, which lives with its tests (``plugins/flux1/tests``): tiny
+perturbed models in the official layouts and a tiny on-disk FLUX.1 repository (2 heads of 32 channels, T5 width 24,
+CLIP width 20) with diffusers pipelines over the same files. A package's own ``conftest.py`` may override any of them.
+
+What they need, stated once: a repository checkout (the kit is test code, not part of any wheel) and the
+``diffstudio-flux1[test]`` distribution (FLUX.1 itself plus its reference libraries, diffusers and tokenizers).
+A plugin whose tests ask for these fixtures declares ``diffstudio-flux1[test]`` in its ``test`` extra, so
+``scripts/test-isolated.sh`` installs it in that plugin's venv; without it the fixture fails with that advice,
+not with an import error from inside the kit.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -15,11 +22,24 @@ import pytest
 from diffstudio.testing import import_file
 
 FLUX1_TESTS = Path(__file__).resolve().parent / "plugins" / "flux1" / "tests"
+# the modules the kit imports beyond core: the family, and the reference libraries of flux1's test extra
+FLUX1_KIT_NEEDS = {"diffstudio_flux1": "diffstudio-flux1", "diffusers": "diffusers", "tokenizers": "tokenizers"}
 
 
 def flux1_helper(name: str) -> ModuleType:
-    """Import ``plugins/flux1/tests/<name>.py`` under the key the flux1 tests use."""
-    return import_file(FLUX1_TESTS / f"{name}.py")
+    """Import ``plugins/flux1/tests/<name>.py`` under the key the flux1 tests use.
+
+    Fails the asking test (no traceback) with what to install when the kit or one of its requirements is absent.
+    """
+    missing = [dist for module, dist in FLUX1_KIT_NEEDS.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        advice = "declare 'diffstudio-flux1[test]' in the test extra of the distribution whose tests use the kit"
+        pytest.fail(f"the FLUX.1 test kit (fixtures fx, helpers, fp, repo) needs {', '.join(missing)}: {advice}",
+                    pytrace=False)  # fmt: skip
+    path = FLUX1_TESTS / f"{name}.py"
+    if not path.is_file():
+        pytest.fail(f"the FLUX.1 test kit is missing ({path}): its fixtures need a repository checkout", pytrace=False)
+    return import_file(path)
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +56,7 @@ def helpers() -> ModuleType:
 
 @pytest.fixture(scope="session")
 def fp() -> ModuleType:
-    """FLUX.1 pipeline fixtures (tiny repository, noise, images)."""
+    """FLUX.1 pipeline fixtures (tiny repository, noise, images, the diffusers scheduler config)."""
     return flux1_helper("fixtures_pipeline")
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,11 +11,8 @@ import torch
 from diffstudio import ModelConfig
 from diffstudio.errors import MissingPluginError, PipelineInputError
 from diffstudio.runtime import Runtime
-from diffstudio.testing import import_file
 from diffstudio_controlnet import ControlImageResizedWarning, ControlNetInput
 from diffstudio_flux1.pipeline import FluxImagePipeline
-
-FLUX1_TESTS = Path(__file__).resolve().parents[3] / "plugins" / "flux1" / "tests"
 
 TOL = 2e-4
 H, W, SEQ = 32, 48, 16
@@ -34,12 +30,12 @@ def ours(repo: Any, *controlnet_folders: Any, runtime: Runtime | None = None) ->
     return pipe
 
 
-def reference(repo: Any, controlnet: Any, **kwargs: Any) -> torch.Tensor:
+def reference(repo: Any, fp: Any, controlnet: Any, **kwargs: Any) -> torch.Tensor:
+    """diffusers' FluxControlNetPipeline over the tiny repository (``fp``: the FLUX.1 kit's pipeline fixtures)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxControlNetPipeline
 
-    config = import_file(FLUX1_TESTS / "fixtures_pipeline.py").SCHEDULER_CONFIG
-    pipe = FluxControlNetPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**config), controlnet=controlnet,
-                                  **repo.components)  # fmt: skip
+    scheduler = FlowMatchEulerDiscreteScheduler(**fp.SCHEDULER_CONFIG)
+    pipe = FluxControlNetPipeline(scheduler=scheduler, controlnet=controlnet, **repo.components)
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
         images: torch.Tensor = pipe(output_type="pt", max_sequence_length=SEQ, height=H, width=W, **kwargs).images
@@ -50,7 +46,7 @@ def test_union_controlnet_text_to_image_matches_diffusers(repo: Any, controlnet_
     model, folder = controlnet_files["union"]
     control = fp.image(W, H, seed=7)
     noise = fp.packed_noise(1, H, W, seed=3)
-    expected = reference(repo, model, prompt=PROMPT, control_image=control, control_mode=1, latents=noise,
+    expected = reference(repo, fp, model, prompt=PROMPT, control_image=control, control_mode=1, latents=noise,
                          controlnet_conditioning_scale=0.8, num_inference_steps=3, guidance_scale=2.0)  # fmt: skip
     pipe = ours(repo, folder)
     args: dict[str, Any] = {"height": H, "width": W, "num_inference_steps": 3, "latents": noise, "output_type": "pt",
@@ -71,9 +67,9 @@ def test_two_inputs_are_summed_like_diffusers_multi_controlnet(repo: Any, contro
     model, folder = controlnet_files["plain"]
     first, second = fp.image(W, H, seed=8), fp.image(W, H, seed=9)
     noise = fp.packed_noise(1, H, W, seed=4)
-    expected = reference(repo, FluxMultiControlNetModel([model, model]), prompt=PROMPT, control_image=[first, second],
-                         controlnet_conditioning_scale=[0.6, 0.9], num_inference_steps=2, latents=noise,
-                         guidance_scale=3.0)  # fmt: skip
+    expected = reference(repo, fp, FluxMultiControlNetModel([model, model]), prompt=PROMPT,
+                         control_image=[first, second], controlnet_conditioning_scale=[0.6, 0.9],
+                         num_inference_steps=2, latents=noise, guidance_scale=3.0)  # fmt: skip
     got = ours(repo, folder)(
         PROMPT, controlnet_inputs=[ControlNetInput(first, 0.6), {"image": second, "scale": 0.9}], height=H, width=W,
         num_inference_steps=2, latents=noise, output_type="pt", t5_sequence_length=SEQ, embedded_guidance=3.0,
