@@ -165,10 +165,10 @@ def mutate_structure(header: Obj, rng: random.Random) -> None:  # noqa: C901 - o
         header[i] = (rng.choice(STRINGS), header[i][1])
     elif what == 4 and tensors:  # repeat an entry (same name), maybe changed, before or after
         name, value = header[rng.choice(tensors)]
-        copy = Obj(value)
+        twin = Obj(value)
         if rng.random() < 0.5:
-            set_field(copy, "shape", [1])
-        header.insert(rng.randrange(len(header) + 1), (name, copy))
+            set_field(twin, "shape", [1])
+        header.insert(rng.randrange(len(header) + 1), (name, twin))
     elif what == 5:  # metadata
         meta = Obj(
             [
