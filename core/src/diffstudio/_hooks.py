@@ -28,6 +28,7 @@ from diffstudio.types import (
     LoraFormat,
     MemoryBudget,
     ModelClaim,
+    PipelineLike,
     PipelineSpec,
     SchedulerSpec,
     TemplateSpec,
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
     from diffstudio.config import ModelConfig
     from diffstudio.loading.checkpoint import Checkpoint
     from diffstudio.loading.convert import Converter
-    from diffstudio.pipeline.base import BasePipeline
     from diffstudio.pipeline.units import PipelineUnit
 
 T = TypeVar("T")
@@ -250,7 +250,7 @@ class Hooks:
 
     # -- assembly -----------------------------------------------------------------------------------------------
 
-    def pipeline_units(self, pipeline: BasePipeline) -> list[tuple[str, PipelineUnit]]:
+    def pipeline_units(self, pipeline: PipelineLike) -> list[tuple[str, PipelineUnit]]:
         """Collect ``(plugin_name, unit)`` for every unit contributed to ``pipeline``."""
         units: list[tuple[str, PipelineUnit]] = []
         for plugin, result in self._call_each("pipeline_unit", _check_units, pipeline=pipeline):
@@ -258,11 +258,11 @@ class Hooks:
                 units.append((plugin, unit))
         return units
 
-    def template_cache_merge(self, key: str, values: Sequence[Any], pipeline: BasePipeline) -> Any:
+    def template_cache_merge(self, key: str, values: Sequence[Any], pipeline: PipelineLike) -> Any:
         """Merge several templates' values for one pipeline input (first non-None answer wins)."""
         return self._first_result("template_cache_merge", _accept, key=key, values=list(values), pipeline=pipeline)
 
-    def vram_policy(self, model: Any, component: str, budget: MemoryBudget, pipeline: BasePipeline) -> VramStrategy:
+    def vram_policy(self, model: Any, component: str, budget: MemoryBudget, pipeline: PipelineLike) -> VramStrategy:
         """Return the memory strategy for one model (core's builtin always answers)."""
         strategy = self._first_result(
             "vram_policy", _expect(VramStrategy, "a VramStrategy or None"),

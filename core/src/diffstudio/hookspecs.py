@@ -19,7 +19,6 @@ if TYPE_CHECKING:
     from diffstudio.config import ModelConfig
     from diffstudio.loading.checkpoint import Checkpoint
     from diffstudio.loading.convert import Converter
-    from diffstudio.pipeline.base import BasePipeline
     from diffstudio.pipeline.units import PipelineUnit
     from diffstudio.types import (
         CommandSpec,
@@ -27,6 +26,7 @@ if TYPE_CHECKING:
         LoraFormat,
         MemoryBudget,
         ModelClaim,
+        PipelineLike,
         PipelineSpec,
         SchedulerSpec,
         TemplateSpec,
@@ -152,7 +152,7 @@ def load_model(checkpoint: Checkpoint, config: ModelConfig) -> ModelClaim | None
 
 
 @hookspec
-def pipeline_unit(pipeline: BasePipeline) -> Sequence[PipelineUnit] | None:
+def pipeline_unit(pipeline: PipelineLike) -> Sequence[PipelineUnit] | None:
     """Contribute units to a pipeline being assembled.
 
     Called once per pipeline instance, at the end of its construction. A family plugin returns its own units
@@ -167,7 +167,7 @@ def pipeline_unit(pipeline: BasePipeline) -> Sequence[PipelineUnit] | None:
 
 
 @hookspec(firstresult=True)
-def template_cache_merge(key: str, values: Sequence[Any], pipeline: BasePipeline) -> Any | None:
+def template_cache_merge(key: str, values: Sequence[Any], pipeline: PipelineLike) -> Any | None:
     """Merge the caches that several templates produced for one pipeline input.
 
     Called by the TemplatePipeline once per cache key per generation, when more than one template produced a
@@ -184,7 +184,7 @@ def template_cache_merge(key: str, values: Sequence[Any], pipeline: BasePipeline
 
 
 @hookspec(firstresult=True)
-def vram_policy(model: Any, component: str, budget: MemoryBudget, pipeline: BasePipeline) -> VramStrategy | None:
+def vram_policy(model: Any, component: str, budget: MemoryBudget, pipeline: PipelineLike) -> VramStrategy | None:
     """Choose where one model's weights live and in which dtype.
 
     Called once per model while a pipeline is loaded, after the model was built (as stored, memory-mapped on

@@ -31,7 +31,6 @@ import os
 import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +46,14 @@ from diffstudio.jobs import (
     rows_from_images,
     validate_row,
 )
-from diffstudio.run_models import DEFAULT_MODEL_ID, ModelPlan, file_identity, memory_fields, plan_model
+from diffstudio.run_models import (
+    DEFAULT_MODEL_ID,
+    ModelPlan,
+    PlannedJob,
+    file_identity,
+    memory_fields,
+    plan_model,
+)
 from diffstudio.runtime import Runtime
 
 __all__ = ["DEFAULT_MODEL_ID", "HASH_LENGTH", "Job", "JobFileError", "load_jobs", "load_pipeline", "run", "run_cli"]
@@ -72,21 +78,7 @@ def make_job(index: int, row: Mapping[str, Any], *, where: str = "") -> Job:
 # ----------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Planned:
-    """A job with everything resolved: settings, model, canonical row, hash, and each image's (seed, path)."""
-
-    job: Job
-    plan: ModelPlan
-    settings: dict[str, Any]
-    row: dict[str, Any]
-    digest: str
-    images: list[tuple[int, Path]] = field(default_factory=list)
-    todo: list[tuple[int, Path]] = field(default_factory=list)
-
-    @property
-    def pipe_key(self) -> tuple[Any, ...]:
-        return (self.plan.names, tuple(self.row.get("tokenizer", ())), self.row["dtype"], self.row.get("fp8", False))
+_Planned = PlannedJob  # the earlier private name
 
 
 def _absolute(value: str) -> str:

@@ -21,6 +21,7 @@ from typing import Any
 
 from diffstudio.config import ModelConfig
 from diffstudio.errors import ConfigError, DiffstudioError, ModelNotFoundError, PipelineInputError
+from diffstudio.jobs import Job
 from diffstudio.loading.diffusers_repo import is_diffusers_repo, read_repo
 from diffstudio.resolve import resolve_files
 from diffstudio.runtime import Runtime
@@ -64,6 +65,24 @@ class ModelPlan:
     def defaults(self) -> dict[str, Any]:
         """Call arguments the embedded model was made for (none for other models)."""
         return dict(self.embedded.defaults) if self.embedded is not None else {}
+
+
+@dataclass
+class PlannedJob:
+    """A job with everything resolved: settings, model, canonical row, hash, and each image's (seed, path)."""
+
+    job: Job
+    plan: ModelPlan
+    settings: dict[str, Any]
+    row: dict[str, Any]
+    digest: str
+    images: list[tuple[int, Path]] = field(default_factory=list)
+    todo: list[tuple[int, Path]] = field(default_factory=list)
+
+    @property
+    def pipe_key(self) -> tuple[Any, ...]:
+        """What consecutive jobs must share to keep one pipeline loaded: model, tokenizer, dtype, fp8."""
+        return (self.plan.names, tuple(self.row.get("tokenizer", ())), self.row["dtype"], self.row.get("fp8", False))
 
 
 def _looks_like_path(name: str) -> bool:

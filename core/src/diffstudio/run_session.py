@@ -12,16 +12,13 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from diffstudio._io import file_sha256
 from diffstudio.errors import DiffstudioError, PipelineInputError
 from diffstudio.jobs import CALL_FIELDS
-from diffstudio.run_models import ModelPlan, check_complete, explain_load_error
+from diffstudio.run_models import ModelPlan, PlannedJob, check_complete, explain_load_error
 from diffstudio.runtime import Runtime
-
-if TYPE_CHECKING:
-    from diffstudio.run_api import _Planned
 
 logger = logging.getLogger("diffstudio.run")
 #: Pipeline call arguments that take edit / reference images, by family convention.
@@ -129,7 +126,7 @@ class Session:
     # what stays loaded
     # ------------------------------------------------------------------------------------------------------
 
-    def pipeline(self, item: _Planned) -> Any:
+    def pipeline(self, item: PlannedJob) -> Any:
         """The pipeline for ``item`` (the previous one is released when the model or dtype changes)."""
         from diffstudio.devices import parse_dtype
 
@@ -144,7 +141,7 @@ class Session:
             self._key = item.pipe_key
         return self._pipe
 
-    def template_pipeline(self, item: _Planned, pipe: Any) -> Any:
+    def template_pipeline(self, item: PlannedJob, pipe: Any) -> Any:
         """The template pipeline for the job's templates, or None without templates."""
         names = tuple(item.row.get("templates", ()))
         if not names and not self.config_templates:
@@ -194,7 +191,7 @@ class Session:
     # one job
     # ------------------------------------------------------------------------------------------------------
 
-    def check_hashes(self, item: _Planned) -> None:
+    def check_hashes(self, item: PlannedJob) -> None:
         """Warn for every file whose SHA-256 differs from the one the job (a replayed record) expects."""
         for path, expected in (item.settings.get("sha256") or {}).items():
             if not Path(path).is_file():
@@ -207,7 +204,7 @@ class Session:
                     item.job.where, path, actual[:12], expected[:12],
                 )  # fmt: skip
 
-    def arguments(self, item: _Planned, pipe: Any, extra: Mapping[str, Any]) -> dict[str, Any]:
+    def arguments(self, item: PlannedJob, pipe: Any, extra: Mapping[str, Any]) -> dict[str, Any]:
         """The pipeline call arguments of a job: its options, its images opened, and the Python extras."""
         settings = item.settings
         arguments = {k: v for k, v in settings.items() if k in CALL_FIELDS}
@@ -225,7 +222,7 @@ class Session:
         arguments.update(extra)
         return arguments
 
-    def schedule(self, item: _Planned, pipe: Any) -> None:
+    def schedule(self, item: PlannedJob, pipe: Any) -> None:
         """Give the pipeline the job's noise schedule (or its default one)."""
         name, shift = item.settings.get("scheduler"), item.settings.get("shift")
         if name is None and shift is None:
@@ -234,7 +231,7 @@ class Session:
         spec = self.runtime.hooks.schedulers().get(name or "static")
         pipe.scheduler = spec.factory(**({} if shift is None else {"shift": shift}))
 
-    def generate(self, item: _Planned, extra: Mapping[str, Any], *, metadata: bool) -> None:
+    def generate(self, item: PlannedJob, extra: Mapping[str, Any], *, metadata: bool) -> None:
         """Generate and save the images of one job that are still to do."""
         from diffstudio.outputs import record_for, save_image
 

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 if TYPE_CHECKING:
     from diffstudio.config import ModelConfig
     from diffstudio.loading.checkpoint import Checkpoint
-    from diffstudio.runtime import Runtime
 
 
 @dataclass(frozen=True)
@@ -140,13 +139,14 @@ class CommandSpec:
         name: The sub-command, e.g. ``"train"``.
         help: One line for ``diffstudio --help``.
         add_arguments: Adds the command's arguments to its argparse parser.
-        run: Runs the command; returns the process exit code.
+        run: Runs the command with the parsed arguments and the :class:`diffstudio.runtime.Runtime` that found it
+            (typed ``Any`` here so that this contract module names no machinery); returns the process exit code.
     """
 
     name: str
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace, Runtime], int]
+    run: Callable[[argparse.Namespace, Any], int]
 
 
 @dataclass(frozen=True)
@@ -270,3 +270,39 @@ class PluginStatus:
             "error": self.error,
             "hooks": list(self.hooks),
         }
+
+
+class PipelineLike(Protocol):
+    """What the hooks may rely on in the ``pipeline`` they are given.
+
+    :class:`~diffstudio.pipeline.base.BasePipeline` satisfies it. The hook contract (``hookspecs``, the ``Hooks``
+    facade, ``PipelineUnit``) names this protocol rather than the class, so that the contract depends on no
+    machinery and the import graph has no cycle.
+
+    Attributes:
+        device: The computation device string.
+        torch_dtype: The computation dtype.
+        runtime: The plugin runtime the pipeline loads through.
+    """
+
+    device: str
+    torch_dtype: Any
+    runtime: Any
+
+    @property
+    def family(self) -> str:
+        """The family name (matches ``ModelClaim.family``)."""
+        ...
+
+    @property
+    def extension_inputs(self) -> frozenset[str]:
+        """Branch-state keys the pipeline's denoiser honours (adapters contribute units only for these)."""
+        ...
+
+    def has(self, slot: str) -> bool:
+        """True when the component slot holds a model."""
+        ...
+
+    def vram_ledger(self, device: str) -> Any:
+        """The memory budget ledger of ``device`` shared by the pipeline's memory strategies."""
+        ...

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from diffstudio._markers import hookimpl
 from diffstudio.errors import CacheMergeError
-from diffstudio.types import MemoryBudget, VramStrategy
-
-if TYPE_CHECKING:
-    from diffstudio.pipeline.base import BasePipeline
+from diffstudio.types import MemoryBudget, PipelineLike, VramStrategy
 
 
 class ResidentStrategy:
@@ -40,7 +37,7 @@ class ResidentStrategy:
 
 
 @hookimpl(trylast=True)
-def vram_policy(model: Any, component: str, budget: MemoryBudget, pipeline: BasePipeline) -> VramStrategy:
+def vram_policy(model: Any, component: str, budget: MemoryBudget, pipeline: PipelineLike) -> VramStrategy:
     """Keep every weight resident on the computation device."""
     return ResidentStrategy(budget.computation_device)
 
@@ -62,7 +59,7 @@ def _same(a: Any, b: Any) -> bool:
 
 
 @hookimpl(trylast=True)
-def template_cache_merge(key: str, values: Sequence[Any], pipeline: BasePipeline) -> Any:
+def template_cache_merge(key: str, values: Sequence[Any], pipeline: PipelineLike) -> Any:
     """Accept identical values; reject anything else for a key no medium plugin owns."""
     first = values[0]
     if all(_same(first, other) for other in values[1:]):

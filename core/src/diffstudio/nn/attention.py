@@ -137,3 +137,32 @@ def extend_kv(k: Tensor, v: Tensor, extra: tuple[Tensor, Tensor] | None) -> tupl
     k_ext = match_batch(k_ext, batch, "K extension").to(k.dtype)
     v_ext = match_batch(v_ext, batch, "V extension").to(v.dtype)
     return torch.cat([k, k_ext], dim=1), torch.cat([v, v_ext], dim=1)
+
+
+def merge_kv(
+    first: Mapping[str, tuple[Tensor, Tensor]] | None,
+    second: Mapping[str, tuple[Tensor, Tensor]] | None,
+) -> dict[str, tuple[Tensor, Tensor]] | None:
+    """Concatenate two per-block K/V extensions ``{block: (K, V)}`` along tokens (what :func:`extend_kv` appends).
+
+    Blocks only one side names keep that side's pair; a block both name gets the first's tokens, then the
+    second's (cast to the first's dtype and device), with batch-1 entries expanded to the larger batch.
+
+    Returns:
+        The merged mapping, or None when both are empty or None.
+    """
+    if not first or not second:
+        merged = dict(first or second or {})
+        return merged or None
+    out = dict(first)
+    for name, (k2, v2) in second.items():
+        if name not in out:
+            out[name] = (k2, v2)
+            continue
+        k1, v1 = out[name]
+        batch = max(k1.shape[0], k2.shape[0])
+        out[name] = (
+            torch.cat([k1.expand(batch, -1, -1, -1), k2.to(k1).expand(batch, -1, -1, -1)], dim=1),
+            torch.cat([v1.expand(batch, -1, -1, -1), v2.to(v1).expand(batch, -1, -1, -1)], dim=1),
+        )
+    return out

@@ -11,16 +11,19 @@ from __future__ import annotations
 import heapq
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import Any, ClassVar, Generic, Literal
+
+from typing_extensions import TypeVar
 
 from diffstudio.errors import UnitGraphError
-
-if TYPE_CHECKING:
-    from diffstudio.pipeline.base import BasePipeline
+from diffstudio.types import PipelineLike
 
 Stage = Literal["prepare", "step", "finish"]
 Branch = Literal["shared", "positive", "negative"]
 STAGES: tuple[Stage, ...] = ("prepare", "step", "finish")
+
+#: The pipeline class a unit serves (``PipelineUnit[Flux2ImagePipeline]``); a bare ``PipelineUnit`` takes any.
+P = TypeVar("P", bound=PipelineLike, default=Any)
 
 
 @dataclass(frozen=True)
@@ -64,8 +67,11 @@ class OutputParam:
     optional: bool = False
 
 
-class PipelineUnit:
+class PipelineUnit(Generic[P]):
     """Base class of every unit. Subclasses set the class attributes and implement :meth:`process`.
+
+    The unit is generic in the pipeline it serves: ``class Encode(PipelineUnit[MyPipeline])`` gets ``pipe`` typed
+    as ``MyPipeline`` in :meth:`process` (no cast); a bare ``PipelineUnit`` accepts any pipeline.
 
     Class attributes:
         name: Unique name within a pipeline; other units anchor on it.
@@ -94,7 +100,7 @@ class PipelineUnit:
     before: ClassVar[tuple[str, ...]] = ()
     per_branch: ClassVar[bool] = False
 
-    def process(self, pipe: BasePipeline, **inputs: Any) -> Mapping[str, Any]:
+    def process(self, pipe: P, **inputs: Any) -> Mapping[str, Any]:
         """Compute the outputs from the inputs. Must not keep state between calls.
 
         Args:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from diffstudio.config import ModelConfig
 from diffstudio.errors import PipelineInputError, UnknownCheckpointError
+from diffstudio.nn.attention import merge_kv
 from diffstudio.nn.delta import scoped_deltas
 from diffstudio.pipeline.base import BasePipeline
 from diffstudio.pipeline.validate import check_prompts, check_values
@@ -340,8 +341,6 @@ class Flux2ImagePipeline(BasePipeline):
         kv_extension = inputs.get("kv_extension")
         cached = inputs.get("reference_kv")
         if cached is not None:  # reference K/V computed once: no reference tokens in the sequence
-            from diffstudio_flux2.units import merge_kv
-
             edit, kv_extension = None, merge_kv(kv_extension, cached)
         with scoped_deltas(dit, inputs.get("dit_deltas"), "branch_side_path"):
             velocity: Tensor = dit(

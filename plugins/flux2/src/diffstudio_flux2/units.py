@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from diffstudio.errors import PipelineInputError
+from diffstudio.nn.attention import merge_kv  # noqa: F401  (its old home; re-exported)
 from diffstudio.pipeline.images import as_image_list, convert_output, pil_to_tensor, to_rgb
 from diffstudio.pipeline.units import InputParam, OutputParam, PipelineUnit
 from PIL import Image
@@ -434,25 +435,3 @@ class ReferenceKV(PipelineUnit):
         tokens = inputs["edit_latents"].to(pipe.device, pipe.torch_dtype)
         kv = reference_kv(pipe.dit, tokens, inputs["edit_image_ids"], float(inputs["edit_kv_timestep"] or 0.0))
         return {"reference_kv": kv}
-
-
-def merge_kv(
-    first: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None,
-    second: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None,
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
-    """Concatenate two per-block K/V extensions along tokens (batch-1 entries are expanded)."""
-    if not first or not second:
-        merged = dict(first or second or {})
-        return merged or None
-    out = dict(first)
-    for name, (k2, v2) in second.items():
-        if name not in out:
-            out[name] = (k2, v2)
-            continue
-        k1, v1 = out[name]
-        batch = max(k1.shape[0], k2.shape[0])
-        out[name] = (
-            torch.cat([k1.expand(batch, -1, -1, -1), k2.to(k1).expand(batch, -1, -1, -1)], dim=1),
-            torch.cat([v1.expand(batch, -1, -1, -1), v2.to(v1).expand(batch, -1, -1, -1)], dim=1),
-        )
-    return out
