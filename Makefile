@@ -12,6 +12,7 @@ run: bootstrap
 
 lint: bootstrap
 	$(VENV)/ruff check .
+	$(VENV)/lint-imports
 
 typecheck: bootstrap
 	$(VENV)/mypy
