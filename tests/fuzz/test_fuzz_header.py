@@ -180,7 +180,7 @@ def mutate_structure(header: Obj, rng: random.Random) -> None:  # noqa: C901 - o
     elif what == 6 and entry is not None:  # unknown field
         entry.insert(rng.randrange(len(entry) + 1), (rng.choice(["x", "dtype_", *STRINGS[:3]]), junk(rng)))
     elif what == 7 and entry is not None:  # repeat or drop a known field
-        if rng.random() < 0.5:
+        if rng.random() < 0.5 and entry:
             entry.append(rng.choice(list(entry)))
         elif entry:
             entry.pop(rng.randrange(len(entry)))
