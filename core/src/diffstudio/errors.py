@@ -228,3 +228,7 @@ class PluginHookError(PluginError):
         super().__init__(message)
         self.plugin = plugin
         self.hook = hook
+
+
+class NoPipelineError(PipelineInputError):
+    """No installed pipeline runs the family that claimed a model (its pipeline plugin is missing)."""

@@ -1,18 +1,37 @@
-"""Identify a checkpoint: resolve a ModelConfig, open its files, and get exactly one family claim."""
+"""Identify a checkpoint: resolve a ModelConfig, open its files, and get exactly one family claim.
+
+The one path from files to a loaded pipeline (``diffstudio run``, training, ``from_pretrained``)::
+
+    with identified(runtime, configs[:1]) as found:        # each checkpoint identified once
+        spec = pipeline_for(runtime, found[0][1])           # which pipeline serves it: one answer for everyone
+        pipe = spec.factory().from_pretrained(model_configs=configs, runtime=runtime)
+
+Inside the block, ``BasePipeline.load_component`` gets the checkpoint and claim already found for a config
+(:func:`identify` hands them over instead of opening the files again) and closes the checkpoint once its module
+is built; checkpoints nobody took are closed when the block ends.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
 from diffstudio.config import ModelConfig
-from diffstudio.errors import AmbiguousCheckpointError, StrictLoadError, UnknownCheckpointError
+from diffstudio.errors import AmbiguousCheckpointError, NoPipelineError, StrictLoadError, UnknownCheckpointError
 from diffstudio.loading.checkpoint import Checkpoint
 from diffstudio.loading.sources import WEIGHT_SUFFIXES, ShardIndexError
 from diffstudio.resolve import resolve_files
 from diffstudio.runtime import Runtime
-from diffstudio.types import LoadRequest, ModelClaim
+from diffstudio.types import LoadRequest, ModelClaim, PipelineSpec
+
+#: Checkpoints identified by an :func:`identified` block and not yet taken: ``(runtime, {id(config): entry})``.
+_PENDING: ContextVar[tuple[Runtime, dict[int, tuple[ModelConfig, Checkpoint, ModelClaim]]] | None] = ContextVar(
+    "diffstudio_identified", default=None
+)
 
 
 def open_checkpoint(runtime: Runtime, config: ModelConfig) -> Checkpoint:
@@ -59,6 +78,12 @@ def identify(runtime: Runtime, config: ModelConfig) -> tuple[Checkpoint, ModelCl
         UnknownCheckpointError: no family claimed it (names the file, its telling keys, the families asked).
         AmbiguousCheckpointError: two or more plugins claimed it (names them).
     """
+    pending = _PENDING.get()
+    if pending is not None and pending[0] is runtime:
+        entry = pending[1].get(id(config))
+        if entry is not None and entry[0] is config:
+            del pending[1][id(config)]  # the caller owns (and closes) it now
+            return entry[1], entry[2]
     checkpoint = open_checkpoint(runtime, config)
     claims = runtime.hooks.load_model(checkpoint, config)
     if not claims:
@@ -66,6 +91,95 @@ def identify(runtime: Runtime, config: ModelConfig) -> tuple[Checkpoint, ModelCl
     if len(claims) > 1:
         raise AmbiguousCheckpointError(checkpoint.source, [c.describe() for c in claims])
     return checkpoint, naming_source(claims[0])
+
+
+#: ``ModelConfig`` fields that say where weights live, not which files they are (:meth:`Identified.with_memory`).
+MEMORY_FIELDS = frozenset(
+    f"{stage}_{kind}" for stage in ("offload", "onload", "preparing", "computation") for kind in ("device", "dtype")
+)
+
+
+@dataclasses.dataclass
+class Identified:
+    """A config identified by :func:`identified`: its open checkpoint and the one claim on it."""
+
+    config: ModelConfig
+    checkpoint: Checkpoint
+    claim: ModelClaim
+    _pending: dict[int, tuple[ModelConfig, Checkpoint, ModelClaim]] = dataclasses.field(repr=False)
+
+    def with_memory(self, **fields: Any) -> ModelConfig:
+        """The config with other memory fields, still identified: loading it in the block takes this checkpoint.
+
+        Memory fields (:data:`MEMORY_FIELDS`) say where weights rest and compute, not which files they are, so
+        the claim stays valid.
+
+        Raises:
+            ValueError: A field that is not a memory field (a programming error).
+        """
+        unknown = sorted(set(fields) - MEMORY_FIELDS)
+        if unknown:
+            raise ValueError(f"with_memory() takes memory fields only; got {unknown}")
+        changed = dataclasses.replace(self.config, **fields)
+        entry = self._pending.pop(id(self.config), None)
+        if entry is not None:
+            self._pending[id(changed)] = (changed, entry[1], entry[2])
+        self.config = changed
+        return changed
+
+
+@contextmanager
+def identified(runtime: Runtime, configs: Sequence[ModelConfig]) -> Iterator[list[Identified]]:
+    """Identify ``configs`` once each, for the loads inside the block to reuse.
+
+    :func:`identify` called inside the block with the same runtime and the same config object (or the one
+    :meth:`Identified.with_memory` returned) gives the checkpoint and claim found here, and the caller then owns
+    the checkpoint; the checkpoints nobody took are closed when the block ends, also on errors.
+
+    Yields:
+        One :class:`Identified` per config, in order.
+
+    Raises:
+        ModelNotFoundError, UnknownCheckpointError, AmbiguousCheckpointError: As :func:`identify`.
+    """
+    pending: dict[int, tuple[ModelConfig, Checkpoint, ModelClaim]] = {}
+    token = _PENDING.set((runtime, pending))
+    try:
+        results = []
+        for config in configs:
+            checkpoint, claim = identify(runtime, config)
+            pending[id(config)] = (config, checkpoint, claim)
+            results.append(Identified(config, checkpoint, claim, pending))
+        yield results
+    finally:
+        _PENDING.reset(token)
+        for _, checkpoint, _ in pending.values():
+            checkpoint.close()
+
+
+def pipeline_for(runtime: Runtime, claim: ModelClaim | None = None, *, name: str | None = None) -> PipelineSpec:
+    """Which installed pipeline serves a model: the one asked for by ``name``, else the claim's family's.
+
+    The one answer for ``diffstudio run``, training and ``from_pretrained``'s wrong-family message: the first
+    registered pipeline (by name) whose ``family`` is the claim's.
+
+    Raises:
+        NoPipelineError: No installed pipeline runs the claim's family.
+        UnknownNameError: ``name`` is not a registered pipeline.
+        ValueError: Neither ``claim`` nor ``name`` given (a programming error).
+    """
+    pipelines = runtime.hooks.pipelines()
+    if name is not None:
+        return pipelines.get(name)
+    if claim is None:
+        raise ValueError("pipeline_for() needs a claim or a pipeline name")
+    for spec in pipelines:  # by name: the same answer on every machine
+        if spec.family == claim.family:
+            return spec
+    raise NoPipelineError(
+        f"no installed pipeline runs {claim.family!r} models ({claim.describe()}); install the plugin of the "
+        f"{claim.family} family (see `diffstudio plugins`)"
+    )
 
 
 def naming_source(claim: ModelClaim) -> ModelClaim:

@@ -34,30 +34,27 @@ def load_plan(
         ModelArgumentError, MissingComponentsError: The model entries name nothing loadable, or lack parts.
         DiffstudioError: Any other load error (unknown checkpoint, corrupt file...).
     """
-    from diffstudio.identify import identify
+    from diffstudio.identify import identified, pipeline_for
 
     try:
-        if plan.embedded is not None:
-            spec = runtime.hooks.pipelines().get(plan.embedded.pipeline)
-        else:
-            _, claim = identify(runtime, plan.configs[0])
-            matching = [s for s in runtime.hooks.pipelines() if s.family == claim.family]
-            if not matching:
-                raise PipelineInputError(f"no installed pipeline runs {claim.family!r} models ({claim.describe()})")
-            spec = matching[0]
-        cls = spec.factory()
-        parameters = inspect.signature(cls.from_pretrained).parameters
-        kwargs: dict[str, Any] = {}
-        if "tokenizer_config" in parameters and plan.tokenizers:
-            kwargs["tokenizer_config"] = plan.tokenizers[0]
-        elif "tokenizer_1_config" in parameters:
-            for index, config in enumerate(plan.tokenizers[:2], start=1):
-                kwargs[f"tokenizer_{index}_config"] = config
-        if vram_limit is not None:
-            kwargs["vram_limit"] = vram_limit
-        pipe = cls.from_pretrained(
-            torch_dtype=torch_dtype, device=device, model_configs=plan.configs, runtime=runtime, **kwargs
-        )
+        with identified(runtime, [] if plan.embedded is not None else plan.configs[:1]) as found:
+            if plan.embedded is not None:
+                spec = pipeline_for(runtime, name=plan.embedded.pipeline)
+            else:
+                spec = pipeline_for(runtime, found[0].claim)
+            cls = spec.factory()
+            parameters = inspect.signature(cls.from_pretrained).parameters
+            kwargs: dict[str, Any] = {}
+            if "tokenizer_config" in parameters and plan.tokenizers:
+                kwargs["tokenizer_config"] = plan.tokenizers[0]
+            elif "tokenizer_1_config" in parameters:
+                for index, config in enumerate(plan.tokenizers[:2], start=1):
+                    kwargs[f"tokenizer_{index}_config"] = config
+            if vram_limit is not None:
+                kwargs["vram_limit"] = vram_limit
+            pipe = cls.from_pretrained(
+                torch_dtype=torch_dtype, device=device, model_configs=plan.configs, runtime=runtime, **kwargs
+            )
     except DiffstudioError as exc:
         better = explain_load_error(exc, plan)
         if better is exc:

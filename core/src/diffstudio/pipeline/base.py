@@ -23,8 +23,8 @@ from typing import Any, ClassVar
 import torch
 
 from diffstudio.config import ModelConfig
-from diffstudio.errors import ConfigError, MissingPluginError, PipelineInputError, UnitGraphError
-from diffstudio.identify import identify
+from diffstudio.errors import ConfigError, MissingPluginError, NoPipelineError, PipelineInputError, UnitGraphError
+from diffstudio.identify import identify, pipeline_for
 from diffstudio.pipeline import pretrained
 from diffstudio.pipeline.diffusers_api import DiffusersApi, wrap_call
 from diffstudio.pipeline.limits import Limits
@@ -227,26 +227,39 @@ class BasePipeline(DiffusersApi):
         return pipe
 
     def load_component(self, config: ModelConfig) -> ModelClaim:
-        """Load one checkpoint into the slot its family claim names, under the chosen memory strategy."""
+        """Load one checkpoint into the slot its family claim names, under the chosen memory strategy.
+
+        The checkpoint is identified once (or taken from an enclosing :func:`diffstudio.identify.identified`
+        block) and closed once its module is built; the module's tensors keep their own memory maps.
+        """
         checkpoint, claim = identify(self.runtime, config)
-        if claim.family != self.family:
-            raise WrongFamilyError(
-                f"{checkpoint.source} is a {claim.model_type} checkpoint of the {claim.family!r} family "
-                f"(claimed by plugin {claim.plugin!r}); {type(self).__name__} runs {self.family!r} models. "
-                f"Use the {claim.family} pipeline for it."
-            )
-        budget = self.memory_budget(config)
-        if budget.managed:  # as stored (file dtypes, memory-mapped on CPU): the strategy places every tensor
-            request = LoadRequest(config, None, "cpu")
-        else:
-            request = LoadRequest(config, budget.computation_dtype, budget.computation_device)
-        module = claim.load(checkpoint, request)
+        with checkpoint:
+            if claim.family != self.family:
+                raise WrongFamilyError(
+                    f"{checkpoint.source} is a {claim.model_type} checkpoint of the {claim.family!r} family "
+                    f"(claimed by plugin {claim.plugin!r}); {type(self).__name__} runs {self.family!r} models. "
+                    f"{self._serving(claim)}"
+                )
+            budget = self.memory_budget(config)
+            if budget.managed:  # as stored (file dtypes, memory-mapped on CPU): the strategy places every tensor
+                request = LoadRequest(config, None, "cpu")
+            else:
+                request = LoadRequest(config, budget.computation_dtype, budget.computation_device)
+            module = claim.load(checkpoint, request)
         strategy = self.runtime.hooks.vram_policy(module, claim.component, budget, self)
         module = strategy.apply(module)
         self.set_component(
             claim.component, module, strategy=strategy, claim=claim, files=[str(f) for f in checkpoint.files]
         )
         return claim
+
+    def _serving(self, claim: ModelClaim) -> str:
+        """Advice naming the pipeline that serves ``claim`` (the answer ``diffstudio run`` uses too)."""
+        try:
+            spec = pipeline_for(self.runtime, claim)
+        except NoPipelineError:
+            return f"No installed pipeline runs it; install the {claim.family} family's plugin."
+        return f"Use the {claim.family} pipeline for it ({spec.name!r}: {spec.factory().__name__}.from_pretrained)."
 
     def memory_budget(self, config: ModelConfig) -> MemoryBudget:
         """Build the ``vram_policy`` budget from a config's memory fields and the pipeline's defaults."""

@@ -20,7 +20,7 @@ LoRA side paths are separate parameters in the computation dtype.
 from __future__ import annotations
 
 import json
-from dataclasses import fields, replace
+from dataclasses import fields
 from typing import Any
 
 import torch
@@ -75,43 +75,42 @@ def training_dtype(config: TrainConfig) -> torch.dtype:
 
 def load_training_pipeline(config: TrainConfig, runtime: Runtime, device: str) -> BasePipeline:
     """Load the family pipeline for the models; ``--fp8_models`` / ``--offload_models`` ones are managed."""
-    from diffstudio.identify import identify
+    from diffstudio.identify import identified, pipeline_for
 
     entries = model_entries(config)
     dtype = training_dtype(config)
-    _, claim = identify(runtime, entries[0][1])
-    specs = [s for s in runtime.hooks.pipelines() if s.family == claim.family]
-    if not specs:
-        raise TrainConfigError(f"no installed pipeline runs {claim.family!r} models ({claim.describe()})")
-    cls = specs[0].factory()
-    configs, matched = [], set()
     fp8, offload = set(config.fp8_models), set(config.offload_models)
     trained = set(config.trainable_models)
-    for label, model in entries:
-        if fp8 or offload or model.has_memory_fields:
-            _, found = identify(runtime, model)
-            component = found.component
-            wants_fp8 = bool({component, label} & fp8)
-            wants_offload = bool({component, label} & offload)
-            matched |= {component, label} & (fp8 | offload)
-            if component in trained and (wants_fp8 or wants_offload or model.has_memory_fields):
-                raise TrainConfigError(
-                    f"{component!r} is trained (--trainable_models) but float8 storage or offloading was asked for "
-                    "it; only frozen components (or a LoRA's base model) can be stored in float8 or offloaded. "
-                    f"Train a LoRA on it instead (--lora_base_model {component})."
-                )
-            if wants_fp8:
-                model = replace(model, offload_dtype=FP8, onload_dtype=FP8, preparing_dtype=FP8,
-                                computation_dtype=model.computation_dtype or dtype)  # fmt: skip
-            if wants_offload:
-                model = replace(model, offload_device="cpu")
-        configs.append(model)
-    kwargs: dict[str, Any] = {}
-    if config.tokenizer_path:
-        kwargs["tokenizer_config"] = ModelConfig(path=config.tokenizer_path)
-    pipe: BasePipeline = cls.from_pretrained(
-        torch_dtype=dtype, device=device, model_configs=configs, runtime=runtime, **kwargs
-    )
+    managed = [index for index, (_, model) in enumerate(entries) if fp8 or offload or model.has_memory_fields]
+    asked = sorted({0, *managed})  # the first names the pipeline; managed ones need their component's name
+    with identified(runtime, [entries[i][1] for i in asked]) as found:
+        models = dict(zip(asked, found))
+        cls = pipeline_for(runtime, models[0].claim).factory()
+        configs, matched = [], set()
+        for index, (label, model) in enumerate(entries):
+            if index in managed:
+                component = models[index].claim.component
+                wants_fp8 = bool({component, label} & fp8)
+                wants_offload = bool({component, label} & offload)
+                matched |= {component, label} & (fp8 | offload)
+                if component in trained and (wants_fp8 or wants_offload or model.has_memory_fields):
+                    raise TrainConfigError(
+                        f"{component!r} is trained (--trainable_models) but float8 storage or offloading was asked "
+                        "for it; only frozen components (or a LoRA's base model) can be stored in float8 or "
+                        f"offloaded. Train a LoRA on it instead (--lora_base_model {component})."
+                    )
+                if wants_fp8:
+                    model = models[index].with_memory(offload_dtype=FP8, onload_dtype=FP8, preparing_dtype=FP8,
+                                                      computation_dtype=model.computation_dtype or dtype)  # fmt: skip
+                if wants_offload:
+                    model = models[index].with_memory(offload_device="cpu")
+            configs.append(model)
+        kwargs: dict[str, Any] = {}
+        if config.tokenizer_path:
+            kwargs["tokenizer_config"] = ModelConfig(path=config.tokenizer_path)
+        pipe: BasePipeline = cls.from_pretrained(
+            torch_dtype=dtype, device=device, model_configs=configs, runtime=runtime, **kwargs
+        )
     for option, names in (("--fp8_models", fp8), ("--offload_models", offload)):
         unknown = names - matched
         if unknown:
