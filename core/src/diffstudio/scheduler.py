@@ -1,4 +1,4 @@
-"""Flow-matching (rectified-flow) scheduler for FLUX.1 and FLUX.2: inference schedules, Euler steps, training.
+"""Flow-matching (rectified-flow) scheduler for FLUX.1 and FLUX.2: inference schedules and Euler steps.
 
 The model predicts a velocity ``v = noise - x0``; the noisy sample at noise level ``sigma`` is
 ``x_sigma = (1 - sigma) * x0 + sigma * noise`` (sigma 1 is pure noise, 0 the clean sample), and one Euler step
@@ -30,9 +30,8 @@ Schedules (``shift_mode``):
   with ``sigma_min = 1/N`` and N = 1 the only sigma is 1, so one-step image-to-image ignores the strength.
 * **An explicit ``mu``** always means the exponential shift with that ``mu``, whatever ``shift_mode`` is.
 
-Training follows DiffSynth: sigmas are drawn from a 1000-point grid shifted like an inference schedule
-(``mu = 0.8`` for FLUX.2, static shift 3 for FLUX.1, or the family's ``mu`` when ``image_seq_len`` is given),
-and the loss is weighted by DiffSynth's Gaussian bump over timesteps.
+Training sigmas (the training grid, sigma sampling and the loss weighting) live in :mod:`diffstudio.train.sigmas`;
+this class inherits them (:class:`~diffstudio.train.sigmas.TrainingSigmas`).
 
 The object holds only its configuration and the current schedule; there is no global state and no
 randomness except through an explicit ``torch.Generator``.
@@ -51,7 +50,6 @@ from torch import Tensor
 from diffstudio.errors import ConfigError, PipelineInputError
 from diffstudio.schedules import (
     FLUX2_TRAINING_MU,
-    bump_weighting,
     flux1_mu,
     flux2_empirical_mu,
     img2img_start_sigma,
@@ -59,6 +57,8 @@ from diffstudio.schedules import (
     static_shift,
     time_shift_exponential,
 )
+from diffstudio.schedules import positive_int as _positive_int
+from diffstudio.train.sigmas import LossWeighting, TimestepSampling, TrainingSigmas
 
 __all__ = [
     "FLUX2_TRAINING_MU",
@@ -73,27 +73,8 @@ __all__ = [
 ]
 
 ShiftMode = Literal["flux1", "flux2", "static", "none"]
-TimestepSampling = Literal["uniform", "logit_normal", "mode"]
-LossWeighting = Literal["bump", "none"]
 
-# With ``image_seq_len`` given, FLUX.2 training uses the 200-step fit of the empirical mu: the fit is only
-# measured between 10 and 200 steps, and extrapolating it to a 1000-point grid gives meaningless values.
-_FLUX2_TRAINING_FIT_STEPS = 200
-
-
-def _positive_int(value: object, name: str, error: type[Exception]) -> int:
-    if isinstance(value, bool):
-        raise error(f"{name} must be a positive integer, got {value!r}")
-    try:
-        number = operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        raise error(f"{name} must be a positive integer, got {value!r}") from None
-    if number < 1:
-        raise error(f"{name} must be a positive integer, got {value!r}")
-    return int(number)
-
-
-class FlowMatchScheduler:
+class FlowMatchScheduler(TrainingSigmas):
     """Flow-matching Euler scheduler serving FLUX.1, FLUX.2 and training.
 
     Args:
@@ -445,155 +426,3 @@ class FlowMatchScheduler:
         s = self._broadcast_sigma(sigma, sample, dtype)
         velocity = (sample.to(dtype) - original.to(dtype)) / s
         return velocity.to(sample.dtype)
-
-    # ------------------------------------------------------------------------------------------------------
-    # training
-    # ------------------------------------------------------------------------------------------------------
-
-    def training_sigmas(self, image_seq_len: int | None = None, *, mu: float | None = None) -> Tensor:
-        """The training grid: ``num_train_timesteps`` shifted sigmas, float32 ``(T,)``, decreasing from 1.
-
-        The unshifted grid is ``linspace(1, sigma_min, T)`` (``sigma_min = 1/T`` unless configured).
-        The shift:
-
-        * explicit ``mu``: exponential with it;
-        * ``"flux2"``: ``mu = 0.8`` (DiffSynth), or with ``image_seq_len`` the 200-step empirical fit;
-        * ``"flux1"``: the static shift ``shift`` (DiffSynth: 3), or with ``image_seq_len`` ``flux1_mu``;
-        * ``"static"``: the static shift; ``"none"``: none.
-
-        Args:
-            image_seq_len: Optional image tokens ``(H/16) * (W/16)`` for a resolution-dependent grid.
-            mu: Explicit exponential-shift ``mu``.
-
-        Returns:
-            Float32 tensor ``(T,)`` on the CPU.
-        """
-        key = (image_seq_len, mu, self.shift_mode, self.shift, self.base_shift, self.max_shift,
-               self.base_image_seq_len, self.max_image_seq_len, self.num_train_timesteps, self.sigma_min)  # fmt: skip
-        grid = self._training_grids.get(key)
-        if grid is None:  # training asks for the same grid for every sample of every step
-            if len(self._training_grids) >= 32:
-                self._training_grids.clear()
-            grid = self._training_grids[key] = self._training_grid(image_seq_len, mu)
-        return grid.clone()
-
-    def _training_grid(self, image_seq_len: int | None, mu: float | None) -> Tensor:
-        base = self._grid(self.num_train_timesteps, 1.0)
-        if mu is None and image_seq_len is not None and self.shift_mode == "flux2":
-            length = _positive_int(image_seq_len, "image_seq_len", PipelineInputError)
-            mu = flux2_empirical_mu(length, _FLUX2_TRAINING_FIT_STEPS)
-        elif mu is None and image_seq_len is not None and self.shift_mode == "flux1":
-            mu = self.resolve_mu(self.num_train_timesteps, image_seq_len)
-        elif mu is None and self.shift_mode == "flux2":
-            mu = FLUX2_TRAINING_MU
-        elif mu is not None and not math.isfinite(mu):
-            raise PipelineInputError(f"mu must be a finite number, got {mu!r}")
-        return self._shift(base, mu, static=self.shift_mode in ("flux1", "static"))
-
-    def sample_training_sigmas(
-        self,
-        batch_size: int,
-        *,
-        generator: torch.Generator | None,
-        image_seq_len: int | None = None,
-        device: torch.device | str | None = None,
-        timestep_sampling: TimestepSampling = "uniform",
-        logit_mean: float = 0.0,
-        logit_std: float = 1.0,
-        mode_scale: float = 1.29,
-        min_boundary: float = 0.0,
-        max_boundary: float = 1.0,
-        mu: float | None = None,
-    ) -> Tensor:
-        """Draw one training sigma per batch item from the training grid (``training_sigmas``).
-
-        A grid index is drawn in ``[int(min_boundary * T), int(max_boundary * T))`` and its sigma returned:
-
-        * ``"uniform"``: uniform index (DiffSynth's FLUX training);
-        * ``"logit_normal"``: ``u = sigmoid(N(logit_mean, logit_std))``, index ``floor(u * range)``, as
-          diffusers' ``compute_density_for_timestep_sampling`` followed by its FLUX training scripts;
-        * ``"mode"``: diffusers' mode sampling with ``mode_scale``.
-
-        Index 0 is sigma 1 (pure noise), so ``u`` near 0 means high noise, as in diffusers.
-
-        Args:
-            batch_size: B.
-            generator: Source of randomness (None: torch's global generator, not reproducible).
-            image_seq_len: Optional resolution for the grid's shift (see ``training_sigmas``).
-            device: Device of the result (default: CPU).
-            timestep_sampling: ``"uniform"``, ``"logit_normal"`` or ``"mode"``.
-            logit_mean: Mean of the logit-normal.
-            logit_std: Standard deviation of the logit-normal (> 0).
-            mode_scale: Scale of the ``"mode"`` density.
-            min_boundary: Lower end of the index range, as a fraction of T, in ``[0, 1)``.
-            max_boundary: Upper end of the index range, as a fraction of T, in ``(0, 1]``.
-            mu: Explicit exponential-shift ``mu`` of the grid.
-
-        Returns:
-            Float32 tensor ``(B,)`` of sigmas in ``(0, 1]``.
-
-        Raises:
-            PipelineInputError: Invalid batch size, sampling name or boundaries.
-        """
-        batch = _positive_int(batch_size, "batch_size", PipelineInputError)
-        if timestep_sampling not in get_args(TimestepSampling):
-            raise PipelineInputError(
-                f"timestep_sampling must be one of {get_args(TimestepSampling)}, got {timestep_sampling!r}"
-            )
-        total = self.num_train_timesteps
-        low, high = int(min_boundary * total), int(max_boundary * total)
-        if not (0.0 <= min_boundary < max_boundary <= 1.0) or low >= high:
-            raise PipelineInputError(
-                f"Need 0 <= min_boundary < max_boundary <= 1 covering at least one of {total} timesteps, "
-                f"got {min_boundary!r}, {max_boundary!r}"
-            )
-        if not (math.isfinite(logit_std) and logit_std > 0):
-            raise PipelineInputError(f"logit_std must be > 0, got {logit_std!r}")
-        grid = self.training_sigmas(image_seq_len, mu=mu)
-        draw_device = generator.device if generator is not None else torch.device("cpu")
-        if timestep_sampling == "uniform":
-            index = torch.randint(low, high, (batch,), generator=generator, device=draw_device)
-        else:
-            if timestep_sampling == "logit_normal":
-                normal = torch.normal(logit_mean, logit_std, size=(batch,), generator=generator, device=draw_device)
-                u = torch.sigmoid(normal)
-            else:
-                u = torch.rand((batch,), generator=generator, device=draw_device)
-                u = 1 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
-            index = low + (u * (high - low)).long().clamp(0, high - low - 1)
-        return grid[index.cpu()].to(device if device is not None else "cpu")
-
-    def training_weight(
-        self,
-        sigmas: Tensor,
-        *,
-        weighting: LossWeighting = "bump",
-        image_seq_len: int | None = None,
-        mu: float | None = None,
-    ) -> Tensor:
-        """Per-sample loss weight for training sigmas.
-
-        ``"bump"`` is DiffSynth's weighting: ``exp(-2 * ((t - T/2) / T)^2)`` over timesteps ``t = sigma * T``,
-        offset so its minimum over the training grid is 0 (at sigma 1) and scaled so its mean over the grid
-        is 1 (sum T). Pass the same ``image_seq_len``/``mu`` as to ``sample_training_sigmas``: the grid fixes
-        the normalisation. ``"none"`` gives ones.
-
-        Args:
-            sigmas: Sigmas, any shape, typically ``(B,)``.
-            weighting: ``"bump"`` or ``"none"``.
-            image_seq_len: Resolution of the training grid (see ``training_sigmas``).
-            mu: Explicit ``mu`` of the training grid.
-
-        Returns:
-            Float32 weights, same shape and device as ``sigmas``; > 0 for sigmas in ``(0, 1)``.
-
-        Raises:
-            PipelineInputError: Unknown weighting.
-        """
-        if weighting == "none":
-            return torch.ones(sigmas.shape, dtype=torch.float32, device=sigmas.device)
-        if weighting != "bump":
-            raise PipelineInputError(f"weighting must be one of {get_args(LossWeighting)}, got {weighting!r}")
-        grid = self.training_sigmas(image_seq_len, mu=mu)
-        weights = bump_weighting(sigmas.detach().to("cpu"), grid, self.num_train_timesteps)
-        return weights.to(sigmas.device)

@@ -17,6 +17,7 @@ The numerics follow diffusers (``FlowMatchEulerDiscreteScheduler`` fed by ``Flux
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 from torch import Tensor
@@ -203,3 +204,16 @@ def bump_weighting(sigmas: Tensor, grid: Tensor, num_train_timesteps: int = 1000
     scale = grid.numel() / (on_grid - floor).sum()
     weights: Tensor = (bump(sigmas) - floor) * scale
     return weights
+
+
+def positive_int(value: object, name: str, error: type[Exception]) -> int:
+    """``value`` as an int >= 1 (bools and non-integers refused), else ``error`` naming ``name``."""
+    if isinstance(value, bool):
+        raise error(f"{name} must be a positive integer, got {value!r}")
+    try:
+        number = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise error(f"{name} must be a positive integer, got {value!r}") from None
+    if number < 1:
+        raise error(f"{name} must be a positive integer, got {value!r}")
+    return int(number)
