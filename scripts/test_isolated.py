@@ -1,4 +1,4 @@
-"""Each distribution tests alone: one venv per plugin with only that plugin and what it declares, then its tests.
+"""Each distribution tests alone: one venv per plugin (and the SDK) with only it and what it declares, then its tests.
 
 What it proves: a plugin's tests pass with nothing importable but the plugin, the diffstudio distributions its
 ``pyproject.toml`` declares (``dependencies`` and its ``test`` extra, transitively), the third-party packages those
@@ -25,7 +25,7 @@ assumed, as for every test here).
 
 Usage (``scripts/test-isolated.sh`` runs this with ``.venv/bin/python``, after bootstrapping it)::
 
-    scripts/test-isolated.sh                          # every plugin
+    scripts/test-isolated.sh                          # every plugin and template_sdk (core's tests use the SDK)
     scripts/test-isolated.sh controlnet               # one plugin
     scripts/test-isolated.sh --full flux2 -- -k vram  # slow tests too; pytest arguments after --
     scripts/test-isolated.sh --list                   # print each plugin's closure and stop
@@ -88,6 +88,14 @@ def workspace() -> dict[str, Member]:
         name = canonicalize_name(project["name"])
         members[name] = Member(name, folder, modules, [Requirement(r) for r in project.get("dependencies", [])], extras)
     return members
+
+
+def testable(members: dict[str, Member]) -> list[str]:
+    """The distributions whose tests run alone: every plugin and the template SDK.
+
+    Not core: its tests use the template SDK (which depends on core, not the other way round).
+    """
+    return [n for n, m in members.items() if m.folder.parent.name == "plugins" or m.folder.name == "template_sdk"]
 
 
 def closure(members: dict[str, Member], root: Member) -> dict[str, set[str]]:
@@ -249,9 +257,10 @@ def check_isolation(members: dict[str, Member], chosen: dict[str, set[str]], pyt
     inside = {m for n in chosen for m in members[n].modules}
     outside = {m for n, member in members.items() if n not in chosen for m in member.modules} - inside
     declared = declared_third_party(members, chosen)
-    outside |= {m for m, dist in REFERENCE_LIBS.items() if dist not in declared}
+    outside |= {m for m, dist in REFERENCE_LIBS.items() if dist not in declared} | {"benchmarks"}
     want = {"present": sorted(inside), "absent": sorted(outside)}
-    done = subprocess.run([str(python), "-c", CHECK, json.dumps(want)], capture_output=True, text=True, cwd=WORK)
+    check = [str(python), "-P", "-c", CHECK, json.dumps(want)]  # from the root, as the tests run
+    done = subprocess.run(check, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         return [f"the isolation check did not run: {done.stderr.strip()[-500:]}"]
     found = json.loads(done.stdout)
@@ -271,7 +280,8 @@ def run_tests(plugin: Member, python: Path, full: bool, extra: list[str]) -> int
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     env["PATH"] = f"{python.parent}{os.pathsep}{env.get('PATH', '')}"
     env["VIRTUAL_ENV"] = str(python.parent.parent)
-    cmd = [str(python), "-m", "pytest", str((plugin.folder / "tests").relative_to(ROOT)), "-q"]
+    # -P: the repository root (the working folder) is not on sys.path, or `import benchmarks` would work here
+    cmd = [str(python), "-P", "-m", "pytest", str((plugin.folder / "tests").relative_to(ROOT)), "-q"]
     if not full:
         cmd += ["-m", "not slow"]
     return subprocess.run(cmd + extra, cwd=ROOT, env=env).returncode
@@ -283,13 +293,13 @@ def main(argv: list[str] | None = None) -> int:
     extra = args_in[args_in.index("--") + 1 :] if "--" in args_in else []
     args_in = args_in[: args_in.index("--")] if "--" in args_in else args_in
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("plugins", nargs="*", help="plugin folder names under plugins/ (default: all)")
+    parser.add_argument("plugins", nargs="*", help="plugin folder names under plugins/, or template_sdk (default: all)")
     parser.add_argument("--full", action="store_true", help="also run tests marked slow")
     parser.add_argument("--fresh", action="store_true", help="rebuild the venvs even when their inputs are unchanged")
     parser.add_argument("--list", action="store_true", help="print each plugin's closure and stop")
     args = parser.parse_args(args_in)
     members = workspace()
-    plugins = {m.folder.name: m for m in members.values() if m.folder.parent.name == "plugins"}
+    plugins = {m.folder.name: m for m in members.values() if m.name in testable(members)}
     unknown = [p for p in args.plugins if p not in plugins]
     if unknown:
         parser.error(f"unknown plugin(s) {unknown}; known: {', '.join(sorted(plugins))}")

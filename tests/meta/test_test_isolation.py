@@ -12,6 +12,7 @@ the same answer in the main suite within a second, for the mistakes found in the
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from diffstudio.testing import import_file
 ROOT = Path(__file__).resolve().parents[2]
 ISOLATED = import_file(ROOT / "scripts" / "test_isolated.py")
 MEMBERS = ISOLATED.workspace()
-PLUGINS = sorted((m for m in MEMBERS.values() if m.folder.parent.name == "plugins"), key=lambda m: m.folder.name)
+PLUGINS = sorted((MEMBERS[n] for n in ISOLATED.testable(MEMBERS)), key=lambda m: m.folder.name)  # and the SDK
 REFERENCE_LIBS = ISOLATED.REFERENCE_LIBS
 
 
@@ -104,3 +105,13 @@ def test_ci_runs_the_isolated_script_after_the_main_suite() -> None:
     assert "make test" in lines
     runs = [i for i, line in enumerate(lines) if "scripts/test-isolated.sh" in line and not line.startswith("#")]
     assert runs and runs[0] > lines.index("make test")
+
+
+def test_the_isolation_check_reports_undeclared_packages_that_are_importable() -> None:
+    """Against the development venv (everything installed), medium-kv's venv check must fail, naming the leaks."""
+    chosen = ISOLATED.closure(MEMBERS, MEMBERS["diffstudio-medium-kv"])
+    problems = ISOLATED.check_isolation(MEMBERS, chosen, Path(sys.executable))
+    assert "importable but not declared: diffstudio_flux1" in problems
+    assert "importable but not declared: diffusers" in problems
+    assert any(p.startswith("diffstudio entry points") for p in problems)
+    assert not any(p.startswith("declared but not importable") for p in problems)
