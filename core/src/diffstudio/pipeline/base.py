@@ -1,4 +1,8 @@
-"""``BasePipeline``: what every family pipeline shares.
+"""``BasePipeline``: what every family pipeline shares; here, the component container and loading.
+
+The class is read in three files of one idea each: this one (components, ``from_pretrained``, ``load_component``,
+memory budgets, ``activate``), :mod:`diffstudio.pipeline.runner` (units: assembly, order, running one) and
+:mod:`diffstudio.pipeline.sampling` (``prepare``, the denoising loop, ``generate``).
 
 A family subclasses it, names its component slots, implements :meth:`BasePipeline.predict_velocity` (its
 ``model_fn``) and contributes its units through the ``pipeline_unit`` hook. The base class loads components
@@ -14,27 +18,25 @@ step. The diffusers names of arguments and methods are mapped once, here, for ev
 
 from __future__ import annotations
 
-import os
-import random
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
 from diffstudio.config import ModelConfig
-from diffstudio.errors import ConfigError, MissingPluginError, NoPipelineError, PipelineInputError, UnitGraphError
+from diffstudio.errors import ConfigError, NoPipelineError, PipelineInputError
 from diffstudio.identify import identify, pipeline_for
 from diffstudio.pipeline import pretrained
 from diffstudio.pipeline.diffusers_api import DiffusersApi, wrap_call
 from diffstudio.pipeline.limits import Limits
-from diffstudio.pipeline.state import PipelineState
-from diffstudio.pipeline.units import Branch, PipelineUnit, order_units
-from diffstudio.pipeline.validate import OUTPUT_TYPES, check_callback_updates, check_values, ensure_finite
+from diffstudio.pipeline.sampling import RunInfo, SamplingLoop, is_main_process
+from diffstudio.pipeline.units import PipelineUnit
+from diffstudio.pipeline.validate import OUTPUT_TYPES
 from diffstudio.runtime import Runtime
 from diffstudio.types import LoadRequest, MemoryBudget, ModelClaim, VramStrategy
 
-__all__ = ["OUTPUT_TYPES", "BasePipeline", "LoadedComponent", "RunInfo", "WrongFamilyError"]
+__all__ = ["OUTPUT_TYPES", "BasePipeline", "LoadedComponent", "RunInfo", "WrongFamilyError", "is_main_process"]
 
 
 class WrongFamilyError(PipelineInputError):
@@ -52,25 +54,12 @@ class LoadedComponent:
     files: tuple[str, ...] = ()
 
 
-@dataclass
-class RunInfo:
-    """What the last call used: per-image seeds and the effective arguments (for metadata)."""
-
-    seeds: list[int] = field(default_factory=list)
-    arguments: dict[str, Any] = field(default_factory=dict)
-
-
 def default_device() -> str:
     """Return ``"cuda"`` when a GPU is usable, else ``"cpu"``."""
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def is_main_process() -> bool:
-    """True unless this process is a non-zero rank of a distributed launch (``RANK`` / ``LOCAL_RANK``)."""
-    return os.environ.get("RANK", "0") in ("", "0") and os.environ.get("LOCAL_RANK", "0") in ("", "0")
-
-
-class BasePipeline(DiffusersApi):
+class BasePipeline(SamplingLoop, DiffusersApi):
     """Base class of family pipelines.
 
     Class attributes set by families:
@@ -334,271 +323,3 @@ class BasePipeline(DiffusersApi):
         for name, strategy in strategies:
             if name in wanted:
                 strategy.onload()
-
-    # ----------------------------------------------------------------------------------------------------------
-    # units
-    # ----------------------------------------------------------------------------------------------------------
-
-    @property
-    def units(self) -> list[PipelineUnit]:
-        """The ordered units of this pipeline (assembled through ``pipeline_unit`` on first use)."""
-        if self._units is None:
-            contributed = self.runtime.hooks.pipeline_units(self)
-            self._unit_owners = {unit.name: owner for owner, unit in contributed}
-            self._units = order_units([unit for _, unit in contributed])
-        return self._units
-
-    def unit_owner(self, name: str) -> str:
-        """Return the plugin that contributed unit ``name``."""
-        _ = self.units
-        return self._unit_owners[name]
-
-    def accepted_inputs(self) -> set[str]:
-        """Names of every call argument some unit declares (positive and negative forms)."""
-        names: set[str] = set()
-        for unit in self.units:
-            for param in unit.inputs:
-                names.add(param.name)
-                if param.per_branch:
-                    names.add(param.key_for("negative"))
-        return names
-
-    def check_inputs(self, inputs: Mapping[str, Any], fixed: Iterable[str] = ()) -> None:
-        """Reject call arguments that no unit reads; name the plugin to install for known adapter inputs."""
-        accepted = self.accepted_inputs() | set(fixed)
-        for key, value in inputs.items():
-            if key in accepted:
-                continue
-            if key in type(self).plugin_inputs:
-                if value is None:
-                    continue
-                raise MissingPluginError(f"The argument {key!r}", type(self).plugin_inputs[key])
-            raise PipelineInputError(
-                f"{type(self).__name__} got an unknown argument {key!r}. Accepted: {', '.join(sorted(accepted))}."
-            )
-
-    def run_unit(self, unit: PipelineUnit, state: PipelineState, cfg: bool, **extra: Any) -> None:
-        """Run one unit on the shared state or on each branch, and check its declared outputs."""
-        missing = [c for c in unit.components if c not in self.loaded and c not in unit.optional_components]
-        if missing:
-            raise UnitGraphError(
-                f"unit {unit.name!r} needs the component(s) {missing}, which are not loaded; add a ModelConfig "
-                f"for them to from_pretrained"
-            )
-        if unit.components:
-            self.activate(unit.components)
-        branches: tuple[Branch, ...] = ("shared",)
-        if unit.per_branch:
-            branches = ("positive", "negative") if cfg else ("positive",)
-        for branch in branches:
-            kwargs: dict[str, Any] = {}
-            source = state.shared if branch == "shared" else state.view(branch)
-            for param in unit.inputs:
-                key = param.key_for(branch)
-                if branch != "shared" and not param.per_branch:
-                    value = state.shared.get(key)
-                else:
-                    value = source.get(key)
-                if value is None and param.required:
-                    raise UnitGraphError(
-                        f"unit {unit.name!r} needs the input {key!r}, which no call argument or earlier unit provided"
-                    )
-                kwargs[param.name] = value
-            result = unit.process(self, **kwargs, **extra)
-            declared = {p.name for p in unit.outputs}
-            undeclared = set(result) - declared
-            if undeclared:
-                raise UnitGraphError(f"unit {unit.name!r} wrote undeclared outputs {sorted(undeclared)}")
-            not_written = [p.name for p in unit.outputs if not p.optional and p.name not in result]
-            if not_written:
-                raise UnitGraphError(f"unit {unit.name!r} did not write its declared outputs {not_written}")
-            state.branch(branch).update(result)
-
-    # ----------------------------------------------------------------------------------------------------------
-    # generation
-    # ----------------------------------------------------------------------------------------------------------
-
-    def check_size(self, height: int, width: int) -> None:
-        """Raise ``PipelineInputError`` unless both sides are positive multiples of ``size_multiple``."""
-        m = type(self).size_multiple
-        for name, value in (("height", height), ("width", width)):
-            if not isinstance(value, int) or value <= 0 or value % m:
-                lower = max(m, (int(value) // m) * m) if isinstance(value, int) else m
-                raise PipelineInputError(
-                    f"{name}={value!r} is not a positive multiple of {m}; use e.g. {lower} or {lower + m}"
-                )
-
-    @staticmethod
-    def seeds_for(seed: int | None, batch: int) -> list[int]:
-        """Per-image seeds: ``seed + i``; a random base seed (recorded) when ``seed`` is None."""
-        base = random.SystemRandom().randrange(0, 2**31) if seed is None else int(seed)
-        return [base + i for i in range(batch)]
-
-    def generate_noise(
-        self,
-        shape: Sequence[int],
-        seeds: Sequence[int],
-        rand_device: str = "cpu",
-        rand_dtype: torch.dtype = torch.float32,
-    ) -> torch.Tensor:
-        """Draw one noise tensor per seed and stack them.
-
-        Args:
-            shape: Shape of one image's noise (no batch axis).
-            seeds: One seed per image.
-            rand_device: Where the generator runs; ``"cpu"`` gives the same noise on every device.
-            rand_dtype: Dtype the noise is drawn in.
-
-        Returns:
-            ``(len(seeds), *shape)`` on the pipeline device, in the pipeline dtype.
-        """
-        draws = []
-        for s in seeds:
-            generator = torch.Generator(rand_device).manual_seed(int(s))
-            draws.append(torch.randn(tuple(shape), generator=generator, device=rand_device, dtype=rand_dtype))
-        return torch.stack(draws).to(device=self.device, dtype=self.torch_dtype)
-
-    def set_progress_bar_config(self, **kwargs: Any) -> None:
-        """Configure the progress bar like diffusers (``disable=True``, ``desc=...``, any tqdm argument)."""
-        self.progress_bar_config.update(kwargs)
-
-    def progress(self, iterable: Sequence[Any], progress_bar_cmd: Callable[..., Any] | None) -> Iterable[Any]:
-        """Wrap the denoising loop in a progress bar (tqdm by default; main process only)."""
-        if progress_bar_cmd is None:
-            from tqdm.auto import tqdm
-
-            progress_bar_cmd = tqdm
-        config = dict(self.progress_bar_config)
-        config.setdefault("disable", not is_main_process())
-        if progress_bar_cmd.__module__.startswith("tqdm"):
-            result: Iterable[Any] = progress_bar_cmd(iterable, **config)
-            return result
-        return progress_bar_cmd(iterable)  # type: ignore[no-any-return]
-
-    def call_inputs(self, prompt: Any, **kwargs: Any) -> dict[str, Any]:
-        """Turn call arguments into the state inputs that :meth:`generate` runs (the trainer's entry too).
-
-        Families implement it with the seed's argument names and defaults; their ``__call__`` is
-        ``self.generate(self.call_inputs(prompt, **kwargs))``. The trainer calls it with one prompt, the
-        training image as ``input_image`` and ``denoising_strength=1`` to get a complete set of inputs.
-        """
-        raise NotImplementedError(f"{type(self).__name__} must implement call_inputs()")
-
-    def predict_velocity(self, inputs: Mapping[str, Any], step_index: int, timestep: torch.Tensor) -> torch.Tensor:
-        """Run the denoiser for one branch (the family's ``model_fn``).
-
-        Args:
-            inputs: The branch's view of the state (branch outputs over shared values).
-            step_index: Index of the denoising step.
-            timestep: The scheduler's timestep for this step.
-
-        Returns:
-            The predicted velocity, same shape as ``inputs["latents"]``.
-        """
-        raise NotImplementedError(f"{type(self).__name__} must implement predict_velocity()")
-
-    def guidance(self, positive: torch.Tensor, negative: torch.Tensor, cfg_scale: float) -> torch.Tensor:
-        """Classifier-free guidance: ``negative + cfg_scale * (positive - negative)``."""
-        return negative + cfg_scale * (positive - negative)
-
-    def denoise(
-        self,
-        state: PipelineState,
-        *,
-        cfg: bool,
-        progress_bar_cmd: Callable[..., Any] | None = None,
-        callback_on_step_end: Callable[..., Any] | None = None,
-    ) -> None:
-        """The denoising loop: step units, model calls per branch, CFG, Euler step, callbacks."""
-        timesteps = state.shared["timesteps"]
-        step_units = [u for u in self.units if u.stage == "step"]
-        cfg_scale = float(state.shared.get("cfg_scale") or 1.0)
-        self.activate(self.denoise_components)
-        for index in self.progress(range(len(timesteps)), progress_bar_cmd):
-            timestep = timesteps[index]
-            for unit in step_units:
-                self.run_unit(unit, state, cfg, step_index=index, timestep=timestep)
-            velocity = self.predict_velocity(state.view("positive"), index, timestep)
-            if cfg:
-                negative = self.predict_velocity(state.view("negative"), index, timestep)
-                velocity = self.guidance(velocity, negative, cfg_scale)
-            velocity = self.blend_inpaint(state, velocity, index)
-            state.shared["latents"] = self.scheduler.step(velocity, index, state.shared["latents"])
-            if index == 0 or index == len(timesteps) - 1:
-                ensure_finite(state.shared["latents"], f"in the latents after denoising step {index + 1}")
-            if callback_on_step_end is not None:
-                updates = callback_on_step_end(self, index, timestep, {"latents": state.shared["latents"]})
-                if updates:
-                    state.shared.update(check_callback_updates(updates, state.shared["latents"]))
-        self.activate(())
-
-    def blend_inpaint(self, state: PipelineState, velocity: torch.Tensor, index: int) -> torch.Tensor:
-        """Keep the unmasked region on the input image's trajectory (when ``inpaint_mask`` is set).
-
-        ``inpaint_mask`` is ``(B, L, 1)`` in token layout, 1 where the image is repainted.
-        """
-        mask = state.shared.get("inpaint_mask")
-        original = state.shared.get("input_latents")
-        if mask is None or original is None:
-            return velocity
-        sigma = self.scheduler.sigmas[index]
-        towards_input = (state.shared["latents"] - original) / sigma
-        blended: torch.Tensor = mask * velocity + (1 - mask) * towards_input
-        return blended
-
-    def prepare(
-        self,
-        inputs: Mapping[str, Any],
-        *,
-        cfg: bool = False,
-        skip: Iterable[str] = (),
-        state: PipelineState | None = None,
-    ) -> PipelineState:
-        """Run the ``prepare``-stage units on ``inputs`` and return the state (the trainer's entry too).
-
-        Runs under the caller's grad mode (``generate`` wraps it in ``no_grad``). With ``input_image`` and
-        ``denoising_strength=1`` a family's input-image unit writes the clean latents as ``input_latents``
-        ``(B, L, C)``; the conditioning is in ``state.view("positive")``.
-
-        Args:
-            inputs: Call arguments.
-            cfg: Also run per-branch units on the negative branch.
-            skip: Names of units not to run (e.g. those whose outputs a split-training cache already holds).
-            state: Continue from this state instead of a new one (its shared values are updated by ``inputs``).
-        """
-        if state is None:
-            state = PipelineState(shared=dict(inputs))
-        else:
-            state.shared.update(inputs)
-        skipped = set(skip)
-        for unit in self.units:
-            if unit.stage == "prepare" and unit.name not in skipped:
-                self.run_unit(unit, state, cfg)
-        return state
-
-    def generate(
-        self,
-        inputs: dict[str, Any],
-        *,
-        progress_bar_cmd: Callable[..., Any] | None = None,
-        callback_on_step_end: Callable[..., Any] | None = None,
-    ) -> Any:
-        """Run every unit and the denoising loop on ``inputs``; return ``state.shared["output"]``.
-
-        Families call this from their ``__call__`` after validating arguments.
-        """
-        output_type = inputs.get("output_type", "pil")
-        if output_type not in OUTPUT_TYPES:
-            raise PipelineInputError(f"output_type={output_type!r}; expected one of {OUTPUT_TYPES}")
-        check_values(inputs, self.limits)
-        cfg_scale = inputs.get("cfg_scale")
-        cfg = cfg_scale is not None and float(cfg_scale) != 1.0
-        with torch.no_grad():
-            state = self.prepare(inputs, cfg=cfg)
-            self.denoise(state, cfg=cfg, progress_bar_cmd=progress_bar_cmd, callback_on_step_end=callback_on_step_end)
-            for unit in self.units:
-                if unit.stage == "finish":
-                    self.run_unit(unit, state, cfg)
-            self.activate(())
-        self.last_run = RunInfo(seeds=list(state.shared.get("seeds") or []), arguments=dict(inputs))
-        return state.shared.get("output")
