@@ -8,6 +8,10 @@ A config names its files in one of two ways:
   :func:`diffstudio.resolve.resolve_files`, and downloaded only when nothing is found and downloading is
   allowed.
 
+``config`` gives the model's own configuration (a diffusers ``config.json``: a dict, the file, or the folder
+holding it) for weights that do not carry one beside them, such as a single BFL file with non-standard sizes.
+A ``config.json`` beside the weights is read without it; either wins over sizes inferred from tensor shapes.
+
 The eight memory fields say, per state of the model's weights, which device and dtype to use (see
 :meth:`ModelConfig.memory_config`). Every field is checked when the config is built; a bad value raises
 :class:`~diffstudio.errors.ConfigError` naming the field, the value and what is accepted.
@@ -16,7 +20,7 @@ The eight memory fields say, per state of the model's weights, which device and 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Union
 
@@ -68,6 +72,11 @@ class ModelConfig:
         preparing_dtype: Their dtype there (e.g. ``"float8_e4m3fn"`` for fp8 storage).
         computation_device: Where the layer computes.
         computation_dtype: The dtype it computes in.
+        config: The model's configuration, as the diffusers ``from_single_file(config=...)`` takes it: a dict
+            of ``config.json`` fields (``{"axes_dims_rope": [4, 6, 6]}``), a ``config.json`` path, or a folder
+            holding one. It overrides the ``config.json`` beside the weights field by field, and both win over
+            what is inferred from tensor shapes (which cannot tell, e.g., the RoPE axes split or theta). Fields
+            the weights contradict are an error naming both values.
     """
 
     path: PathLike | list[PathLike] | None = None
@@ -85,10 +94,12 @@ class ModelConfig:
     preparing_dtype: DTypeLike = None
     computation_device: DeviceLike = None
     computation_dtype: DTypeLike = None
+    config: Mapping[str, Any] | PathLike | None = None
 
     def __post_init__(self) -> None:
         self._check_source()
         self._check_pattern()
+        self._check_config()
         for state in MEMORY_STATES:
             device = getattr(self, f"{state}_device")
             if device is not None:
@@ -157,6 +168,29 @@ class ModelConfig:
                     f"origin_file_pattern={item!r} leaves the repository; accepted: a glob relative to the "
                     f"repository root without '..' (e.g. 'transformer/*.safetensors' or 'tokenizer/')"
                 )
+
+    def _check_config(self) -> None:
+        config = self.config
+        if config is None:
+            return
+        if isinstance(config, Mapping):
+            bad = [k for k in config if not isinstance(k, str)]
+            if bad:
+                raise ConfigError(f"config= has non-string keys {bad[:5]}; accepted: a dict of config.json fields")
+            self.config = dict(config)
+            return
+        if not isinstance(config, (str, os.PathLike)) or not os.fspath(config):
+            raise ConfigError(
+                f"config={config!r} is not a configuration; accepted: a dict of config.json fields, a config.json "
+                "path, a folder holding config.json, or None"
+            )
+        path = os.fspath(config)
+        file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+        if not os.path.isfile(file):
+            raise ConfigError(
+                f"config={path!r}: {file} does not exist; pass a config.json path, a folder holding config.json, "
+                "or a dict of its fields"
+            )
 
     # ----------------------------------------------------------------------------------------------------
     # memory settings

@@ -11,15 +11,16 @@ Every claim is decided from tensor names and shapes only (no data read, no hash 
 * Text encoders: CLIP-L (``text_encoder/``, legacy ``text_model.*`` or transformers-5 keys) and T5-XXL
   encoders (``text_encoder_2/``, sharded).
 
-Models are built on the meta device and the memory-mapped tensors are assigned, strictly.
+Models are built by :func:`~diffstudio.loading.recipe.build_from_checkpoint`: config first (the diffusers
+``config.json`` beside the weights, or ``ModelConfig(config=...)``; e.g. the RoPE ``axes_dims_rope`` that no BFL
+file stores), then sizes from shapes, on the meta device, the memory-mapped tensors assigned strictly.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from diffstudio.loading.recipe import COMFY_PREFIXES, common_prefix
 from diffstudio.types import LoadRequest, ModelClaim
 
 if TYPE_CHECKING:
@@ -27,15 +28,12 @@ if TYPE_CHECKING:
     from torch import nn
 
 FAMILY = "flux1"
-COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+__all__ = ["COMFY_PREFIXES", "FAMILY", "claim", "load_dit", "load_vae", "strip_prefix", "variant_name"]
 
 
 def strip_prefix(keys: list[str]) -> str:
     """The ComfyUI-style prefix every key carries ('' when none)."""
-    for prefix in COMFY_PREFIXES:
-        if keys and all(k.startswith(prefix) for k in keys):
-            return prefix
-    return ""
+    return common_prefix(keys, COMFY_PREFIXES)
 
 
 def variant_name(hidden: int, in_channels: int, guidance: bool) -> str:
@@ -71,25 +69,23 @@ def claim_dit(checkpoint: Checkpoint) -> ModelClaim | None:
 
 
 def load_dit(checkpoint: Checkpoint, request: LoadRequest) -> nn.Module:
-    """Build :class:`~diffstudio_flux1.model.Flux` from a claimed checkpoint (any layout)."""
-    from diffstudio.loading import build_on_meta, load_state_dict_into
+    """Build :class:`~diffstudio_flux1.model.Flux` from a claimed checkpoint (any layout, config first)."""
+    from diffstudio.loading.recipe import build_from_checkpoint
 
     from diffstudio_flux1.convert import convert_diffusers_to_bfl_dit
     from diffstudio_flux1.model import Flux
     from diffstudio_flux1.params import FluxParams
 
-    keys = checkpoint.keys()
-    prefix = strip_prefix(keys)
-    diffusers_layout = prefix + "x_embedder.weight" in keys
-    # BFL layouts are used as mapped, so their pages are read ahead in parallel; the diffusers layout's q/k/v
-    # fusion copies while it reads, which was 0.1 s faster than reading ahead first (0.72-0.92 s vs 0.90-0.98 s)
-    state = {k[len(prefix) :]: v for k, v in checkpoint.state_dict(keys, prefetch=not diffusers_layout).items()}
-    if diffusers_layout:
-        state = convert_diffusers_to_bfl_dit(state)
-    params = FluxParams.from_state_dict_shapes({k: tuple(v.shape) for k, v in state.items()}, source=checkpoint.source)
-    model = build_on_meta(lambda: Flux(params))
-    load_state_dict_into(model, state, dtype=request.torch_dtype, device=request.device, source=checkpoint.source)
-    return model.eval().requires_grad_(False)
+    return build_from_checkpoint(
+        checkpoint,
+        request,
+        infer=FluxParams.from_state_dict_shapes,
+        build=Flux,
+        convert=convert_diffusers_to_bfl_dit,
+        converted_if="x_embedder.weight",
+        config_classes=FluxParams.DIFFUSERS_CLASSES,
+        prefixes=COMFY_PREFIXES,
+    )
 
 
 def claim_vae(checkpoint: Checkpoint) -> ModelClaim | None:
@@ -106,42 +102,28 @@ def claim_vae(checkpoint: Checkpoint) -> ModelClaim | None:
     return ModelClaim(FAMILY, "flux1-vae", "vae", fmt, load_vae)
 
 
-def _vae_config(checkpoint: Checkpoint) -> dict[str, Any]:
-    """The diffusers ``config.json`` next to the weights, if any (scaling/shift factors, groups)."""
-    path = Path(checkpoint.files[0]).parent / "config.json"
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError:
-        return {}
-    return data if isinstance(data, dict) and data.get("_class_name") == "AutoencoderKL" else {}
-
-
 def load_vae(checkpoint: Checkpoint, request: LoadRequest) -> nn.Module:
-    """Build :class:`~diffstudio_flux1.vae.AutoEncoder` from a claimed checkpoint (either layout)."""
-    from diffstudio.loading import build_on_meta, load_state_dict_into
+    """Build :class:`~diffstudio_flux1.vae.AutoEncoder` from a claimed checkpoint (either layout).
+
+    The latent scale and shift and the GroupNorm groups come from the diffusers ``config.json`` (beside the
+    weights or ``ModelConfig(config=)``) when there is one, else FLUX.1's values.
+    """
+    from diffstudio.loading.recipe import build_from_checkpoint
 
     from diffstudio_flux1.convert import convert_diffusers_to_bfl_vae
     from diffstudio_flux1.params import AutoEncoderParams
     from diffstudio_flux1.vae import AutoEncoder
 
-    state = checkpoint.state_dict()
-    factors: dict[str, Any] = {}
-    if "encoder.down_blocks.0.resnets.0.conv1.weight" in state:
-        state = convert_diffusers_to_bfl_vae(state)
-        config = _vae_config(checkpoint)
-        for ours, theirs in (("scale_factor", "scaling_factor"), ("shift_factor", "shift_factor")):
-            if config.get(theirs) is not None:
-                factors[ours] = float(config[theirs])
-        if config.get("norm_num_groups"):
-            factors["norm_groups"] = int(config["norm_num_groups"])
-    params = AutoEncoderParams.from_state_dict_shapes(
-        {k: tuple(v.shape) for k, v in state.items()}, **factors, source=checkpoint.source
+    return build_from_checkpoint(
+        checkpoint,
+        request,
+        infer=AutoEncoderParams.from_state_dict_shapes,
+        build=AutoEncoder,
+        convert=convert_diffusers_to_bfl_vae,
+        converted_if="encoder.down_blocks.0.resnets.0.conv1.weight",
+        config_classes=("AutoencoderKL",),
+        prefetch=True,
     )
-    model = build_on_meta(lambda: AutoEncoder(params))
-    load_state_dict_into(model, state, dtype=request.torch_dtype, device=request.device, source=checkpoint.source)
-    return model.eval().requires_grad_(False)
 
 
 def claim_text_encoder(checkpoint: Checkpoint) -> ModelClaim | None:

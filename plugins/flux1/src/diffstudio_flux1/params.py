@@ -11,60 +11,37 @@ Errors are typed: sizes that cannot be read off a checkpoint raise :class:`Param
 
 from __future__ import annotations
 
-import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar
 
-from diffstudio.errors import CheckpointError, ConfigError
+from diffstudio.dit.params import DitParams
+from diffstudio.errors import ConfigError
+from diffstudio.loading.component_config import ComponentConfig
+from diffstudio.loading.shapes import ParamsShapeError, ShapeProbe, Shapes, check_norm_groups, count_blocks
+from diffstudio.loading.shapes import ldm_autoencoder_sizes as _ldm_autoencoder_sizes
 
-Shapes = Mapping[str, Sequence[int]]
-"""Tensor name -> shape, e.g. read from a safetensors header without loading data."""
+__all__ = [
+    "FLUX1_PRESETS",
+    "TIMESTEP_DIM",
+    "AutoEncoderParams",
+    "FluxParams",
+    "ParamsShapeError",
+    "Shapes",
+    "count_blocks",
+    "default_axes_dim",
+]
 
 TIMESTEP_DIM = 256
 """Width of the sinusoidal timestep/guidance embedding fed to ``time_in`` / ``guidance_in``."""
 
 
-class ParamsShapeError(CheckpointError, ValueError):
-    """A checkpoint's tensor shapes do not give consistent FLUX.1 sizes (a tensor is missing or has another rank)."""
-
-
-def _fail(what: str, source: str, problem: str) -> ParamsShapeError:
-    return ParamsShapeError(
-        f"Cannot read the {what} sizes off {source}: {problem}. The file is damaged or is not a {what} checkpoint "
-        "(check the file, or pass another one)."
-    )
-
-
-def _require(
-    shapes: Shapes, key: str, ndim: int, what: str = "FLUX.1", source: str = "the checkpoint"
-) -> tuple[int, ...]:
-    if key not in shapes:
-        raise _fail(what, source, f"tensor {key!r} is missing (BFL key names expected)")
-    shape = tuple(int(s) for s in shapes[key])
-    if len(shape) != ndim:
-        raise _fail(what, source, f"tensor {key!r} has shape {list(shape)}, expected {ndim} dimension(s)")
-    return shape
-
-
-def count_blocks(shapes: Shapes, prefix: str, source: str = "the checkpoint") -> int:
-    """Number of ``{prefix}.{i}.*`` blocks; the indices must be contiguous from 0.
-
-    Raises:
-        ParamsShapeError: The indices have gaps.
-    """
-    pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
-    indices = {int(m.group(1)) for k in shapes if (m := pattern.match(k))}
-    if indices and indices != set(range(max(indices) + 1)):
-        shown = sorted(indices)
-        raise _fail("FLUX.1", source, f"{prefix} indices are not contiguous: {shown[:20]}{' ...' * (len(shown) > 20)}")
-    return len(indices)
-
-
 def default_axes_dim(head_dim: int) -> tuple[int, int, int]:
     """RoPE channels per id axis ``(t, h, w)`` for a head dim: ``(16, 56, 56)`` for 128.
 
-    The split is not stored in checkpoints. BFL's rule is kept: the time axis gets ``head_dim / 8`` channels
-    and the two spatial axes share the rest equally; every part must be even.
+    The split is not stored in checkpoints (a diffusers ``config.json`` carries it as ``axes_dims_rope``). BFL's
+    rule is the fallback: the time axis gets ``head_dim / 8`` channels and the two spatial axes share the rest
+    equally; every part must be even.
 
     Raises:
         ConfigError: The head dim cannot be split that way (e.g. 16: ``(2, 7, 7)``); a ``ValueError``.
@@ -77,7 +54,7 @@ def default_axes_dim(head_dim: int) -> tuple[int, int, int]:
 
 
 @dataclass
-class FluxParams:
+class FluxParams(DitParams):
     """Sizes of a FLUX.1 DiT (``Flux``).
 
     Attributes:
@@ -91,11 +68,27 @@ class FluxParams:
         num_heads: Attention heads.
         depth: Double-stream blocks.
         depth_single_blocks: Single-stream blocks.
-        axes_dim: RoPE channels per id axis ``(t, h, w)``; the sum is the head dim.
-        theta: RoPE base.
+        axes_dim: RoPE channels per id axis ``(t, h, w)``; the sum is the head dim. Not stored in BFL files
+            (diffusers ``axes_dims_rope``): the config beside the weights or ``ModelConfig(config=)`` gives it,
+            else :func:`default_axes_dim` guesses it.
+        theta: RoPE base (10000; diffusers fixes it too).
         qkv_bias: Whether the fused q/k/v projections have biases (True in every official model).
         guidance_embed: Whether ``guidance_in`` exists (guidance-distilled dev / Kontext; not schnell).
     """
+
+    FAMILY: ClassVar[str] = "FLUX.1"
+    DIFFUSERS_CLASSES: ClassVar[tuple[str, ...]] = ("FluxTransformer2DModel",)
+    CONFIG_FIELDS: ClassVar[Mapping[str, tuple[str, str]]] = {
+        "in_channels": ("in_channels", "int"),
+        "out_channels": ("out_channels", "int"),
+        "pooled_projection_dim": ("vec_in_dim", "int"),
+        "joint_attention_dim": ("context_in_dim", "int"),
+        "num_attention_heads": ("num_heads", "int"),
+        "num_layers": ("depth", "int"),
+        "num_single_layers": ("depth_single_blocks", "int"),
+        "axes_dims_rope": ("axes_dim", "ints"),
+        "guidance_embeds": ("guidance_embed", "bool"),
+    }
 
     in_channels: int = 64
     out_channels: int = 64
@@ -111,91 +104,71 @@ class FluxParams:
     qkv_bias: bool = True
     guidance_embed: bool = True
 
-    def __post_init__(self) -> None:
-        self.axes_dim = tuple(int(a) for a in self.axes_dim)
-        if self.num_heads <= 0 or self.hidden_size <= 0 or self.hidden_size % self.num_heads != 0:
-            raise ConfigError(f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
-        if sum(self.axes_dim) != self.head_dim:
-            raise ConfigError(f"axes_dim {self.axes_dim} must sum to the head dim {self.head_dim}")
-        if any(d % 2 for d in self.axes_dim):
-            raise ConfigError(f"every entry of axes_dim {self.axes_dim} must be even")
-
-    @property
-    def head_dim(self) -> int:
-        """Channels per attention head."""
-        return self.hidden_size // self.num_heads
-
-    @property
-    def mlp_hidden_dim(self) -> int:
-        """Hidden width of the GELU MLPs."""
-        return int(self.hidden_size * self.mlp_ratio)
+    @classmethod
+    def presets(cls) -> Mapping[str, FluxParams]:
+        """The official presets, :data:`FLUX1_PRESETS`."""
+        return FLUX1_PRESETS
 
     @classmethod
-    def preset(cls, name: str) -> FluxParams:
-        """Return a copy of an official preset (see :data:`FLUX1_PRESETS`)."""
-        if name not in FLUX1_PRESETS:
-            raise ConfigError(f"unknown FLUX.1 preset {name!r}; known: {sorted(FLUX1_PRESETS)}")
-        return replace(FLUX1_PRESETS[name])
+    def from_state_dict_shapes(
+        cls, shapes: Shapes, *, source: str = "the checkpoint", config: ComponentConfig | None = None
+    ) -> FluxParams:
+        """Infer the sizes from BFL-named tensor shapes (no tensor data needed), the config first.
 
-    @classmethod
-    def from_state_dict_shapes(cls, shapes: Shapes, *, source: str = "the checkpoint") -> FluxParams:
-        """Infer the sizes from BFL-named tensor shapes (no tensor data needed).
-
-        Depths come from block indices, widths from weight shapes, the head dim from the QK-norm scale,
-        ``axes_dim`` from :func:`default_axes_dim`; ``theta`` (10000) is not stored.
+        Every field the component's config carries (the diffusers ``config.json`` beside the weights, or
+        ``ModelConfig(config=)``) is taken from it and checked against the shapes; depths come from block indices,
+        widths from weight shapes, the head dim from the QK-norm scale. ``axes_dim``, which no BFL file stores,
+        falls back to :func:`default_axes_dim`; ``theta`` (10000) is not stored.
 
         Args:
             shapes: Tensor name -> shape.
             source: The file or folder the shapes come from, for messages.
+            config: The component's configuration (from
+                :func:`~diffstudio.loading.component_config.read_component_config`).
 
         Raises:
-            ParamsShapeError: A needed key is missing, has another rank, or the shapes are inconsistent.
+            ParamsShapeError: A needed key is missing, has another rank, the shapes are inconsistent, or they
+                contradict the config.
+            SizesNotStoredError: No config gives the RoPE split and the head dim has no default one; the message
+                says how to pass it.
         """
-
-        def need(key: str, ndim: int) -> tuple[int, ...]:
-            return _require(shapes, key, ndim, source=source)
-
-        hidden, in_channels = need("img_in.weight", 2)
+        probe = ShapeProbe(shapes, "FLUX.1", source)
+        hidden, in_channels = probe.need("img_in.weight", 2)
         if hidden <= 0:
-            raise _fail("FLUX.1", source, f"img_in.weight has shape {[hidden, in_channels]}")
-        out_channels = need("final_layer.linear.weight", 2)[0]
-        vec_in_dim = need("vector_in.in_layer.weight", 2)[1]
-        context_in_dim = need("txt_in.weight", 2)[1]
-        depth = count_blocks(shapes, "double_blocks", source)
-        depth_single = count_blocks(shapes, "single_blocks", source)
+            raise probe.fail(f"img_in.weight has shape {[hidden, in_channels]}")
+        out_channels = probe.need("final_layer.linear.weight", 2)[0]
+        vec_in_dim = probe.need("vector_in.in_layer.weight", 2)[1]
+        context_in_dim = probe.need("txt_in.weight", 2)[1]
+        depth = probe.blocks("double_blocks")
+        depth_single = probe.blocks("single_blocks")
         if depth:
-            (head_dim,) = need("double_blocks.0.img_attn.norm.query_norm.scale", 1)
-            mlp_hidden = need("double_blocks.0.img_mlp.0.weight", 2)[0]
-            qkv_bias = "double_blocks.0.img_attn.qkv.bias" in shapes
+            (head_dim,) = probe.need("double_blocks.0.img_attn.norm.query_norm.scale", 1)
+            mlp_hidden = probe.need("double_blocks.0.img_mlp.0.weight", 2)[0]
+            qkv_bias = "double_blocks.0.img_attn.qkv.bias" in probe
         elif depth_single:
-            (head_dim,) = need("single_blocks.0.norm.query_norm.scale", 1)
-            mlp_hidden = need("single_blocks.0.linear2.weight", 2)[1] - hidden
+            (head_dim,) = probe.need("single_blocks.0.norm.query_norm.scale", 1)
+            mlp_hidden = probe.need("single_blocks.0.linear2.weight", 2)[1] - hidden
             qkv_bias = True
         else:
-            raise _fail("FLUX.1", source, "no double_blocks.* or single_blocks.* tensors")
+            raise probe.fail("no double_blocks.* or single_blocks.* tensors")
         if head_dim <= 0 or hidden % head_dim:
-            raise _fail(
-                "FLUX.1", source, f"head dim {head_dim} (from the QK-norm scale) does not divide hidden size {hidden}"
-            )
-        try:
-            params = cls(
-                in_channels=in_channels,
-                out_channels=out_channels,
-                vec_in_dim=vec_in_dim,
-                context_in_dim=context_in_dim,
-                hidden_size=hidden,
-                mlp_ratio=mlp_hidden / hidden,
-                num_heads=hidden // head_dim,
-                depth=depth,
-                depth_single_blocks=depth_single,
-                axes_dim=default_axes_dim(head_dim),
-                qkv_bias=qkv_bias,
-                guidance_embed="guidance_in.in_layer.weight" in shapes,
-            )
-        except ConfigError as exc:
-            raise _fail("FLUX.1", source, str(exc)) from None
+            raise probe.fail(f"head dim {head_dim} (from the QK-norm scale) does not divide hidden size {hidden}")
+        inferred = {
+            "in_channels": in_channels,
+            "out_channels": out_channels,
+            "vec_in_dim": vec_in_dim,
+            "context_in_dim": context_in_dim,
+            "hidden_size": hidden,
+            "mlp_ratio": mlp_hidden / hidden,
+            "num_heads": hidden // head_dim,
+            "depth": depth,
+            "depth_single_blocks": depth_single,
+            "qkv_bias": qkv_bias,
+            "guidance_embed": "guidance_in.in_layer.weight" in probe,
+        }
+        params = cls.settle(probe, inferred, config, {"axes_dim": default_axes_dim})
         if params.mlp_hidden_dim != mlp_hidden:
-            raise _fail("FLUX.1", source, f"MLP width {mlp_hidden} is not representable with hidden size {hidden}")
+            raise probe.fail(f"MLP width {mlp_hidden} is not representable with hidden size {hidden}")
         return params
 
 
@@ -237,9 +210,7 @@ class AutoEncoderParams:
 
     def __post_init__(self) -> None:
         self.ch_mult = tuple(int(m) for m in self.ch_mult)
-        bad = [self.ch * m for m in self.ch_mult if self.norm_groups <= 0 or (self.ch * m) % self.norm_groups]
-        if bad:
-            raise ConfigError(f"channel counts {bad} are not divisible by norm_groups {self.norm_groups}")
+        check_norm_groups(self.ch, self.ch_mult, self.norm_groups)
 
     @property
     def downsample_factor(self) -> int:
@@ -255,40 +226,24 @@ class AutoEncoderParams:
         shift_factor: float = 0.1159,
         norm_groups: int = 32,
         source: str = "the checkpoint",
+        config: ComponentConfig | None = None,
     ) -> AutoEncoderParams:
-        """Infer the sizes from BFL-named autoencoder tensor shapes (``ae.safetensors`` layout).
+        """Infer the sizes from BFL-named autoencoder tensor shapes (``ae.safetensors`` layout), the config first.
 
-        The latent scale and shift are not stored in ``ae.safetensors``; FLUX.1's values are the defaults
-        (a diffusers ``config.json`` carries them, see the loaders).
+        The latent scale and shift and the GroupNorm groups are not stored in the weights; a diffusers
+        ``config.json`` (``scaling_factor``, ``shift_factor``, ``norm_num_groups``), when given, wins over the
+        keyword values, which default to FLUX.1's.
 
         Raises:
             ParamsShapeError: A needed key is missing, has another rank, or the shapes are inconsistent.
         """
-        what = "FLUX.1 AE"
-
-        def need(key: str) -> tuple[int, ...]:
-            return _require(shapes, key, 4, what, source)
-
-        ch, in_channels = need("encoder.conv_in.weight")[:2]
-        out_ch = need("decoder.conv_out.weight")[0]
-        two_z = need("encoder.conv_out.weight")[0]
-        levels = count_blocks(shapes, "encoder.down", source)
-        if levels == 0:
-            raise _fail(what, source, "no encoder.down.* tensors")
-        if ch <= 0:
-            raise _fail(what, source, f"encoder.conv_in.weight has {ch} output channels")
-        mult = tuple(need(f"encoder.down.{i}.block.0.conv1.weight")[0] // ch for i in range(levels))
+        probe = ShapeProbe(shapes, "FLUX.1 AE", source)
+        sizes = _ldm_autoencoder_sizes(probe)
+        if config is not None:
+            scale_factor = config.typed("scaling_factor", "float", scale_factor)
+            shift_factor = config.typed("shift_factor", "float", shift_factor)
+            norm_groups = config.typed("norm_num_groups", "int", norm_groups)
         try:
-            return cls(
-                in_channels=in_channels,
-                ch=ch,
-                out_ch=out_ch,
-                ch_mult=mult,
-                num_res_blocks=count_blocks(shapes, "encoder.down.0.block", source),
-                z_channels=two_z // 2,
-                scale_factor=scale_factor,
-                shift_factor=shift_factor,
-                norm_groups=norm_groups,
-            )
+            return cls(**sizes, scale_factor=scale_factor, shift_factor=shift_factor, norm_groups=norm_groups)
         except ConfigError as exc:
-            raise _fail(what, source, str(exc)) from None
+            raise probe.fail(str(exc)) from None

@@ -8,7 +8,10 @@ Every claim is decided from tensor names and shapes only (no data read, no hash 
 * VAE, BFL ``ae.safetensors`` or diffusers ``vae/`` (``AutoencoderKLFlux2``, with the BatchNorm statistics).
 * Text encoders: Qwen3 (klein) and Mistral3 (dev) ``text_encoder/`` folders.
 
-Models are built on the meta device and the memory-mapped tensors are assigned, strictly.
+Models are built by :func:`~diffstudio.loading.recipe.build_from_checkpoint`: config first (the diffusers
+``config.json`` beside the weights, or ``ModelConfig(config=...)``; e.g. the RoPE ``axes_dims_rope`` and
+``rope_theta`` that no BFL file stores), then sizes from shapes, on the meta device, the memory-mapped tensors
+assigned strictly.
 
 Checkpoints of the neighbouring FLUX.1 family are never claimed, but :func:`recognise_foreign` names them (from
 their key patterns), so that ``Flux2ImagePipeline`` can say what a file is when no installed family claims it.
@@ -18,10 +21,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from diffstudio.errors import CheckpointError, UnknownCheckpointError
+from diffstudio.loading.recipe import COMFY_PREFIXES, common_prefix
 from diffstudio.types import LoadRequest, ModelClaim
 
 if TYPE_CHECKING:
@@ -29,15 +32,12 @@ if TYPE_CHECKING:
     from torch import nn
 
 FAMILY = "flux2"
-COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+__all__ = ["COMFY_PREFIXES", "FAMILY", "NotFlux2CheckpointError", "claim", "load_dit", "load_vae", "recognise_foreign"]
 
 
 def _strip_prefix(keys: list[str]) -> str:
     """The ComfyUI-style prefix every key carries ('' when none)."""
-    for prefix in COMFY_PREFIXES:
-        if keys and all(k.startswith(prefix) for k in keys):
-            return prefix
-    return ""
+    return common_prefix(keys, COMFY_PREFIXES)
 
 
 def _probe_shapes(checkpoint: Checkpoint, prefix: str, suffixes: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
@@ -93,25 +93,23 @@ def claim_dit(checkpoint: Checkpoint) -> ModelClaim | None:
 
 
 def load_dit(checkpoint: Checkpoint, request: LoadRequest) -> nn.Module:
-    """Build :class:`~diffstudio_flux2.model.Flux2` from a claimed checkpoint (any layout)."""
-    from diffstudio.loading import build_on_meta, load_state_dict_into
+    """Build :class:`~diffstudio_flux2.model.Flux2` from a claimed checkpoint (any layout, config first)."""
+    from diffstudio.loading.recipe import build_from_checkpoint
 
     from diffstudio_flux2.convert import convert_diffusers_to_bfl_dit
     from diffstudio_flux2.model import Flux2
     from diffstudio_flux2.params import Flux2Params
 
-    keys = checkpoint.keys()
-    prefix = _strip_prefix(keys)
-    diffusers_layout = prefix + "x_embedder.weight" in keys
-    # BFL layouts are used as mapped, so their pages are read ahead in parallel; the diffusers layout's q/k/v
-    # fusion copies while it reads, which was 0.1 s faster than reading ahead first (0.72-0.92 s vs 0.90-0.98 s)
-    state = {k[len(prefix) :]: v for k, v in checkpoint.state_dict(keys, prefetch=not diffusers_layout).items()}
-    if diffusers_layout:
-        state = convert_diffusers_to_bfl_dit(state)
-    params = Flux2Params.from_state_dict_shapes({k: tuple(v.shape) for k, v in state.items()}, source=checkpoint.source)
-    model = build_on_meta(lambda: Flux2(params))
-    load_state_dict_into(model, state, dtype=request.torch_dtype, device=request.device, source=checkpoint.source)
-    return model.eval().requires_grad_(False)
+    return build_from_checkpoint(
+        checkpoint,
+        request,
+        infer=Flux2Params.from_state_dict_shapes,
+        build=Flux2,
+        convert=convert_diffusers_to_bfl_dit,
+        converted_if="x_embedder.weight",
+        config_classes=Flux2Params.DIFFUSERS_CLASSES,
+        prefixes=COMFY_PREFIXES,
+    )
 
 
 def claim_vae(checkpoint: Checkpoint) -> ModelClaim | None:
@@ -134,45 +132,45 @@ def claim_vae(checkpoint: Checkpoint) -> ModelClaim | None:
     return ModelClaim(FAMILY, "flux2-vae", "vae", fmt, load_vae)
 
 
-def vae_norm_groups(checkpoint: Checkpoint, default: int = 32) -> int:
-    """GroupNorm groups of an autoencoder (shapes cannot tell them).
-
-    Read from the safetensors metadata key ``norm_groups`` (BFL-layout files of smaller autoencoders, such as
-    the embedded shapes model, record it there), else from ``norm_num_groups`` in a diffusers ``config.json``
-    beside the weights, else the official 32.
-    """
-    import json
-
-    value = checkpoint.metadata.get("norm_groups")
-    if value is None and checkpoint.files:
-        config = checkpoint.files[0].parent / "config.json"
-        if config.is_file():
-            value = json.loads(config.read_text(encoding="utf-8")).get("norm_num_groups")
-    return int(value) if value is not None else default
+_VAE_CLASSES = ("AutoencoderKLFlux2",)
 
 
 def load_vae(checkpoint: Checkpoint, request: LoadRequest) -> nn.Module:
-    """Build :class:`~diffstudio_flux2.vae.Flux2AutoEncoder` (BatchNorm statistics kept in float32)."""
+    """Build :class:`~diffstudio_flux2.vae.Flux2AutoEncoder` (BatchNorm statistics kept in float32).
+
+    The GroupNorm groups come from the diffusers ``config.json`` (``ModelConfig(config=)`` or beside the
+    weights), else the safetensors metadata key ``norm_groups`` (BFL-layout files of smaller autoencoders, such
+    as the embedded shapes model, record it there), else the official 32.
+    """
     import torch
-    from diffstudio.loading import build_on_meta, load_state_dict_into
+    from diffstudio.loading.component_config import ComponentConfig
+    from diffstudio.loading.recipe import build_from_checkpoint
+    from diffstudio.loading.shapes import Shapes
 
     from diffstudio_flux2.convert import convert_diffusers_to_bfl_vae
     from diffstudio_flux2.params import AutoEncoderParams
     from diffstudio_flux2.vae import Flux2AutoEncoder
 
-    state = checkpoint.state_dict()
-    if "quant_conv.weight" in state:
-        state = convert_diffusers_to_bfl_vae(state)
-    params = AutoEncoderParams.from_state_dict_shapes(
-        {k: tuple(v.shape) for k, v in state.items()}, source=checkpoint.source
+    def infer(shapes: Shapes, *, source: str, config: ComponentConfig | None) -> AutoEncoderParams:
+        stored = checkpoint.metadata.get("norm_groups")
+        if stored is not None and (config is None or "norm_num_groups" not in config):
+            config = ComponentConfig({"norm_num_groups": int(stored)}, "the norm_groups metadata")
+        return AutoEncoderParams.from_state_dict_shapes(shapes, source=source, config=config)
+
+    model = build_from_checkpoint(
+        checkpoint,
+        request,
+        infer=infer,
+        build=Flux2AutoEncoder,
+        convert=convert_diffusers_to_bfl_vae,
+        converted_if="quant_conv.weight",
+        config_classes=_VAE_CLASSES,
+        prefetch=True,
     )
-    params = replace(params, norm_groups=vae_norm_groups(checkpoint))
-    model = build_on_meta(lambda: Flux2AutoEncoder(params))
-    load_state_dict_into(model, state, dtype=request.torch_dtype, device=request.device, source=checkpoint.source)
     for name in ("running_mean", "running_var"):
         buffer = getattr(model.bn, name)
         setattr(model.bn, name, buffer.to(torch.float32))
-    return model.eval().requires_grad_(False)
+    return model
 
 
 def claim_text_encoder(checkpoint: Checkpoint) -> ModelClaim | None:

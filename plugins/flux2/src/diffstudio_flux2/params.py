@@ -11,52 +11,45 @@ Errors are typed: sizes that cannot be read off a checkpoint raise :class:`Param
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
 
-from diffstudio.errors import CheckpointError, ConfigError
+from diffstudio.dit.params import DitParams
+from diffstudio.errors import ConfigError
+from diffstudio.loading.component_config import ComponentConfig
+from diffstudio.loading.shapes import ParamsShapeError, ShapeProbe, Shapes, check_norm_groups, ldm_autoencoder_sizes
 
-Shapes = Mapping[str, Sequence[int]]
-"""Tensor name -> shape, e.g. read from a safetensors header without loading data."""
+__all__ = [
+    "FLUX2_PRESETS",
+    "TIMESTEP_DIM",
+    "AutoEncoderParams",
+    "Flux2Params",
+    "ParamsShapeError",
+    "Shapes",
+    "default_axes_dim",
+]
 
 TIMESTEP_DIM = 256
 """Width of the sinusoidal timestep/guidance embedding fed to ``time_in`` / ``guidance_in``."""
 
 
-class ParamsShapeError(CheckpointError, ValueError):
-    """A checkpoint's tensor shapes do not give consistent FLUX.2 sizes (a tensor is missing or has another rank)."""
+def default_axes_dim(head_dim: int) -> tuple[int, int, int, int]:
+    """RoPE channels per id axis ``(t, h, w, l)`` for a head dim: four equal parts, ``(32, 32, 32, 32)`` for 128.
 
+    The split is not stored in BFL files (a diffusers ``config.json`` carries it as ``axes_dims_rope``); this is
+    the official models' rule, the fallback.
 
-def _fail(what: str, source: str, problem: str) -> ParamsShapeError:
-    return ParamsShapeError(
-        f"Cannot read the {what} sizes off {source}: {problem}. The file is damaged or is not a {what} checkpoint "
-        "(check the file, or pass another one)."
-    )
-
-
-def _require(
-    shapes: Shapes, key: str, ndim: int, what: str = "FLUX.2", source: str = "the checkpoint"
-) -> tuple[int, ...]:
-    if key not in shapes:
-        raise _fail(what, source, f"tensor {key!r} is missing (BFL key names expected)")
-    shape = tuple(int(s) for s in shapes[key])
-    if len(shape) != ndim:
-        raise _fail(what, source, f"tensor {key!r} has shape {list(shape)}, expected {ndim} dimension(s)")
-    return shape
-
-
-def _count_blocks(shapes: Shapes, prefix: str, what: str = "FLUX.2", source: str = "the checkpoint") -> int:
-    pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
-    indices = {int(m.group(1)) for k in shapes if (m := pattern.match(k))}
-    if indices and indices != set(range(max(indices) + 1)):
-        shown = sorted(indices)
-        raise _fail(what, source, f"{prefix} indices are not contiguous: {shown[:20]}{' ...' * (len(shown) > 20)}")
-    return len(indices)
+    Raises:
+        ConfigError: The head dim cannot be split into four even parts; a ``ValueError``.
+    """
+    if head_dim <= 0 or head_dim % 8:
+        raise ConfigError(f"head dim {head_dim} cannot be split into four equal even RoPE axes (t, h, w, l)")
+    return (head_dim // 4,) * 4
 
 
 @dataclass
-class Flux2Params:
+class Flux2Params(DitParams):
     """Sizes of a FLUX.2 DiT (``Flux2``).
 
     Attributes:
@@ -66,11 +59,32 @@ class Flux2Params:
         num_heads: Attention heads.
         depth: Double-stream blocks.
         depth_single_blocks: Single-stream blocks.
-        axes_dim: RoPE channels per id axis (t, h, w, l); the sum is the head dim.
-        theta: RoPE base.
+        axes_dim: RoPE channels per id axis (t, h, w, l); the sum is the head dim. Not stored in BFL files
+            (diffusers ``axes_dims_rope``): the config beside the weights or ``ModelConfig(config=)`` gives it,
+            else :func:`default_axes_dim` splits the head dim in four.
+        theta: RoPE base (2000; diffusers ``rope_theta``, not stored in BFL files).
         mlp_ratio: SwiGLU hidden width over ``hidden_size``.
         use_guidance_embed: Whether ``guidance_in`` exists (guidance-distilled FLUX.2 [dev]).
     """
+
+    FAMILY: ClassVar[str] = "FLUX.2"
+    DIFFUSERS_CLASSES: ClassVar[tuple[str, ...]] = ("Flux2Transformer2DModel",)
+    CONFIG_FIELDS: ClassVar[Mapping[str, tuple[str, str]]] = {
+        "in_channels": ("in_channels", "int"),
+        "joint_attention_dim": ("context_in_dim", "int"),
+        "num_attention_heads": ("num_heads", "int"),
+        "num_layers": ("depth", "int"),
+        "num_single_layers": ("depth_single_blocks", "int"),
+        "axes_dims_rope": ("axes_dim", "ints"),
+        "rope_theta": ("theta", "int"),
+        "mlp_ratio": ("mlp_ratio", "float"),
+        "guidance_embeds": ("use_guidance_embed", "bool"),
+    }
+    FIXED_CONFIG: ClassVar[Mapping[str, Any]] = {
+        "patch_size": 1,
+        "timestep_guidance_channels": TIMESTEP_DIM,
+        "eps": 1e-6,
+    }
 
     in_channels: int = 128
     context_in_dim: int = 15360
@@ -83,87 +97,70 @@ class Flux2Params:
     mlp_ratio: float = 3.0
     use_guidance_embed: bool = True
 
-    def __post_init__(self) -> None:
-        self.axes_dim = tuple(self.axes_dim)
-        if self.num_heads <= 0 or self.hidden_size <= 0 or self.hidden_size % self.num_heads != 0:
-            raise ConfigError(f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
-        if sum(self.axes_dim) != self.head_dim:
-            raise ConfigError(f"axes_dim {self.axes_dim} must sum to the head dim {self.head_dim}")
-        if any(d % 2 for d in self.axes_dim):
-            raise ConfigError(f"every entry of axes_dim {self.axes_dim} must be even")
-
-    @property
-    def head_dim(self) -> int:
-        """Channels per attention head."""
-        return self.hidden_size // self.num_heads
-
-    @property
-    def mlp_hidden_dim(self) -> int:
-        """SwiGLU hidden width (the gated half)."""
-        return int(self.hidden_size * self.mlp_ratio)
+    @classmethod
+    def presets(cls) -> Mapping[str, Flux2Params]:
+        """The official presets, :data:`FLUX2_PRESETS`."""
+        return FLUX2_PRESETS
 
     @classmethod
-    def preset(cls, name: str) -> Flux2Params:
-        """Return a copy of an official preset (see :data:`FLUX2_PRESETS`)."""
-        if name not in FLUX2_PRESETS:
-            raise ConfigError(f"unknown FLUX.2 preset {name!r}; known: {sorted(FLUX2_PRESETS)}")
-        return replace(FLUX2_PRESETS[name])
+    def from_state_dict_shapes(
+        cls, shapes: Shapes, *, source: str = "the checkpoint", config: ComponentConfig | None = None
+    ) -> Flux2Params:
+        """Infer the sizes from BFL-named tensor shapes (no tensor data needed), the config first.
 
-    @classmethod
-    def from_state_dict_shapes(cls, shapes: Shapes, *, source: str = "the checkpoint") -> Flux2Params:
-        """Infer the sizes from BFL-named tensor shapes (no tensor data needed).
-
-        Depths come from block indices, widths from weight shapes, the head dim from the QK-norm scale size.
-        ``axes_dim`` splits the head dim into 4 equal axes and ``theta`` is 2000 (neither is stored).
+        Every field the component's config carries (the diffusers ``config.json`` beside the weights, or
+        ``ModelConfig(config=)``) is taken from it and checked against the shapes; depths come from block indices,
+        widths from weight shapes, the head dim from the QK-norm scale size. ``axes_dim`` and ``theta``, which no
+        BFL file stores, fall back to :func:`default_axes_dim` and 2000.
 
         Args:
             shapes: Tensor name -> shape.
             source: The file or folder the shapes come from, for messages.
+            config: The component's configuration (from
+                :func:`~diffstudio.loading.component_config.read_component_config`).
 
         Raises:
-            ParamsShapeError: A needed key is missing, has another rank, or the shapes are inconsistent.
+            ParamsShapeError: A needed key is missing, has another rank, the shapes are inconsistent, or they
+                contradict the config.
+            SizesNotStoredError: No config gives the RoPE split and the head dim has no default one; the message
+                says how to pass it.
         """
-
-        def need(key: str, ndim: int) -> tuple[int, ...]:
-            return _require(shapes, key, ndim, source=source)
-
-        hidden, in_channels = need("img_in.weight", 2)
-        context_hidden, context_in_dim = need("txt_in.weight", 2)
-        depth = _count_blocks(shapes, "double_blocks", source=source)
-        depth_single = _count_blocks(shapes, "single_blocks", source=source)
+        probe = ShapeProbe(shapes, "FLUX.2", source)
+        hidden, in_channels = probe.need("img_in.weight", 2)
+        context_hidden, context_in_dim = probe.need("txt_in.weight", 2)
+        depth = probe.blocks("double_blocks")
+        depth_single = probe.blocks("single_blocks")
         if depth:
-            (head_dim,) = need("double_blocks.0.img_attn.norm.query_norm.scale", 1)
-            mlp_hidden = need("double_blocks.0.img_mlp.2.weight", 2)[1]
+            (head_dim,) = probe.need("double_blocks.0.img_attn.norm.query_norm.scale", 1)
+            mlp_hidden = probe.need("double_blocks.0.img_mlp.2.weight", 2)[1]
         elif depth_single:
-            (head_dim,) = need("single_blocks.0.norm.query_norm.scale", 1)
-            mlp_hidden = need("single_blocks.0.linear2.weight", 2)[1] - hidden
+            (head_dim,) = probe.need("single_blocks.0.norm.query_norm.scale", 1)
+            mlp_hidden = probe.need("single_blocks.0.linear2.weight", 2)[1] - hidden
         else:
-            raise _fail("FLUX.2", source, "no double_blocks.* or single_blocks.* tensors")
-        time_in = need("time_in.in_layer.weight", 2)
+            raise probe.fail("no double_blocks.* or single_blocks.* tensors")
+        time_in = probe.need("time_in.in_layer.weight", 2)
         if hidden <= 0 or context_hidden != hidden or time_in != (hidden, TIMESTEP_DIM):
-            raise _fail(
-                "FLUX.2", source, f"inconsistent widths: img_in {hidden}, txt_in {context_hidden}, time_in {time_in}"
+            raise probe.fail(f"inconsistent widths: img_in {hidden}, txt_in {context_hidden}, time_in {time_in}")
+        if head_dim <= 0 or hidden % head_dim:
+            raise probe.fail(f"head dim {head_dim} (from the QK-norm scale) does not fit hidden size {hidden}")
+        if config is not None and config.typed("out_channels", "int", in_channels) != in_channels:
+            raise probe.fail(
+                f"{config.source} gives out_channels={config.get('out_channels')} but FLUX.2 predicts "
+                f"in_channels={in_channels}"
             )
-        if head_dim <= 0 or hidden % head_dim or head_dim % 8:
-            raise _fail(
-                "FLUX.2", source, f"head dim {head_dim} (from the QK-norm scale) does not fit hidden size {hidden}"
-            )
-        try:
-            params = cls(
-                in_channels=in_channels,
-                context_in_dim=context_in_dim,
-                hidden_size=hidden,
-                num_heads=hidden // head_dim,
-                depth=depth,
-                depth_single_blocks=depth_single,
-                axes_dim=(head_dim // 4,) * 4,
-                mlp_ratio=mlp_hidden / hidden,
-                use_guidance_embed="guidance_in.in_layer.weight" in shapes,
-            )
-        except ConfigError as exc:
-            raise _fail("FLUX.2", source, str(exc)) from None
+        inferred = {
+            "in_channels": in_channels,
+            "context_in_dim": context_in_dim,
+            "hidden_size": hidden,
+            "num_heads": hidden // head_dim,
+            "depth": depth,
+            "depth_single_blocks": depth_single,
+            "mlp_ratio": mlp_hidden / hidden,
+            "use_guidance_embed": "guidance_in.in_layer.weight" in probe,
+        }
+        params = cls.settle(probe, inferred, config, {"axes_dim": default_axes_dim})
         if params.mlp_hidden_dim != mlp_hidden:
-            raise _fail("FLUX.2", source, f"MLP width {mlp_hidden} is not representable with hidden size {hidden}")
+            raise probe.fail(f"MLP width {mlp_hidden} is not representable with hidden size {hidden}")
         return params
 
 
@@ -222,9 +219,7 @@ class AutoEncoderParams:
     def __post_init__(self) -> None:
         self.ch_mult = tuple(self.ch_mult)
         self.patch_size = (int(self.patch_size[0]), int(self.patch_size[1]))
-        bad = [self.ch * m for m in self.ch_mult if self.norm_groups <= 0 or (self.ch * m) % self.norm_groups]
-        if bad:
-            raise ConfigError(f"channel counts {bad} are not divisible by norm_groups {self.norm_groups}")
+        check_norm_groups(self.ch, self.ch_mult, self.norm_groups)
 
     @property
     def latent_channels(self) -> int:
@@ -237,41 +232,26 @@ class AutoEncoderParams:
         return (1 << (len(self.ch_mult) - 1)) * self.patch_size[0]
 
     @classmethod
-    def from_state_dict_shapes(cls, shapes: Shapes, *, source: str = "the checkpoint") -> AutoEncoderParams:
-        """Infer the sizes from BFL-named autoencoder tensor shapes (``ae.safetensors`` layout).
+    def from_state_dict_shapes(
+        cls, shapes: Shapes, *, source: str = "the checkpoint", config: ComponentConfig | None = None
+    ) -> AutoEncoderParams:
+        """Infer the sizes from BFL-named autoencoder tensor shapes (``ae.safetensors`` layout), the config first.
+
+        The GroupNorm groups are not stored in the weights: a diffusers ``config.json`` gives them
+        (``norm_num_groups``), else the official 32.
 
         Raises:
             ParamsShapeError: A needed key is missing, has another rank, or the shapes are inconsistent.
         """
-        what = "FLUX.2 AE"
-
-        def need(key: str, ndim: int = 4) -> tuple[int, ...]:
-            return _require(shapes, key, ndim, what, source)
-
-        ch, in_channels = need("encoder.conv_in.weight")[:2]
-        out_ch = need("decoder.conv_out.weight")[0]
-        two_z = need("encoder.conv_out.weight")[0]
-        levels = _count_blocks(shapes, "encoder.down", what, source)
-        if levels == 0:
-            raise _fail(what, source, "no encoder.down.* tensors")
-        if ch <= 0 or two_z < 2:
-            raise _fail(what, source, f"encoder.conv_in has {ch} and encoder.conv_out {two_z} output channels")
-        ch_mult = tuple(need(f"encoder.down.{i}.block.0.conv1.weight")[0] // ch for i in range(levels))
-        num_res_blocks = _count_blocks(shapes, "encoder.down.0.block", what, source)
-        (bn_channels,) = need("bn.running_mean", 1)
-        z = two_z // 2
+        probe = ShapeProbe(shapes, "FLUX.2 AE", source)
+        sizes = ldm_autoencoder_sizes(probe)
+        (bn_channels,) = probe.need("bn.running_mean", 1)
+        z = sizes["z_channels"]
         if bn_channels % z:
-            raise _fail(what, source, f"latent BatchNorm has {bn_channels} channels, not a multiple of z_channels {z}")
+            raise probe.fail(f"latent BatchNorm has {bn_channels} channels, not a multiple of z_channels {z}")
         side = math.isqrt(bn_channels // z)
+        groups = config.typed("norm_num_groups", "int", 32) if config is not None else 32
         try:
-            return cls(
-                in_channels=in_channels,
-                ch=ch,
-                out_ch=out_ch,
-                ch_mult=ch_mult,
-                num_res_blocks=num_res_blocks,
-                z_channels=z,
-                patch_size=(side, side),
-            )
+            return cls(**sizes, patch_size=(side, side), norm_groups=groups)
         except ConfigError as exc:
-            raise _fail(what, source, str(exc)) from None
+            raise probe.fail(str(exc)) from None
