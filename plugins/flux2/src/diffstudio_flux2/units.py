@@ -2,7 +2,10 @@
 
 Prepare stage, in anchor order: ``flux2_check_size`` -> ``flux2_encode_prompt`` (per CFG branch) ->
 ``flux2_set_timesteps`` -> ``flux2_noise`` -> ``flux2_image_ids`` -> ``flux2_input_image`` -> ``flux2_edit_images``
--> ``flux2_inpaint_mask`` -> ``flux2_extensions`` (template inputs, per branch). Finish stage: ``flux2_decode``.
+(-> ``flux2_reference_kv``) -> ``flux2_inpaint_mask`` -> ``flux2_extensions`` (template inputs, per branch). Finish
+stage: ``flux2_decode``. The standard ones come from :mod:`diffstudio.pipeline.flow_units`, given
+:data:`FLUX2_UNITS` (with the latent geometry of :func:`latent_geometry`); this module keeps what is FLUX.2's own:
+the prompt encoder, edit (reference) images and their cached K/V.
 
 Token layout: a latent image ``(B, C, h, w)`` (``C = 128`` and ``h = H/16`` for the official VAE) becomes
 ``(B, h*w, C)`` tokens in row-major order; image ids are ``(t, h, w, 0)``, text ids ``(0, 0, 0, l)``.
@@ -11,27 +14,23 @@ Token layout: a latent image ``(B, C, h, w)`` (``C = 128`` and ``h = H/16`` for 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffstudio.errors import PipelineInputError
 from diffstudio.nn.attention import merge_kv  # noqa: F401  (its old home; re-exported)
-from diffstudio.pipeline.images import as_image_list, convert_output, pil_to_tensor, to_rgb
+from diffstudio.pipeline.flow_units import FlowFamily, LatentGeometry, flow_units
+from diffstudio.pipeline.flow_units import gaussian_blur as gaussian_blur  # its old home; re-exported
+from diffstudio.pipeline.images import as_image_list, pil_to_tensor, to_rgb
 from diffstudio.pipeline.units import InputParam, OutputParam, PipelineUnit
 from PIL import Image
 
 from diffstudio_flux2.math import image_ids, pack_latents, reference_image_ids, unpack_latents
 
 if TYPE_CHECKING:
-    from diffstudio.pipeline.base import BasePipeline
-
     from diffstudio_flux2.pipeline import Flux2ImagePipeline
 
 EDIT_IMAGE_MAX_AREA = 1024 * 1024
-
-
-def _pipe(pipe: BasePipeline) -> Flux2ImagePipeline:
-    return cast("Flux2ImagePipeline", pipe)
 
 
 def resize_edit_image(image: Image.Image, multiple: int, auto_resize: bool) -> Image.Image:
@@ -62,19 +61,28 @@ def resize_edit_image(image: Image.Image, multiple: int, auto_resize: bool) -> I
     return image
 
 
-class CheckSize(PipelineUnit):
-    """Reject sizes that are not multiples of 16."""
+def latent_geometry(pipe: Flux2ImagePipeline) -> LatentGeometry:
+    """FLUX.2's latent layout for ``pipe``'s components: the VAE folds 2 x 2 patches, tokens are the latent pixels.
 
-    name = "flux2_check_size"
-    description = "Checks that height and width are positive multiples of 16 (the latent patch size)."
-    inputs = (InputParam("height", "image height in pixels", True), InputParam("width", "image width", True))
-
-    def process(self, pipe: BasePipeline, **inputs: Any) -> Mapping[str, Any]:
-        pipe.check_size(inputs["height"], inputs["width"])
-        return {}
+    Latents ``(B, C, h, w)`` (``C = 128``, ``h = H/16`` for the official VAE) pack to ``(B, h*w, C)`` tokens in
+    row-major order; target ids are ``(0, h, w, 0)``, ``(B, h*w, 4)``.
+    """
+    return LatentGeometry(pipe.spatial_factor, pipe.latent_channels, pack_latents, unpack_latents, image_ids)
 
 
-class EncodePrompt(PipelineUnit):
+FLUX2_UNITS = FlowFamily(
+    "flux2_",
+    latent_geometry,
+    tokens="(B, h*w, C)",
+    latents="(B, C, h, w)",
+    ids="(B, h*w, 4) ids (t=0, h, w, 0)",
+    extra_text_key="extra_ctx",
+    inpaint_blur=True,
+)
+"""FLUX.2's standard units (:mod:`diffstudio.pipeline.flow_units`)."""
+
+
+class EncodePrompt(PipelineUnit["Flux2ImagePipeline"]):
     """Qwen3 (klein) or Mistral3 (dev) prompt embedding, once per CFG branch."""
 
     name = "flux2_encode_prompt"
@@ -91,135 +99,14 @@ class EncodePrompt(PipelineUnit):
         OutputParam("text_ids", "(B, L, 4) text position ids (0, 0, 0, l)"),
     )
 
-    def process(self, pipe: BasePipeline, **inputs: Any) -> Mapping[str, Any]:
-        flux = _pipe(pipe)
-        embeds, ids = flux.prompt_encoder().encode(
+    def process(self, pipe: Flux2ImagePipeline, **inputs: Any) -> Mapping[str, Any]:
+        embeds, ids = pipe.prompt_encoder().encode(
             list(inputs["prompt"]), int(inputs["max_sequence_length"] or 512), dtype=pipe.torch_dtype
         )
         return {"prompt_embeds": embeds.to(pipe.device), "text_ids": ids.to(pipe.device)}
 
 
-class SetTimesteps(PipelineUnit):
-    """The FLUX.2 schedule: empirical ``mu`` from the token count and the step count."""
-
-    name = "flux2_set_timesteps"
-    description = "Sets the flow-matching schedule (FLUX.2 empirical mu, strength, explicit sigmas)."
-    after = ("flux2_check_size",)
-    inputs = (
-        InputParam("num_inference_steps", "number of denoising steps", True),
-        InputParam("denoising_strength", "image-to-image strength in (0, 1]; 1.0 for text-to-image"),
-        InputParam("sigmas", "explicit (N,) unshifted sigmas, overrides the step count"),
-        InputParam("height", "image height", True),
-        InputParam("width", "image width", True),
-    )
-    outputs = (OutputParam("timesteps", "(N,) timesteps in [0, 1000]"),)
-
-    def process(self, pipe: BasePipeline, **inputs: Any) -> Mapping[str, Any]:
-        flux = _pipe(pipe)
-        sigmas = inputs["sigmas"]
-        steps = len(sigmas) if sigmas is not None else inputs["num_inference_steps"]
-        h, w = flux.latent_grid(inputs["height"], inputs["width"])
-        pipe.scheduler.set_timesteps(
-            steps, image_seq_len=h * w, denoising_strength=inputs["denoising_strength"] or 1.0, sigmas=sigmas
-        )
-        return {"timesteps": pipe.scheduler.timesteps}
-
-
-class Noise(PipelineUnit):
-    """Seeded initial noise (seed + i per image), or the caller's ``latents``."""
-
-    name = "flux2_noise"
-    description = "Draws seeded noise (B, C, h, w) on rand_device and packs it to tokens, or takes latents=."
-    after = ("flux2_set_timesteps",)
-    inputs = (
-        InputParam("prompt", "list of B prompts (sets the batch size)", True),
-        InputParam("seed", "base seed; None draws one"),
-        InputParam("rand_device", "device of the random generator ('cpu' gives the same noise everywhere)"),
-        InputParam("latents", "initial noise (B, h*w, C) in token layout"),
-        InputParam("height", "image height", True),
-        InputParam("width", "image width", True),
-    )
-    outputs = (
-        OutputParam("latents", "(B, h*w, C) noisy tokens"),
-        OutputParam("noise", "(B, h*w, C) the initial noise"),
-        OutputParam("seeds", "per-image seeds"),
-    )
-
-    def process(self, pipe: BasePipeline, **inputs: Any) -> Mapping[str, Any]:
-        flux = _pipe(pipe)
-        batch = len(inputs["prompt"])
-        seeds = pipe.seeds_for(inputs["seed"], batch)
-        h, w = flux.latent_grid(inputs["height"], inputs["width"])
-        channels = flux.latent_channels
-        given = inputs["latents"]
-        if given is not None:
-            if given.ndim != 3 or tuple(given.shape[1:]) != (h * w, channels) or given.shape[0] not in (1, batch):
-                raise PipelineInputError(
-                    f"latents= has shape {tuple(given.shape)}; expected (1 or {batch}, {h * w}, {channels}) tokens "
-                    f"for {batch} image(s) of {inputs['height']}x{inputs['width']}"
-                )
-            noise = given.to(pipe.device, pipe.torch_dtype).expand(batch, -1, -1)
-        else:
-            drawn = pipe.generate_noise((channels, h, w), seeds, inputs["rand_device"] or "cpu")
-            noise = pack_latents(drawn)
-        return {"latents": noise, "noise": noise, "seeds": seeds}
-
-
-class ImageIds(PipelineUnit):
-    """Position ids of the target-image tokens."""
-
-    name = "flux2_image_ids"
-    description = "Builds (t=0, h, w, 0) ids (B, h*w, 4) for the target latent grid."
-    after = ("flux2_noise",)
-    inputs = (
-        InputParam("latents", "(B, h*w, C) tokens", True),
-        InputParam("height", "image height", True),
-        InputParam("width", "image width", True),
-    )
-    outputs = (OutputParam("image_ids", "(B, h*w, 4) int64 ids"),)
-
-    def process(self, pipe: BasePipeline, **inputs: Any) -> Mapping[str, Any]:
-        h, w = _pipe(pipe).latent_grid(inputs["height"], inputs["width"])
-        return {"image_ids": image_ids(inputs["latents"].shape[0], h, w, device=pipe.device)}
-
-
-class InputImage(PipelineUnit):
-    """Image-to-image: encode ``input_image`` and start from it, noised to the first sigma."""
-
-    name = "flux2_input_image"
-    description = "VAE-encodes input_image to input_latents (B, h*w, C) and noises it to the schedule's start."
-    components = ("vae",)
-    after = ("flux2_noise", "flux2_set_timesteps")
-    inputs = (
-        InputParam("input_image", "PIL image (or one per prompt) for image-to-image or training"),
-        InputParam("noise", "(B, h*w, C) initial noise", True),
-        InputParam("height", "image height", True),
-        InputParam("width", "image width", True),
-    )
-    outputs = (
-        OutputParam("input_latents", "(B, h*w, C) clean latents of input_image", optional=True),
-        OutputParam("latents", "(B, h*w, C) start of denoising", optional=True),
-    )
-
-    def process(self, pipe: BasePipeline, **inputs: Any) -> Mapping[str, Any]:
-        if inputs["input_image"] is None:
-            return {}
-        flux = _pipe(pipe)
-        noise = inputs["noise"]
-        images = as_image_list(inputs["input_image"], "input_image")
-        if len(images) not in (1, noise.shape[0]):
-            raise PipelineInputError(f"got {len(images)} input images for {noise.shape[0]} prompts")
-        size = (inputs["width"], inputs["height"])
-        rgb = [to_rgb(img, argument="input_image") for img in images]
-        resized = [img.resize(size, Image.Resampling.LANCZOS) if img.size != size else img for img in rgb]
-        pixels = torch.cat([pil_to_tensor(img, argument="input_image") for img in resized])
-        latents = pack_latents(flux.encode_image(pixels)).expand(noise.shape[0], -1, -1)
-        sigma = float(pipe.scheduler.sigmas[0])
-        start = pipe.scheduler.add_noise(latents, noise, sigma)
-        return {"input_latents": latents, "latents": start}
-
-
-class EditImages(PipelineUnit):
+class EditImages(PipelineUnit["Flux2ImagePipeline"]):
     """In-context editing: reference images become extra tokens with ids t = 10, 20, ..."""
 
     name = "flux2_edit_images"
@@ -235,15 +122,14 @@ class EditImages(PipelineUnit):
         OutputParam("edit_image_ids", "(1, L_ref, 4) their ids", optional=True),
     )
 
-    def process(self, pipe: BasePipeline, **inputs: Any) -> Mapping[str, Any]:
+    def process(self, pipe: Flux2ImagePipeline, **inputs: Any) -> Mapping[str, Any]:
         if inputs["edit_image"] is None:
             return {}
-        flux = _pipe(pipe)
         auto = True if inputs["edit_image_auto_resize"] is None else bool(inputs["edit_image_auto_resize"])
         tokens, sizes = [], []
         for image in as_image_list(inputs["edit_image"], "edit_image"):
-            image = resize_edit_image(to_rgb(image, argument="edit_image"), flux.spatial_factor, auto)
-            latents = flux.encode_image(pil_to_tensor(image, argument="edit_image"))  # (1, C, h, w)
+            image = resize_edit_image(to_rgb(image, argument="edit_image"), pipe.spatial_factor, auto)
+            latents = pipe.encode_image(pil_to_tensor(image, argument="edit_image"))  # (1, C, h, w)
             sizes.append((latents.shape[2], latents.shape[3]))
             tokens.append(pack_latents(latents))
         return {
@@ -252,121 +138,9 @@ class EditImages(PipelineUnit):
         }
 
 
-class InpaintMask(PipelineUnit):
-    """Inpainting: the mask (white = repaint) at the latent grid, optionally blurred."""
-
-    name = "flux2_inpaint_mask"
-    description = "Turns inpaint_mask (PIL, white = repaint) into (1, h*w, 1) weights at the latent grid."
-    after = ("flux2_input_image",)
-    inputs = (
-        InputParam("inpaint_mask", "PIL mask, white where the image is repainted (needs input_image)"),
-        InputParam("inpaint_blur_size", "Gaussian blur kernel size in latent cells (odd), 0/None: none"),
-        InputParam("inpaint_blur_sigma", "Gaussian blur sigma in latent cells"),
-        InputParam("input_image", "the image being inpainted"),
-        InputParam("height", "image height", True),
-        InputParam("width", "image width", True),
-    )
-    outputs = (OutputParam("inpaint_mask", "(1, h*w, 1) repaint weights in [0, 1]", optional=True),)
-
-    def process(self, pipe: BasePipeline, **inputs: Any) -> Mapping[str, Any]:
-        mask = inputs["inpaint_mask"]
-        if mask is None:
-            return {}
-        if inputs["input_image"] is None:
-            raise PipelineInputError("inpaint_mask needs input_image (the picture to repaint)")
-        if not isinstance(mask, Image.Image):
-            raise PipelineInputError(f"inpaint_mask must be a PIL image, got {type(mask).__name__}")
-        h, w = _pipe(pipe).latent_grid(inputs["height"], inputs["width"])
-        rgb = to_rgb(mask, argument="inpaint_mask").resize((w, h), Image.Resampling.BILINEAR)
-        grey = pil_to_tensor(rgb, argument="inpaint_mask").mean(1, keepdim=True)
-        weights = (grey + 1) / 2  # (1, 1, h, w) in [0, 1]
-        size = int(inputs["inpaint_blur_size"] or 0)
-        if size > 1:
-            weights = gaussian_blur(weights, size, float(inputs["inpaint_blur_sigma"] or size / 3))
-        tokens = pack_latents(weights).to(pipe.device, pipe.torch_dtype)
-        return {"inpaint_mask": tokens}
-
-
-def gaussian_blur(x: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of ``(B, C, H, W)`` with an odd ``size`` kernel and reflect padding."""
-    size = size + 1 - size % 2
-    coords = torch.arange(size, dtype=torch.float32) - size // 2
-    kernel = torch.exp(-(coords**2) / (2 * sigma**2))
-    kernel = (kernel / kernel.sum()).to(x)
-    channels = x.shape[1]
-    pad = size // 2
-    x = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="replicate")
-    x = torch.nn.functional.conv2d(x, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, size), groups=channels)
-    return torch.nn.functional.conv2d(x, kernel.view(1, 1, -1, 1).expand(channels, 1, size, 1), groups=channels)
-
-
-class Extensions(PipelineUnit):
-    """Template-cache inputs the DiT accepts per CFG branch (K/V cache, extra text tokens)."""
-
-    name = "flux2_extensions"
-    description = "Passes kv_cache ({'double_i'|'single_i': (K, V)}) and extra_text_embedding to each branch."
-    per_branch = True
-    after = ("flux2_encode_prompt",)
-    inputs = (
-        InputParam("kv_cache", "per-block (K, V) appended after RoPE, each (1|B, L_kv, H, Dh)", per_branch=True),
-        InputParam("extra_text_embedding", "(1|B, L_extra, context width) extra text tokens", per_branch=True),
-    )
-    outputs = (
-        OutputParam("kv_extension", "the branch's per-block K/V extension", optional=True),
-        OutputParam("extra_ctx", "the branch's extra text tokens", optional=True),
-    )
-
-    def process(self, pipe: BasePipeline, **inputs: Any) -> Mapping[str, Any]:
-        out: dict[str, Any] = {}
-        if inputs["kv_cache"] is not None:
-            out["kv_extension"] = dict(inputs["kv_cache"])
-        if inputs["extra_text_embedding"] is not None:
-            out["extra_ctx"] = inputs["extra_text_embedding"].to(pipe.device, pipe.torch_dtype)
-        return out
-
-
-class Decode(PipelineUnit):
-    """Latents -> images."""
-
-    name = "flux2_decode"
-    stage = "finish"
-    description = "Unpacks the final tokens to (B, C, h, w), VAE-decodes them and converts to output_type."
-    components = ("vae",)
-    inputs = (
-        InputParam("latents", "(B, h*w, C) final tokens", True),
-        InputParam("height", "image height", True),
-        InputParam("width", "image width", True),
-        InputParam("output_type", "pil | np | pt | latent"),
-        InputParam("single", "one prompt was given: return one image"),
-    )
-    outputs = (OutputParam("output", "the images (or the latents for output_type='latent')"),)
-
-    def process(self, pipe: BasePipeline, **inputs: Any) -> Mapping[str, Any]:
-        latents = inputs["latents"]
-        output_type = inputs["output_type"] or "pil"
-        if output_type == "latent":
-            return {"output": latents}
-        flux = _pipe(pipe)
-        h, w = flux.latent_grid(inputs["height"], inputs["width"])
-        images = flux.decode_latents(unpack_latents(latents, h, w))
-        return {"output": convert_output(images, output_type, bool(inputs["single"]))}
-
-
 def flux2_units() -> Sequence[PipelineUnit]:
     """Every unit of the FLUX.2 image pipeline."""
-    return [
-        CheckSize(),
-        EncodePrompt(),
-        SetTimesteps(),
-        Noise(),
-        ImageIds(),
-        InputImage(),
-        EditImages(),
-        InpaintMask(),
-        Extensions(),
-        ReferenceKV(),
-        Decode(),
-    ]
+    return [*flow_units(FLUX2_UNITS), EncodePrompt(), EditImages(), ReferenceKV()]
 
 
 class _CaptureKV:
@@ -414,7 +188,7 @@ def reference_kv(
     return capture.captured
 
 
-class ReferenceKV(PipelineUnit):
+class ReferenceKV(PipelineUnit["Flux2ImagePipeline"]):
     """Optional: compute the edit images' K/V once instead of running their tokens at every step."""
 
     name = "flux2_reference_kv"
@@ -429,7 +203,7 @@ class ReferenceKV(PipelineUnit):
     )
     outputs = (OutputParam("reference_kv", "{'double_i'|'single_i': (K, V)} of the references", optional=True),)
 
-    def process(self, pipe: BasePipeline, **inputs: Any) -> Mapping[str, Any]:
+    def process(self, pipe: Flux2ImagePipeline, **inputs: Any) -> Mapping[str, Any]:
         if not inputs["edit_kv_cache"] or inputs["edit_latents"] is None:
             return {}
         tokens = inputs["edit_latents"].to(pipe.device, pipe.torch_dtype)
