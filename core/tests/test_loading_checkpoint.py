@@ -444,3 +444,11 @@ def test_errors_are_checkpoint_errors(tmp_path: Path) -> None:
         PickleContentError,
     ):
         assert issubclass(error, CheckpointError)
+
+
+@pytest.mark.parametrize("flag", ["no", "yes", 1, None])
+def test_allow_pickle_must_be_a_real_boolean(tmp_path: Path, flag: object) -> None:
+    path = tmp_path / "model.bin"
+    torch.save({"w": torch.zeros(2)}, path)
+    with pytest.raises(PickleRefusedError, match="not a boolean"):
+        Checkpoint.open(path, allow_pickle=flag)  # type: ignore[arg-type]

@@ -62,8 +62,15 @@ def check_pickle_allowed(path: Path, allow_pickle: bool) -> None:
         allow_pickle: The caller's opt-in.
 
     Raises:
-        PickleRefusedError: ``allow_pickle`` is False.
+        PickleRefusedError: ``allow_pickle`` is not ``True``; a value that is not a real ``bool`` (``"no"``, ``1``,
+            ``None``) is refused with a message saying so, never read as "truthy".
     """
+    if not isinstance(allow_pickle, bool):
+        raise PickleRefusedError(
+            f"Refusing to load the pickle-based checkpoint {path}: allow_pickle={allow_pickle!r} "
+            f"({type(allow_pickle).__name__}) is not a boolean. The opt-in to unpickling must be allow_pickle=True "
+            "exactly (a string or number from a config file never enables it)."
+        )
     if not allow_pickle:
         raise PickleRefusedError(
             f"Refusing to load the pickle-based checkpoint {path}: unpickling a file can run arbitrary "
