@@ -140,3 +140,29 @@ def test_png_record_is_a_valid_job_line() -> None:
 def test_every_field_has_a_description_and_errors_are_diffstudio_errors() -> None:
     assert all(description for _, description in FIELDS.values())
     assert issubclass(JobFieldError, DiffstudioError) and issubclass(OutputPathError, DiffstudioError)
+
+
+def test_seed_with_jobs_is_refused_not_ignored(tmp_path: Path) -> None:
+    from diffstudio import run
+    from diffstudio.errors import PipelineInputError
+
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"prompt": "a red circle"}) + "\n")
+    with pytest.raises(PipelineInputError, match="--seed 7 does not apply to --jobs"):
+        run(jobs=jobs, seed=7, out=tmp_path / "out", dry_run=True, progress=False)
+    planned = run(jobs=jobs, out=tmp_path / "out", dry_run=True, progress=False)
+    assert [row["seed"] for row in planned] == [0]
+
+
+def test_seed_beside_from_overrides_the_recorded_seed(tmp_path: Path) -> None:
+    from diffstudio import run
+    from diffstudio.outputs import save_image
+    from PIL import Image
+
+    job = {"prompt": "a red circle", "seed": 3, "num_images": 1, "num_inference_steps": 2}
+    record = GenerationRecord(prompt="a red circle", seed=3, steps=2, job=job, job_hash="0123456789")
+    png = tmp_path / "recorded.png"
+    save_image(Image.new("RGB", (16, 16)), png, record)
+    assert [row["seed"] for row in run(from_images=[png], out=tmp_path / "out", dry_run=True, progress=False)] == [3]
+    replanned = run(from_images=[png], seed=11, out=tmp_path / "out", dry_run=True, progress=False)
+    assert [row["seed"] for row in replanned] == [11]

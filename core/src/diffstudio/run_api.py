@@ -343,20 +343,27 @@ def _jobs(
     seed: int | None,
     num_images: int,
 ) -> list[Job]:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise PipelineInputError(f"seed={seed!r} must be a non-negative integer")
     if from_images:
         rows = rows_from_images(from_images)
+        override = {**given, **({} if seed is None else {"seed": seed})}
         return [
-            validate_row({**row, **given}, i, source=os.fspath(p)) for i, (row, p) in enumerate(zip(rows, from_images))
+            validate_row({**row, **override}, i, source=os.fspath(p))
+            for i, (row, p) in enumerate(zip(rows, from_images))
         ]
     if jobs is not None:
+        if seed is not None:
+            raise PipelineInputError(
+                f"--seed {seed} does not apply to --jobs: each job row carries its own seed (default: the job's "
+                'index); put "seed" in the rows instead'
+            )
         if isinstance(jobs, (str, Path)):
             return load_jobs(jobs)
         return [validate_row(dict(row), i) for i, row in enumerate(jobs)]
     if prompt is None:
         raise PipelineInputError("give a prompt, a job file (--jobs) or recorded images (--from)")
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise PipelineInputError(f"seed={seed!r} must be a non-negative integer")
     base = 0 if seed is None else seed
     return [validate_row({"prompt": p, "seed": base + i, "num_images": num_images}, i) for i, p in enumerate(prompts)]
 
