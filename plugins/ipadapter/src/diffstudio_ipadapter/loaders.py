@@ -130,15 +130,12 @@ def convert_instantx_bin(source: str | Path, target: str | Path) -> Path:
 
     Loaded with ``torch.load(weights_only=True)`` (tensors only); the result is written atomically.
     """
-    import os
-
     import torch
-    from safetensors.torch import save_file
+    from diffstudio._io import atomic_write_bytes
+    from safetensors.torch import save
 
     nested = torch.load(str(source), map_location="cpu", weights_only=True)
     flat = {f"{group}.{k}": v.contiguous() for group in ("image_proj", "ip_adapter") for k, v in nested[group].items()}
-    target = Path(target)
-    partial = target.with_name(target.name + ".partial")
-    save_file(flat, str(partial))
-    os.replace(partial, target)
-    return target
+    # core's atomic write: a temporary name in the same folder, renamed; the mode is the umask's (safetensors'
+    # save_file would create the file 0600)
+    return atomic_write_bytes(target, bytes(save(flat)))
