@@ -155,10 +155,12 @@ def load_model(checkpoint: Checkpoint, config: ModelConfig) -> ModelClaim | None
 def pipeline_unit(pipeline: PipelineLike) -> Sequence[PipelineUnit] | None:
     """Contribute units to a pipeline being assembled.
 
-    Called once per pipeline instance, at the end of its construction. A family plugin returns its own units
-    for its pipelines; an adapter plugin returns the units that turn its inputs (``controlnet_inputs``, ...)
-    into extension objects for the family's DiT. Units are ordered by their named anchors (``after=``,
-    ``before=``, ``stage=``), never by registration order; the runner checks each unit's declared outputs.
+    Called when the pipeline's units are first needed (``pipe.units``: the first call, ``accepted_inputs``) and
+    again after every ``set_component`` (a new component may change which units apply). A family plugin returns
+    its own units for its pipelines; an adapter plugin returns the units that turn its inputs
+    (``controlnet_inputs``, ...) into extension objects for the family's DiT. Units are ordered by their named
+    anchors (``after=``, ``before=``, ``stage=``), never by registration order; the runner checks each unit's
+    declared outputs.
 
     :param pipeline: The pipeline being assembled; check ``pipeline.family`` and return None (or an empty list)
         for pipelines you do not serve.
