@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, ClassVar, Protocol
 
 import torch
 from PIL import Image
@@ -39,6 +39,7 @@ __all__ = [
     "FlowFamily",
     "FlowPipeline",
     "LatentGeometry",
+    "flow_unit_class",
     "flow_units",
     "gaussian_blur",
     "mask_tokens",
@@ -216,10 +217,9 @@ def gaussian_blur(x: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
 
 
 class _FlowUnit(PipelineUnit[FlowPipeline]):
-    """A standard unit bound to one family (subclassed per family by :func:`flow_units`)."""
+    """A standard unit; :func:`flow_unit_class` subclasses it per family (units keep no instance state)."""
 
-    def __init__(self, family: FlowFamily) -> None:
-        self.family = family
+    family: ClassVar[FlowFamily]
 
     @classmethod
     def declare(cls, family: FlowFamily) -> dict[str, Any]:
@@ -363,7 +363,7 @@ class ImageIds(_FlowUnit):
         """Ids for the batch of ``latents``."""
         geometry = self.geometry(pipe)
         if geometry.ids is None:
-            raise PipelineInputError(f"unit {self.name}: this family's latent geometry has no position ids")
+            raise UnitGraphError(f"unit {self.name}: this family's latent geometry has no position ids")
         h, w = geometry.grid(inputs["height"], inputs["width"])
         return {"image_ids": geometry.ids(inputs["latents"].shape[0], h, w, device=pipe.device)}
 
@@ -544,28 +544,29 @@ _UNIT_CLASSES: dict[str, type[_FlowUnit]] = {
 STANDARD_UNITS: tuple[str, ...] = tuple(_UNIT_CLASSES)
 """The standard units, in anchor order (``extensions`` anchors on the family's ``encode_prompt``)."""
 
-_U = TypeVar("_U", bound=_FlowUnit)
+_BOUND: dict[tuple[str, FlowFamily], type[PipelineUnit[Any]]] = {}
 
 
-_BOUND: dict[tuple[type[_FlowUnit], FlowFamily], type[_FlowUnit]] = {}
+def flow_unit_class(name: str, family: FlowFamily) -> type[PipelineUnit[Any]]:
+    """The class of standard unit ``name`` for ``family`` (made once; instances take no arguments).
 
-
-def _bound(cls: type[_U], family: FlowFamily) -> type[_U]:
-    """The subclass of ``cls`` that carries ``family``'s declarations as class attributes (made once)."""
-    key = (cls, family)
+    Raises:
+        UnitGraphError: ``name`` is not one of :data:`STANDARD_UNITS` (a mistake in the family's unit list).
+    """
+    key = (name, family)
     if key not in _BOUND:
-        attributes = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, **cls.declare(family)}
-        _BOUND[key] = type(cls.__name__, (cls,), attributes)
-    return cast("type[_U]", _BOUND[key])
+        if name not in _UNIT_CLASSES:
+            raise UnitGraphError(f"{name!r} is not a standard flow unit; choose from {list(STANDARD_UNITS)}")
+        cls = _UNIT_CLASSES[name]
+        attributes = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "family": family}
+        _BOUND[key] = type(cls.__name__, (cls,), {**attributes, **cls.declare(family)})
+    return _BOUND[key]
 
 
 def flow_units(family: FlowFamily, names: Sequence[str] = STANDARD_UNITS) -> list[PipelineUnit[Any]]:
-    """The standard units ``names`` (default: all of :data:`STANDARD_UNITS`) for ``family``.
+    """Instances of the standard units ``names`` (default: all of :data:`STANDARD_UNITS`) for ``family``.
 
     Raises:
-        UnitGraphError: A name that is not a standard unit (a mistake in the family's unit list).
+        UnitGraphError: A name that is not a standard unit.
     """
-    unknown = [name for name in names if name not in _UNIT_CLASSES]
-    if unknown:
-        raise UnitGraphError(f"not standard flow units: {unknown}; choose from {list(STANDARD_UNITS)}")
-    return [_bound(_UNIT_CLASSES[name], family)(family) for name in names]
+    return [flow_unit_class(name, family)() for name in names]

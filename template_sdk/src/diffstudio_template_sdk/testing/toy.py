@@ -4,6 +4,8 @@ It is a complete family plugin in miniature: a denoiser with random weights save
 claimed by key patterns through ``load_model``, a pipeline registered through ``register_pipelines``, and
 units contributed through ``pipeline_unit``. Its latent space is the image itself patchified 4×4
 (48 channels per token), so no VAE is needed; its text encoder is a byte-level embedding inside the denoiser.
+Besides its prompt encoder, its units are core's standard flow-matching units
+(:mod:`diffstudio.pipeline.flow_units`), given the toy's :class:`~diffstudio.pipeline.flow_units.LatentGeometry`.
 
 Its entry module is :mod:`.toy_plugin`: register it with ``Runtime(plugins=[toy_plugin])`` or
 ``DIFFSTUDIO_PLUGINS=diffstudio_template_sdk.testing.toy_plugin``.
@@ -19,7 +21,7 @@ import torch
 from diffstudio.loading.assign import build_on_meta, load_state_dict_into
 from diffstudio.loading.checkpoint import Checkpoint
 from diffstudio.pipeline.base import BasePipeline
-from diffstudio.pipeline.images import convert_output
+from diffstudio.pipeline.flow_units import FlowFamily, LatentGeometry, flow_unit_class
 from diffstudio.pipeline.units import InputParam, OutputParam, PipelineUnit
 from diffstudio.scheduler import FlowMatchScheduler
 from diffstudio.types import LoadRequest
@@ -102,6 +104,25 @@ def unpatchify(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return rearrange(tokens, "b (h w) (c p q) -> b c (h p) (w q)", h=height // PATCH, p=PATCH, q=PATCH)
 
 
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """Latents ``(B, 48, h, w)`` → tokens ``(B, h*w, 48)``, row-major (a view)."""
+    return rearrange(latents, "b c h w -> b (h w) c")
+
+
+def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Tokens ``(B, h*w, 48)`` → latents ``(B, 48, h, w)`` (a view)."""
+    return rearrange(tokens, "b (h w) c -> b c h w", h=h, w=w)
+
+
+def latent_geometry(pipe: Any) -> LatentGeometry:
+    """The toy's latent layout: 4×4 pixel patches folded into 48 channels, one token per latent pixel.
+
+    The toy draws its noise directly in token layout ``(H/4 * W/4, 48)`` per image (``noise_in_tokens``), and its
+    denoiser takes no position ids.
+    """
+    return LatentGeometry(PATCH, CHANNELS, pack_latents, unpack_latents, noise_in_tokens=True)
+
+
 class ToyPipeline(BasePipeline):
     """Text-to-image with the toy denoiser (tests only)."""
 
@@ -153,24 +174,21 @@ class ToyPipeline(BasePipeline):
         self.check_inputs(extra)
         return self.generate(inputs, progress_bar_cmd=progress_bar_cmd, callback_on_step_end=callback_on_step_end)
 
+    def encode_image(self, pixels: torch.Tensor, **options: Any) -> torch.Tensor:
+        """The toy's "VAE": pixels ``(B, 3, H, W)`` → latents ``(B, 48, H/4, W/4)`` (4×4 patches, channel-major)."""
+        latents = rearrange(pixels, "b c (h p) (w q) -> b (c p q) h w", p=PATCH, q=PATCH)
+        return latents.to(self.device, self.torch_dtype)
+
+    def decode_latents(self, latents: torch.Tensor, **options: Any) -> torch.Tensor:
+        """Latents ``(B, 48, h, w)`` → pixels ``(B, 3, 4h, 4w)`` (float32)."""
+        return rearrange(latents.float(), "b (c p q) h w -> b c (h p) (w q)", p=PATCH, q=PATCH)
+
     def predict_velocity(self, inputs: Mapping[str, Any], step_index: int, timestep: torch.Tensor) -> torch.Tensor:
         """Call the toy denoiser on the branch's prompt embeddings."""
         latents = inputs["latents"]
         t = (timestep / 1000).expand(latents.shape[0]).to(latents)
         velocity: torch.Tensor = self.dit(latents, t, inputs["prompt_embeds"])
         return velocity
-
-
-class ToyCheckSize(PipelineUnit):
-    """Reject sizes that are not multiples of 16."""
-
-    name = "check_size"
-    description = "Checks that height and width are positive multiples of 16."
-    inputs = (InputParam("height", "image height in pixels", True), InputParam("width", "image width", True))
-
-    def process(self, pipe: BasePipeline, **inputs: Any) -> Mapping[str, Any]:
-        pipe.check_size(inputs["height"], inputs["width"])
-        return {}
 
 
 class ToyEncodePrompt(PipelineUnit):
@@ -188,76 +206,10 @@ class ToyEncodePrompt(PipelineUnit):
         return {"prompt_embeds": pipe.dit.encode_text(inputs["prompt"])}
 
 
-class ToySetTimesteps(PipelineUnit):
-    """Set the scheduler's sigmas for this call."""
+TOY_UNITS = FlowFamily("", latent_geometry, tokens="(B, L, 48)", latents="(B, 48, H/4, W/4)", vae=None)
+"""The toy's standard units (:mod:`diffstudio.pipeline.flow_units`): no VAE, no position ids."""
 
-    name = "set_timesteps"
-    description = "Sets the flow-matching schedule (steps, strength or explicit sigmas); writes timesteps (N,)."
-    after = ("check_size",)
-    inputs = (
-        InputParam("num_inference_steps", "number of denoising steps", True),
-        InputParam("denoising_strength", "1.0 for text-to-image"),
-        InputParam("sigmas", "explicit schedule, overrides the step count"),
-        InputParam("height", "image height", True),
-        InputParam("width", "image width", True),
-    )
-    outputs = (OutputParam("timesteps", "(N,) timesteps in [0, 1000]"),)
-
-    def process(self, pipe: BasePipeline, **inputs: Any) -> Mapping[str, Any]:
-        steps = len(inputs["sigmas"]) if inputs["sigmas"] is not None else inputs["num_inference_steps"]
-        pipe.scheduler.set_timesteps(
-            steps,
-            image_seq_len=(inputs["height"] // 16) * (inputs["width"] // 16),
-            denoising_strength=inputs["denoising_strength"] or 1.0,
-            sigmas=inputs["sigmas"],
-        )
-        return {"timesteps": pipe.scheduler.timesteps}
-
-
-class ToyNoise(PipelineUnit):
-    """Initial noise, one seed per image."""
-
-    name = "noise"
-    description = "Draws seeded noise (seed + i per image) or takes latents=; writes latents (B, L, 48)."
-    after = ("set_timesteps",)
-    inputs = (
-        InputParam("prompt", "list of B prompts (sets the batch size)", True),
-        InputParam("seed", "base seed; None draws one"),
-        InputParam("rand_device", "device of the random generator"),
-        InputParam("latents", "initial noise (B, L, 48) in token layout"),
-        InputParam("height", "image height", True),
-        InputParam("width", "image width", True),
-    )
-    outputs = (OutputParam("latents", "(B, L, 48) noisy tokens"), OutputParam("seeds", "per-image seeds"))
-
-    def process(self, pipe: BasePipeline, **inputs: Any) -> Mapping[str, Any]:
-        batch = len(inputs["prompt"])
-        seeds = pipe.seeds_for(inputs["seed"], batch)
-        if inputs["latents"] is not None:
-            return {"latents": inputs["latents"].to(pipe.device, pipe.torch_dtype), "seeds": seeds}
-        tokens = (inputs["height"] // PATCH) * (inputs["width"] // PATCH)
-        noise = pipe.generate_noise((tokens, CHANNELS), seeds, inputs["rand_device"] or "cpu")
-        return {"latents": noise, "seeds": seeds}
-
-
-class ToyDecode(PipelineUnit):
-    """Latents → images in the requested output type."""
-
-    name = "decode"
-    stage = "finish"
-    description = "Unpatchifies the final latents into images and converts them to output_type."
-    inputs = (
-        InputParam("latents", "(B, L, 48) final tokens", True),
-        InputParam("height", "image height", True),
-        InputParam("width", "image width", True),
-        InputParam("output_type", "pil | np | pt | latent"),
-        InputParam("single", "one prompt was given: return one image"),
-    )
-    outputs = (OutputParam("output", "the images (or latents)"),)
-
-    def process(self, pipe: BasePipeline, **inputs: Any) -> Mapping[str, Any]:
-        latents = inputs["latents"]
-        if inputs["output_type"] == "latent":
-            return {"output": latents}
-        images = unpatchify(latents.float(), inputs["height"], inputs["width"])
-        return {"output": convert_output(images, inputs["output_type"] or "pil", bool(inputs["single"]))}
+ToyCheckSize = flow_unit_class("check_size", TOY_UNITS)
+ToySetTimesteps = flow_unit_class("set_timesteps", TOY_UNITS)
+ToyNoise = flow_unit_class("noise", TOY_UNITS)
+ToyDecode = flow_unit_class("decode", TOY_UNITS)
