@@ -22,18 +22,33 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from diffstudio.errors import CheckpointError
 from diffstudio.loading.finite import is_finite
-from diffstudio.nn.delta import delta_linears
+from diffstudio.nn.delta import DeltaLinear, delta_linears
 
 __all__ = [
     "BASE_MODEL_KEYS",
+    "AmbiguousLoraFormatError",
+    "AppliedLora",
     "CanonicalLora",
+    "LoraError",
+    "LoraFormatError",
+    "LoraMatchError",
+    "LoraNameError",
+    "LoraReport",
+    "LoraState",
+    "UnknownLoraFormatError",
+    "keep_originals",
+    "lora_name",
+    "lora_state",
+    "match_layers",
+    "restore_fused",
     "LoraAlphaError",
     "LoraArchitectureError",
     "LoraBaseModelError",
@@ -370,3 +385,196 @@ def check_block_range(paths: Iterable[str], layers: Iterable[str], what: str, so
             "(e.g. a FLUX.1-dev LoRA on FLUX.2-klein, whose layers have the same names and widths). Use a LoRA "
             "trained for this model."
         )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What a family's apply_lora / remove_lora share: errors, the report, the per-model state, matching, fusing
+# ----------------------------------------------------------------------------------------------------------
+
+
+class LoraError(CheckpointError):
+    """Base class of the errors a family's LoRA functions raise (a file or state dict unusable with its model)."""
+
+
+class LoraFormatError(LoraError):
+    """A LoRA's tensors are inconsistent (a pair that does not fit, a duplicate, an unknown module to write)."""
+
+
+class UnknownLoraFormatError(LoraError):
+    """No LoRA layout of the family recognises a file's keys."""
+
+
+class AmbiguousLoraFormatError(LoraError):
+    """More than one LoRA layout of the family recognises a file's keys."""
+
+
+class LoraMatchError(LoraError):
+    """A LoRA does not fit the model: it matches none of its layers, or a matched layer has other sizes."""
+
+
+class LoraNameError(LoraError, KeyError):
+    """A LoRA name is unknown (remove) or already in use (apply)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class LoraReport:
+    """What a family's ``apply_lora`` did.
+
+    Attributes:
+        name: The name the LoRA is applied under (pass it to ``remove_lora``).
+        format: The layout read, e.g. ``"flux2/kohya"`` (``"canonical"`` for a canonical LoRA).
+        source: Where it came from (a path, or ``"<state dict>"``).
+        scale: The multiplier it was applied with.
+        fused: True when merged into the weights, False for a side path.
+        tensors_matched: File tensors (``down``/``up``/``alpha``) that went into applied layers.
+        modules: Applied layers counted per kind, e.g. ``{"double_blocks.*.img_attn.qkv": 2}``.
+        unmatched_keys: File keys that were not applied (unknown names, layers this model lacks, half pairs).
+    """
+
+    name: str
+    format: str
+    source: str
+    scale: float
+    fused: bool
+    tensors_matched: int
+    modules: dict[str, int]
+    unmatched_keys: list[str] = field(default_factory=list)
+
+    @property
+    def modules_matched(self) -> int:
+        """Number of layers the LoRA changes."""
+        return sum(self.modules.values())
+
+    def __str__(self) -> str:
+        how = "fused into the weights" if self.fused else "as a side path"
+        kinds = ", ".join(f"{kind} x{count}" for kind, count in sorted(self.modules.items()))
+        text = (
+            f"LoRA {self.name!r} ({self.format}, from {self.source}) applied {how} with scale {self.scale:g}: "
+            f"{self.tensors_matched} tensors matched {self.modules_matched} layers ({kinds})."
+        )
+        if self.unmatched_keys:
+            shown = ", ".join(self.unmatched_keys[:8]) + (" ..." if len(self.unmatched_keys) > 8 else "")
+            return text + f" {len(self.unmatched_keys)} keys were not applied: {shown}."
+        return text + " Every key was applied."
+
+
+@dataclass
+class AppliedLora:
+    """One LoRA applied to a model: its report and the canonical layers that matched."""
+
+    report: LoraReport
+    lora: CanonicalLora
+
+
+@dataclass
+class LoraState:
+    """The LoRAs a family applied to one model, and the weights fused LoRAs changed.
+
+    Attributes:
+        applied: Name -> applied LoRA, in application order.
+        originals: Layer path -> its weight (on the CPU) before the first fused LoRA touched it.
+    """
+
+    applied: dict[str, AppliedLora] = field(default_factory=dict)
+    originals: dict[str, Tensor] = field(default_factory=dict)
+
+
+def lora_state(model: nn.Module, attribute: str) -> LoraState:
+    """The :class:`LoraState` a family keeps on ``model`` under ``attribute`` (created on first use)."""
+    state = model.__dict__.get(attribute)
+    if not isinstance(state, LoraState):
+        state = model.__dict__[attribute] = LoraState()
+    return state
+
+
+def lora_name(requested: str | None, description: str, taken: Iterable[str], remove_hint: str) -> str:
+    """The name to apply a LoRA under: ``requested``, or the source's stem (``lora`` for dicts) made unique.
+
+    Raises:
+        LoraNameError: ``requested`` is taken; ``remove_hint`` (e.g. ``"remove_lora(dit, 'x')"``) says what to do.
+    """
+    used = set(taken)
+    if requested is not None:
+        if requested in used:
+            raise LoraNameError(f"a LoRA named {requested!r} is already applied; {remove_hint} first")
+        return requested
+    stem = (Path(description).stem if not description.startswith("<") else "lora") or "lora"
+    name, counter = stem, 1
+    while name in used:
+        counter += 1
+        name = f"{stem}_{counter}"
+    return name
+
+
+def match_layers(
+    lora: Mapping[str, LoraWeights],
+    sources: Mapping[str, list[str]],
+    unmatched: Iterable[str],
+    layers: Mapping[str, DeltaLinear],
+    description: str,
+    what: str,
+) -> tuple[CanonicalLora, list[str]]:
+    """Keep the LoRA layers the model has; return them and the file keys of the rest (in file order).
+
+    Args:
+        lora: The parsed canonical LoRA.
+        sources: Layer path -> the file keys it came from.
+        unmatched: File keys the parser could not map.
+        layers: The model's LoRA-capable layers (``DeltaLinear``) by canonical path.
+        description: The LoRA's source, for messages.
+        what: The model, for messages (``"FLUX.2"``).
+
+    Raises:
+        LoraMatchError: A matched layer has other sizes, or no layer matches.
+    """
+    matched = {path: w for path, w in lora.items() if path in layers}
+    missing = [key for path in lora if path not in layers for key in sources.get(path, [path])]
+    rest = list(unmatched) + missing
+
+    def sizes(path: str) -> tuple[int, int]:
+        return layers[path].in_features, layers[path].out_features
+
+    wrong = [
+        f"{path} (LoRA {w.down.shape[1]} -> {w.up.shape[0]}, layer {sizes(path)[0]} -> {sizes(path)[1]})"
+        for path, w in matched.items()
+        if (w.down.shape[1], w.up.shape[0]) != sizes(path)
+    ]
+    if wrong:
+        raise LoraMatchError(
+            f"{description} does not fit this model: {len(wrong)} layer(s) have other sizes, e.g. "
+            f"{'; '.join(wrong[:3])}. The LoRA was trained for another {what} variant."
+        )
+    if not matched:
+        raise LoraMatchError(
+            f"{description} matches none of the model's layers ({len(rest)} keys, e.g. {', '.join(rest[:6])}). "
+            f"The model's LoRA-capable layers look like {', '.join(sorted(layers)[:4])} (BFL names; diffusers and "
+            "kohya names are mapped onto them). The LoRA is for another model or variant."
+        )
+    return matched, rest
+
+
+def keep_originals(state: LoraState, layers: Mapping[str, DeltaLinear], paths: Iterable[str]) -> None:
+    """Copy (to the CPU) the weights of ``paths`` a fused LoRA is about to change, unless already kept."""
+    with torch.no_grad():
+        for path in paths:
+            if path not in state.originals:
+                state.originals[path] = layers[path].weight.detach().to("cpu", copy=True)
+
+
+def restore_fused(state: LoraState, layers: Mapping[str, DeltaLinear], removed: AppliedLora) -> None:
+    """Undo a fused LoRA exactly: reset its layers to the kept weights and merge the still-fused ones again, in order.
+
+    ``removed`` must already be out of ``state.applied``; kept weights no fused LoRA needs any more are dropped.
+    """
+    with torch.no_grad():
+        for path in removed.lora:
+            weight = layers[path].weight
+            weight.copy_(state.originals[path].to(weight.device))
+            again = [a for a in state.applied.values() if a.report.fused and path in a.lora]
+            for other in again:
+                weight.add_((other.report.scale * other.lora[path].delta_weight()).to(weight))
+            if not again:
+                del state.originals[path]

@@ -20,21 +20,28 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import torch
 from diffstudio.loading import Checkpoint
 from diffstudio.lora import (
+    AppliedLora,
     LoraArchitectureError,
+    LoraMatchError,
+    LoraNameError,
+    LoraReport,
     LoraWeights,
+    UnknownLoraFormatError,
     attach_lora,
     check_base_model,
     check_block_range,
     check_finite,
     detach_lora,
+    keep_originals,
+    lora_name,
+    lora_state,
+    match_layers,
     merge_lora,
+    restore_fused,
 )
 from diffstudio.nn import DeltaLinear, delta_linears, to_delta_linears
 from torch import Tensor, nn
@@ -54,74 +61,21 @@ LoraSource = str | os.PathLike[str] | Mapping[str, Tensor]
 """A ``.safetensors`` path or a LoRA state dict in any FLUX.1 layout."""
 _STATE = "_diffstudio_flux1_loras"
 
-
-class UnknownLoraFormatError(LoraError):
-    """No FLUX.1 LoRA layout (or more than one) recognises a file's keys."""
-
-
-class LoraMatchError(LoraError):
-    """A LoRA matches none of the model's layers, or a matched layer has other sizes."""
-
-
-class LoraNameError(LoraError, KeyError):
-    """A LoRA name is unknown (remove) or already in use (apply)."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-
-@dataclass(frozen=True)
-class LoraReport:
-    """What :func:`apply_lora` did.
-
-    Attributes:
-        name: The name the LoRA is applied under (pass it to :func:`remove_lora`).
-        format: The layout read, e.g. ``"flux1/kohya"``.
-        source: Where it came from (a path, or ``"<state dict>"``).
-        scale: The multiplier it was applied with.
-        fused: True when merged into the weights, False for a side path.
-        tensors_matched: File tensors (down/up/alpha) that went into applied layers.
-        modules: Applied layers counted per kind, e.g. ``{"double_blocks.*.img_attn.qkv": 19}``.
-        unmatched_keys: File keys that were not applied (unknown names, layers the model lacks, half pairs).
-    """
-
-    name: str
-    format: str
-    source: str
-    scale: float
-    fused: bool
-    tensors_matched: int
-    modules: dict[str, int]
-    unmatched_keys: list[str] = field(default_factory=list)
-
-    @property
-    def modules_matched(self) -> int:
-        """Number of layers the LoRA changes."""
-        return sum(self.modules.values())
-
-    def __str__(self) -> str:
-        how = "fused into the weights" if self.fused else "as a side path"
-        kinds = ", ".join(f"{kind} x{count}" for kind, count in sorted(self.modules.items()))
-        text = (
-            f"LoRA {self.name!r} ({self.format}, from {self.source}) applied {how} with scale {self.scale:g}: "
-            f"{self.tensors_matched} tensors matched {self.modules_matched} layers ({kinds})."
-        )
-        if self.unmatched_keys:
-            shown = ", ".join(self.unmatched_keys[:8]) + (" ..." if len(self.unmatched_keys) > 8 else "")
-            return text + f" {len(self.unmatched_keys)} keys were not applied: {shown}."
-        return text + " Every key was applied."
-
-
-@dataclass
-class _Applied:
-    report: LoraReport
-    lora: dict[str, LoraWeights]  # matched layers, canonical paths
-
-
-@dataclass
-class _State:
-    applied: dict[str, _Applied] = field(default_factory=dict)
-    originals: dict[str, Tensor] = field(default_factory=dict)  # canonical path -> weight before fusing
+__all__ = [
+    "LoraError",
+    "LoraFormatError",
+    "LoraMatchError",
+    "LoraNameError",
+    "LoraReport",
+    "LoraSource",
+    "UnknownLoraFormatError",
+    "apply_lora",
+    "canonical",
+    "detect_lora_format",
+    "list_loras",
+    "load_lora",
+    "remove_lora",
+]
 
 
 def detect_lora_format(keys: list[str], source: str = "the LoRA") -> str:
@@ -170,13 +124,6 @@ def load_lora(source: LoraSource, metadata: Mapping[str, str] | None = None) -> 
     return parsed, fmt, description
 
 
-def _state(model: nn.Module) -> _State:
-    state = model.__dict__.get(_STATE)
-    if not isinstance(state, _State):
-        state = model.__dict__[_STATE] = _State()
-    return state
-
-
 def _layers(dit: nn.Module, text_encoder: nn.Module | None) -> dict[str, DeltaLinear]:
     layers = dict(delta_linears(dit))
     if text_encoder is not None:
@@ -220,37 +167,14 @@ def apply_lora(
         UnknownLoraFormatError, CheckpointError: See :func:`load_lora`.
     """
     parsed, fmt, description = load_lora(source, metadata)
-    state = _state(dit)
-    if name is None:
-        stem = Path(description).stem if not description.startswith("<") else "lora"
-        name, counter = stem, 1
-        while name in state.applied:
-            counter += 1
-            name = f"{stem}_{counter}"
-    elif name in state.applied:
-        raise LoraNameError(f"a LoRA named {name!r} is already applied; remove_lora(dit, {name!r}) first")
+    state = lora_state(dit, _STATE)
+    name = lora_name(name, description, state.applied, f"remove_lora(dit, {name!r})")
     layers = _layers(dit, text_encoder)
     _check_architecture(parsed, layers, description)
-    matched = {path: w for path, w in parsed.lora.items() if path in layers}
-    unmatched = parsed.unmatched + [k for path in parsed.lora if path not in layers for k in parsed.sources[path]]
-    wrong = [
-        f"{path} (LoRA {w.down.shape[1]} -> {w.up.shape[0]}, layer {layers[path].in_features} -> "
-        f"{layers[path].out_features})"
-        for path, w in matched.items()
-        if (w.down.shape[1], w.up.shape[0]) != (layers[path].in_features, layers[path].out_features)
-    ]
-    if wrong:
-        raise LoraMatchError(f"{description} does not fit this model: {'; '.join(wrong[:3])}")
-    if not matched:
-        raise LoraMatchError(
-            f"{description} ({fmt}) matches none of the model's layers ({len(unmatched)} keys, e.g. "
-            f"{', '.join(unmatched[:4])}); LoRA-capable layers look like {', '.join(sorted(layers)[:3])}."
-        )
+    matched, unmatched = match_layers(parsed.lora, parsed.sources, parsed.unmatched, layers, description, "FLUX.1")
     dit_part, text_part = _split(matched)
     if fuse:
-        with torch.no_grad():
-            for path in matched:
-                state.originals.setdefault(path, layers[path].weight.detach().to("cpu", copy=True))
+        keep_originals(state, layers, matched)
         merge_lora(dit, dit_part, scale)
         if text_part and text_encoder is not None:
             merge_lora(text_encoder, text_part, scale)
@@ -262,7 +186,7 @@ def apply_lora(
         name, fmt, description, float(scale), fuse, sum(len(parsed.sources[p]) for p in matched),
         dict(sorted(Counter(module_kind(p) for p in matched).items())), unmatched,
     )  # fmt: skip
-    state.applied[name] = _Applied(report, matched)
+    state.applied[name] = AppliedLora(report, matched)
     if unmatched:
         logger.warning("LoRA %r: %d keys were not applied: %s", name, len(unmatched), ", ".join(unmatched[:10]))
     return report
@@ -290,7 +214,7 @@ def remove_lora(dit: nn.Module, name: str, *, text_encoder: nn.Module | None = N
     Raises:
         LoraNameError: No LoRA of that name is applied.
     """
-    state = _state(dit)
+    state = lora_state(dit, _STATE)
     applied = state.applied.pop(name, None)
     if applied is None:
         raise LoraNameError(f"no LoRA named {name!r} is applied; applied: {sorted(state.applied) or 'none'}")
@@ -299,20 +223,12 @@ def remove_lora(dit: nn.Module, name: str, *, text_encoder: nn.Module | None = N
         if text_encoder is not None:
             detach_lora(text_encoder, name)
         return
-    layers = _layers(dit, text_encoder)
-    with torch.no_grad():
-        for path in applied.lora:
-            layers[path].weight.copy_(state.originals[path])
-            for other in (a for a in state.applied.values() if a.report.fused and path in a.lora):
-                delta = other.report.scale * other.lora[path].delta_weight()
-                layers[path].weight.add_(delta.to(layers[path].weight))
-            if not any(path in a.lora for a in state.applied.values() if a.report.fused):
-                del state.originals[path]
+    restore_fused(state, _layers(dit, text_encoder), applied)
 
 
 def list_loras(dit: nn.Module) -> list[LoraReport]:
     """Reports of the LoRAs applied to ``dit`` with :func:`apply_lora`, in application order."""
-    return [a.report for a in _state(dit).applied.values()]
+    return [a.report for a in lora_state(dit, _STATE).applied.values()]
 
 
 def canonical(source: LoraSource) -> dict[str, Any]:

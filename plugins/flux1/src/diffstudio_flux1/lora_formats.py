@@ -29,8 +29,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from diffstudio.errors import CheckpointError
-from diffstudio.lora import LoraWeights, alpha_value
+from diffstudio.lora import LoraError as LoraError  # the family's base LoRA error lives in core
+from diffstudio.lora import LoraFormatError, LoraWeights, alpha_value
 from diffstudio.types import LoraFormat
 from torch import Tensor
 
@@ -46,14 +46,6 @@ from diffstudio_flux1.convert import (
 
 TEXT_PREFIX = "text_encoder."
 DIFFUSERS, KOHYA, BFL, XLABS, DIFFSYNTH = (f"flux1/{n}" for n in ("diffusers", "kohya", "bfl", "xlabs", "diffsynth"))
-
-
-class LoraError(CheckpointError):
-    """Base class of FLUX.1 LoRA errors."""
-
-
-class LoraFormatError(LoraError):
-    """A LoRA's tensors are inconsistent (half pairs are reported as unmatched, not raised)."""
 
 
 @dataclass

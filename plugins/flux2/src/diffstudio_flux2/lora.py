@@ -22,24 +22,32 @@ import os
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from diffstudio._io import atomic_write_bytes
 from diffstudio.loading import Checkpoint
 from diffstudio.lora import (
-    CanonicalLora,
+    AmbiguousLoraFormatError,
+    AppliedLora,
     LoraArchitectureError,
+    LoraMatchError,
+    LoraNameError,
+    LoraReport,
     LoraWeights,
+    UnknownLoraFormatError,
     attach_lora,
     check_base_model,
     check_block_range,
     check_finite,
     detach_lora,
+    keep_originals,
+    lora_name,
     lora_names,
+    lora_state,
+    match_layers,
     merge_lora,
+    restore_fused,
 )
 from diffstudio.nn import DeltaLinear, delta_linears
 from diffstudio.types import LoraFormat
@@ -92,81 +100,6 @@ _EXAMPLES = (  # one key per layout, in the order of lora_formats()
     "diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight",
     "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight",
 )
-
-
-class UnknownLoraFormatError(LoraError):
-    """No FLUX.2 LoRA layout recognises a file's keys."""
-
-
-class AmbiguousLoraFormatError(LoraError):
-    """More than one FLUX.2 LoRA layout recognises a file's keys."""
-
-
-class LoraMatchError(LoraError):
-    """A LoRA does not fit the model: it matches none of its layers, or a matched layer has other sizes."""
-
-
-class LoraNameError(LoraError, KeyError):
-    """A LoRA name is unknown (remove) or already in use (apply)."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0])
-
-
-@dataclass(frozen=True)
-class LoraReport:
-    """What :func:`apply_lora` did.
-
-    Attributes:
-        name: The name the LoRA is applied under (pass it to :func:`remove_lora`).
-        format: The layout read, e.g. ``"flux2/kohya"`` (``"canonical"`` for a canonical LoRA).
-        source: Where it came from (a path, or ``"<state dict>"``).
-        scale: The multiplier it was applied with.
-        fused: True when merged into the weights, False for a side path.
-        tensors_matched: File tensors (``down``/``up``/``alpha``) that went into applied layers.
-        modules: Applied layers counted per kind, e.g. ``{"double_blocks.*.img_attn.qkv": 2}``.
-        unmatched_keys: File keys that were not applied (unknown names, layers this model lacks, half pairs).
-    """
-
-    name: str
-    format: str
-    source: str
-    scale: float
-    fused: bool
-    tensors_matched: int
-    modules: dict[str, int]
-    unmatched_keys: list[str] = field(default_factory=list)
-
-    @property
-    def modules_matched(self) -> int:
-        """Number of layers the LoRA changes."""
-        return sum(self.modules.values())
-
-    def __str__(self) -> str:
-        how = "fused into the weights" if self.fused else "as a side path"
-        kinds = ", ".join(f"{kind} x{count}" for kind, count in sorted(self.modules.items()))
-        text = (
-            f"LoRA {self.name!r} ({self.format}, from {self.source}) applied {how} with scale {self.scale:g}: "
-            f"{self.tensors_matched} tensors matched {self.modules_matched} layers ({kinds})."
-        )
-        if self.unmatched_keys:
-            shown = ", ".join(self.unmatched_keys[:8]) + (" ..." if len(self.unmatched_keys) > 8 else "")
-            text += f" {len(self.unmatched_keys)} keys were not applied: {shown}."
-        else:
-            text += " Every key was applied."
-        return text
-
-
-@dataclass
-class _Applied:
-    report: LoraReport
-    lora: CanonicalLora  # only the layers that matched
-
-
-@dataclass
-class _LoraState:
-    applied: dict[str, _Applied] = field(default_factory=dict)  # in application order
-    originals: dict[str, Tensor] = field(default_factory=dict)  # layer -> weight before its first fused LoRA
 
 
 def lora_formats() -> list[LoraFormat]:
@@ -253,23 +186,6 @@ def load_lora(source: LoraSource, metadata: Mapping[str, str] | None = None) -> 
     return parsed, fmt.name, description
 
 
-def _state(model: nn.Module) -> _LoraState:
-    state = model.__dict__.get(_STATE_ATTRIBUTE)
-    if not isinstance(state, _LoraState):
-        state = _LoraState()
-        model.__dict__[_STATE_ATTRIBUTE] = state
-    return state
-
-
-def _default_name(description: str, taken: set[str]) -> str:
-    stem = Path(description).stem if not description.startswith("<") else "lora"
-    name, counter = stem or "lora", 1
-    while name in taken:
-        counter += 1
-        name = f"{stem}_{counter}"
-    return name
-
-
 _FLUX1_ONLY = re.compile(  # per-block modulations and the pooled-text embedder exist in FLUX.1 only
     r"(img_mod|txt_mod)[._]lin|single_blocks[._]\d+[._]modulation[._]lin|vector_in|norm1_context|norm1\.linear"
     r"|time_text_embed"
@@ -286,34 +202,6 @@ def _check_architecture(parsed: ParsedLora, layers: Mapping[str, DeltaLinear], d
             "would load. Use a LoRA trained for FLUX.2."
         )
     check_block_range(parsed.lora, layers, "this FLUX.2 DiT", description)
-
-
-def _match(parsed: ParsedLora, layers: Mapping[str, DeltaLinear], description: str) -> tuple[CanonicalLora, list[str]]:
-    """Keep the pairs whose layer exists; return them and the keys of the others (in file order)."""
-    _check_architecture(parsed, layers, description)
-    matched = {path: w for path, w in parsed.lora.items() if path in layers}
-    missing = [key for path in parsed.lora if path not in layers for key in parsed.sources.get(path, [path])]
-    unmatched = list(parsed.unmatched) + missing
-    wrong = [
-        f"{path} (LoRA {w.down.shape[1]} -> {w.up.shape[0]}, layer {layers[path].in_features} -> "
-        f"{layers[path].out_features})"
-        for path, w in matched.items()
-        if w.down.shape[1] != layers[path].in_features or w.up.shape[0] != layers[path].out_features
-    ]
-    if wrong:
-        raise LoraMatchError(
-            f"{description} does not fit this model: {len(wrong)} layer(s) have other sizes, e.g. "
-            f"{'; '.join(wrong[:3])}. The LoRA was trained for another FLUX.2 variant."
-        )
-    if not matched:
-        keys = unmatched[:6]
-        examples = sorted(layers)[:4]
-        raise LoraMatchError(
-            f"{description} matches none of the model's layers ({len(unmatched)} keys, e.g. {', '.join(keys)}). "
-            f"The model's LoRA-capable layers look like {', '.join(examples)} (BFL names; diffusers and kohya "
-            "names are mapped onto them). The LoRA is for another model or variant."
-        )
-    return matched, unmatched
 
 
 def apply_lora(
@@ -346,19 +234,13 @@ def apply_lora(
         UnknownLoraFormatError, AmbiguousLoraFormatError, LoraFormatError, CheckpointError: See :func:`load_lora`.
     """
     parsed, fmt, description = load_lora(source, metadata)
-    state = _state(model)
-    taken = set(state.applied) | set(lora_names(model))
-    if name is None:
-        name = _default_name(description, taken)
-    elif name in taken:
-        raise LoraNameError(f"a LoRA named {name!r} is already applied; remove_lora(model, {name!r}) first")
+    state = lora_state(model, _STATE_ATTRIBUTE)
+    name = lora_name(name, description, set(state.applied) | set(lora_names(model)), f"remove_lora(model, {name!r})")
     layers = dict(delta_linears(model))
-    matched, unmatched = _match(parsed, layers, description)
+    _check_architecture(parsed, layers, description)
+    matched, unmatched = match_layers(parsed.lora, parsed.sources, parsed.unmatched, layers, description, "FLUX.2")
     if fuse:
-        with torch.no_grad():
-            for path in matched:
-                if path not in state.originals:
-                    state.originals[path] = layers[path].weight.detach().to("cpu", copy=True)
+        keep_originals(state, layers, matched)
         merge_lora(model, matched, scale)
     else:
         attach_lora(model, matched, name, scale)
@@ -373,7 +255,7 @@ def apply_lora(
         modules=dict(sorted(counts.items())),
         unmatched_keys=unmatched,
     )
-    state.applied[name] = _Applied(report, matched)
+    state.applied[name] = AppliedLora(report, matched)
     if unmatched:
         logger.warning(
             "LoRA %r (%s): %d of its keys were not applied: %s%s",
@@ -395,7 +277,7 @@ def remove_lora(model: nn.Module, name: str) -> None:
     Raises:
         LoraNameError: No LoRA of that name is applied.
     """
-    state = _state(model)
+    state = lora_state(model, _STATE_ATTRIBUTE)
     applied = state.applied.get(name)
     if applied is None:
         if name in lora_names(model):  # a side path attached directly with diffstudio.lora.attach_lora
@@ -406,21 +288,12 @@ def remove_lora(model: nn.Module, name: str) -> None:
     if not applied.report.fused:
         detach_lora(model, name)
         return
-    layers = dict(delta_linears(model))
-    with torch.no_grad():
-        for path in applied.lora:
-            layer = layers[path]
-            layer.weight.copy_(state.originals[path].to(layer.weight.device))
-            again = [a for a in state.applied.values() if a.report.fused and path in a.lora]
-            for other in again:
-                merge_lora(model, {path: other.lora[path]}, other.report.scale)
-            if not again:
-                del state.originals[path]
+    restore_fused(state, dict(delta_linears(model)), applied)
 
 
 def list_loras(model: nn.Module) -> list[LoraReport]:
     """The reports of the LoRAs applied to ``model`` with :func:`apply_lora`, in application order."""
-    return [applied.report for applied in _state(model).applied.values()]
+    return [applied.report for applied in lora_state(model, _STATE_ATTRIBUTE).applied.values()]
 
 
 def save_lora_file(lora: Mapping[str, LoraWeights], path: str | os.PathLike[str], *, layout: str = "diffusers") -> Path:

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from diffstudio.errors import CheckpointError
+from diffstudio.lora import LoraError, LoraFormatError
 
 from diffstudio_flux2.convert import _DIT_DOUBLE, _DIT_DOUBLE_FUSED, _DIT_SINGLE, _DIT_TOP, _SWAPPED
 
@@ -46,14 +46,6 @@ Role = Literal["down", "up", "alpha"]
 Naming = Literal["bfl", "diffusers"]
 
 DIFFUSERS, BFL, KOHYA = "flux2/diffusers", "flux2/bfl", "flux2/kohya"
-
-
-class LoraError(CheckpointError):
-    """A LoRA file or state dict cannot be used with a FLUX.2 model."""
-
-
-class LoraFormatError(LoraError):
-    """A LoRA's tensors are inconsistent (a pair that does not fit, a duplicate, an unknown module to write)."""
 
 
 # --- module names
