@@ -25,6 +25,7 @@ __all__ = [
     "ConversionError",
     "Converter",
     "StateDict",
+    "register_bfl_diffusers",
     "conv_to_linear",
     "fuse_qkv",
     "linear_to_conv",
@@ -296,3 +297,41 @@ class Converter:
         front = cls(f"{prefix}{source}_to_{target}", source, target, forward, back, description)
         object.__setattr__(back, "reverse", front)
         return front
+
+
+def register_bfl_diffusers(
+    register: Callable[[Converter], None],
+    family: str,
+    what: str,
+    *,
+    dit: tuple[ConvertFn, ConvertFn, str],
+    vae: tuple[ConvertFn, ConvertFn, str],
+) -> None:
+    """Register a family's BFL <-> diffusers converters of its DiT and its autoencoder, both directions.
+
+    The body of a family plugin's ``register_converters`` hook (converters are named
+    ``convert_{family}_dit_bfl_to_diffusers`` and so on).
+
+    Args:
+        register: The hook's ``register``.
+        family: The family name, e.g. ``"flux1"``.
+        what: The family for descriptions, e.g. ``"FLUX.1"``.
+        dit: ``(bfl -> diffusers, diffusers -> bfl, diffusers class name)`` of the DiT.
+        vae: The same for the autoencoder.
+    """
+    for part, (forward, backward, diffusers_class), bfl_name in (
+        ("dit", dit, "BFL single-file names"),
+        ("vae", vae, "BFL ae.safetensors"),
+    ):
+        kind = "DiT" if part == "dit" else "autoencoder"
+        front = Converter.pair(
+            "bfl",
+            "diffusers",
+            forward,
+            backward,
+            family=f"{family}_{part}",
+            description=f"{what} {kind}: {bfl_name} <-> diffusers {diffusers_class}",
+        )
+        register(front)
+        if front.reverse is not None:
+            register(front.reverse)

@@ -16,12 +16,12 @@ Probes look at key names and shapes only (never hashes) and tell FLUX.1 from FLU
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
-import torch
 from diffstudio.errors import CheckpointError
+from diffstudio.loading.convert import swap_halves as swap_halves  # the LoRA layouts import it from here
+from diffstudio.loading.dit_keys import DitKeyMap, fail
 from diffstudio.loading.ldm_vae import LDM_VAE_TOP, ldm_vae_bfl_to_diffusers, ldm_vae_diffusers_to_bfl
 from torch import Tensor
 
@@ -34,9 +34,8 @@ class Flux1ConversionError(CheckpointError):
     """A state dict does not have the expected FLUX.1 layout."""
 
 
-def _fail(what: str, keys: list[str]) -> Flux1ConversionError:
-    shown = ", ".join(keys[:12]) + (f", ... ({len(keys)} in all)" if len(keys) > 12 else "")
-    return Flux1ConversionError(f"{what}: {shown}")
+def _fail(what: str, keys: list[str]) -> CheckpointError:
+    return fail(Flux1ConversionError, what, keys)
 
 
 # --- DiT
@@ -78,32 +77,22 @@ DIT_SINGLE = {  # inside single_blocks.N / single_transformer_blocks.N
     "modulation.lin": "norm.linear",
 }
 DIT_SINGLE_FUSED = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}
-_SWAPPED = "final_layer.adaLN_modulation.1"
-_BLOCK = re.compile(r"^(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
-
-
-def swap_halves(t: Tensor) -> Tensor:
-    """Exchange the two halves of the first axis ((shift, scale) <-> (scale, shift))."""
-    first, second = t.chunk(2, dim=0)
-    return torch.cat([second, first], dim=0)
+DIT_KEYS = DitKeyMap(
+    "FLUX.1",
+    "FluxTransformer2DModel",
+    Flux1ConversionError,
+    DIT_TOP,
+    DIT_DOUBLE,
+    DIT_SINGLE,
+    DIT_DOUBLE_FUSED,
+    DIT_SINGLE_FUSED,
+)
+"""The FLUX.1 DiT's BFL <-> diffusers names (core's converter scaffolding)."""
 
 
 def fused_split_sizes(inner: str, rows: int, hidden: int) -> list[int]:
     """Row sizes of the parts of a fused BFL projection with ``rows`` output rows (q, k, v[, mlp])."""
-    if inner == "linear1":
-        return [hidden, hidden, hidden, rows - 3 * hidden]
-    return [rows // 3] * 3
-
-
-def _bfl_param(module: str, param: str) -> str:
-    # BFL's RMSNorm stores its gain as ``scale``; diffusers' RMSNorm as ``weight``
-    return "scale" if module.endswith("_norm") and param == "weight" else param
-
-
-def _hidden(sd: StateDict, key: str) -> int:
-    if key not in sd:
-        raise _fail("cannot tell the hidden size, missing", [key])
-    return int(sd[key].shape[0])
+    return DIT_KEYS.split_sizes(4 if inner == "linear1" else 3, rows, hidden)
 
 
 def bfl_to_diffusers_modules(module: str, rows: Tensor, hidden: int) -> list[tuple[str, Tensor]] | None:
@@ -113,21 +102,7 @@ def bfl_to_diffusers_modules(module: str, rows: Tensor, hidden: int) -> list[tup
     (shift, scale) rows are swapped to (scale, shift). Serves weights, biases and LoRA ``up`` matrices alike.
     Returns None for a module that is not part of the BFL FLUX.1 DiT.
     """
-    if module in DIT_TOP:
-        return [(DIT_TOP[module], swap_halves(rows) if module == _SWAPPED else rows)]
-    m = _BLOCK.match(module + ".")
-    if m is None or m.group(1) not in ("double_blocks", "single_blocks"):
-        return None
-    kind, index, inner = m.group(1), m.group(2), m.group(3).rstrip(".")
-    block = "transformer_blocks" if kind == "double_blocks" else "single_transformer_blocks"
-    fused = DIT_DOUBLE_FUSED if kind == "double_blocks" else DIT_SINGLE_FUSED
-    plain = DIT_DOUBLE if kind == "double_blocks" else DIT_SINGLE
-    if inner in fused:
-        sizes = fused_split_sizes(inner, rows.shape[0], hidden)
-        return [(f"{block}.{index}.{name}", part) for name, part in zip(fused[inner], torch.split(rows, sizes, dim=0))]
-    if inner in plain:
-        return [(f"{block}.{index}.{plain[inner]}", rows)]
-    return None
+    return DIT_KEYS.bfl_to_diffusers_modules(module, rows, hidden)
 
 
 def convert_bfl_to_diffusers_dit(sd: StateDict) -> dict[str, Tensor]:
@@ -136,21 +111,7 @@ def convert_bfl_to_diffusers_dit(sd: StateDict) -> dict[str, Tensor]:
     Raises:
         Flux1ConversionError: A key is not part of the BFL FLUX.1 layout.
     """
-    hidden = _hidden(sd, "img_in.weight")
-    out: dict[str, Tensor] = {}
-    unknown: list[str] = []
-    for key, tensor in sd.items():
-        module, param = key.rsplit(".", 1)
-        parts = bfl_to_diffusers_modules(module, tensor, hidden)
-        if parts is None:
-            unknown.append(key)
-            continue
-        dparam = "weight" if param == "scale" else param
-        for name, part in parts:
-            out[f"{name}.{dparam}"] = part
-    if unknown:
-        raise _fail("keys that are not part of a BFL FLUX.1 DiT", unknown)
-    return out
+    return DIT_KEYS.to_diffusers(sd)
 
 
 def convert_diffusers_to_bfl_dit(sd: StateDict) -> dict[str, Tensor]:
@@ -159,43 +120,7 @@ def convert_diffusers_to_bfl_dit(sd: StateDict) -> dict[str, Tensor]:
     Raises:
         Flux1ConversionError: A key is unknown, or a fused q/k/v(/mlp) group is incomplete.
     """
-    top = {v: k for k, v in DIT_TOP.items()}
-    inverse = {
-        "transformer_blocks": ("double_blocks", {v: k for k, v in DIT_DOUBLE.items()}, DIT_DOUBLE_FUSED),
-        "single_transformer_blocks": ("single_blocks", {v: k for k, v in DIT_SINGLE.items()}, DIT_SINGLE_FUSED),
-    }
-    out: dict[str, Tensor] = {}
-    pending: dict[str, list[Tensor | None]] = {}
-    unknown: list[str] = []
-    for key, tensor in sd.items():
-        module, param = key.rsplit(".", 1)
-        if module in top:
-            bfl = top[module]
-            out[f"{bfl}.{_bfl_param(bfl, param)}"] = swap_halves(tensor) if bfl == _SWAPPED else tensor
-            continue
-        m = _BLOCK.match(module + ".")
-        if m is None or m.group(1) not in inverse:
-            unknown.append(key)
-            continue
-        kind, index, inner = m.group(1), m.group(2), m.group(3).rstrip(".")
-        bfl_kind, plain, fused = inverse[kind]
-        part = next(((f, i, len(ns)) for f, ns in fused.items() for i, n in enumerate(ns) if n == inner), None)
-        if part is not None:
-            name, slot, count = part
-            pending.setdefault(f"{bfl_kind}.{index}.{name}.{param}", [None] * count)[slot] = tensor
-        elif inner in plain:
-            bfl = plain[inner]
-            out[f"{bfl_kind}.{index}.{bfl}.{_bfl_param(bfl, param)}"] = tensor
-        else:
-            unknown.append(key)
-    if unknown:
-        raise _fail("keys that are not part of a diffusers FluxTransformer2DModel", unknown)
-    incomplete = [key for key, parts in pending.items() if any(p is None for p in parts)]
-    if incomplete:
-        raise _fail("incomplete fused projections (q, k, v[, proj_mlp]) for", incomplete)
-    for key, parts in pending.items():
-        out[key] = torch.cat([p for p in parts if p is not None], dim=0)
-    return out
+    return DIT_KEYS.to_bfl(sd)
 
 
 # --- VAE (the LDM renames are core's; FLUX.1's AE has only the common top-level modules, no quant convs)

@@ -49,32 +49,13 @@ def pipeline_unit(pipeline: BasePipeline) -> list[PipelineUnit] | None:
 @hookimpl
 def register_converters(register: Callable[[Converter], None]) -> None:
     """BFL <-> diffusers converters for the DiT and the autoencoder."""
-    from diffstudio.loading.convert import Converter
+    from diffstudio.loading.convert import register_bfl_diffusers
 
-    from diffstudio_flux1 import convert
+    from diffstudio_flux1 import convert as c
 
-    pairs = [
-        Converter.pair(
-            "bfl",
-            "diffusers",
-            convert.convert_bfl_to_diffusers_dit,
-            convert.convert_diffusers_to_bfl_dit,
-            family="flux1_dit",
-            description="FLUX.1 DiT: BFL single-file names <-> diffusers FluxTransformer2DModel",
-        ),
-        Converter.pair(
-            "bfl",
-            "diffusers",
-            convert.convert_bfl_to_diffusers_vae,
-            convert.convert_diffusers_to_bfl_vae,
-            family="flux1_vae",
-            description="FLUX.1 autoencoder: BFL ae.safetensors <-> diffusers AutoencoderKL",
-        ),
-    ]
-    for forward in pairs:
-        register(forward)
-        if forward.reverse is not None:
-            register(forward.reverse)
+    dit = (c.convert_bfl_to_diffusers_dit, c.convert_diffusers_to_bfl_dit, "FluxTransformer2DModel")
+    vae = (c.convert_bfl_to_diffusers_vae, c.convert_diffusers_to_bfl_vae, "AutoencoderKL")
+    register_bfl_diffusers(register, "flux1", "FLUX.1", dit=dit, vae=vae)
 
 
 @hookimpl

@@ -16,12 +16,11 @@ Probes look at key names and shapes only (never hashes) and tell FLUX.2 from FLU
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
-import torch
 from diffstudio.errors import CheckpointError
+from diffstudio.loading.dit_keys import DitKeyMap, fail
 from diffstudio.loading.ldm_vae import LDM_VAE_TOP, ldm_vae_bfl_to_diffusers, ldm_vae_diffusers_to_bfl
 from torch import Tensor
 
@@ -34,9 +33,8 @@ class Flux2ConversionError(CheckpointError):
     """A state dict does not have the expected FLUX.2 layout."""
 
 
-def _fail(what: str, keys: list[str]) -> Flux2ConversionError:
-    shown = ", ".join(keys[:12]) + (f", ... ({len(keys)} in all)" if len(keys) > 12 else "")
-    return Flux2ConversionError(f"{what}: {shown}")
+def _fail(what: str, keys: list[str]) -> CheckpointError:
+    return fail(Flux2ConversionError, what, keys)
 
 
 # --- DiT
@@ -76,18 +74,10 @@ _DIT_SINGLE = {  # inside single_blocks.N / single_transformer_blocks.N
     "norm.query_norm": "attn.norm_q",
     "norm.key_norm": "attn.norm_k",
 }
-_SWAPPED = "final_layer.adaLN_modulation.1"
-_BLOCK = re.compile(r"^(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
-
-
-def _swap_halves(t: Tensor) -> Tensor:
-    first, second = t.chunk(2, dim=0)
-    return torch.cat([second, first], dim=0)
-
-
-def _bfl_param(module: str, param: str) -> str:
-    # BFL's RMSNorm stores its gain as ``scale``; diffusers' nn.RMSNorm as ``weight``
-    return "scale" if module.endswith("_norm") and param == "weight" else param
+_SWAPPED = "final_layer.adaLN_modulation.1"  # (shift, scale) in BFL, (scale, shift) in diffusers
+_DIT_KEYS = DitKeyMap(
+    "FLUX.2", "Flux2Transformer2DModel", Flux2ConversionError, _DIT_TOP, _DIT_DOUBLE, _DIT_SINGLE, _DIT_DOUBLE_FUSED
+)
 
 
 def convert_bfl_to_diffusers_dit(sd: StateDict) -> dict[str, Tensor]:
@@ -96,31 +86,7 @@ def convert_bfl_to_diffusers_dit(sd: StateDict) -> dict[str, Tensor]:
     Raises:
         Flux2ConversionError: A key is not part of the BFL FLUX.2 layout.
     """
-    out: dict[str, Tensor] = {}
-    unknown: list[str] = []
-    for key, tensor in sd.items():
-        module, param = key.rsplit(".", 1)
-        dparam = "weight" if param == "scale" else param
-        if module in _DIT_TOP:
-            out[f"{_DIT_TOP[module]}.{dparam}"] = _swap_halves(tensor) if module == _SWAPPED else tensor
-            continue
-        m = _BLOCK.match(module + ".")
-        if m is None or m.group(1) not in ("double_blocks", "single_blocks"):
-            unknown.append(key)
-            continue
-        kind, index, inner = m.group(1), m.group(2), m.group(3).rstrip(".")
-        if kind == "double_blocks" and inner in _DIT_DOUBLE_FUSED:
-            for name, part in zip(_DIT_DOUBLE_FUSED[inner], tensor.chunk(3, dim=0)):
-                out[f"transformer_blocks.{index}.{name}.{dparam}"] = part
-        elif kind == "double_blocks" and inner in _DIT_DOUBLE:
-            out[f"transformer_blocks.{index}.{_DIT_DOUBLE[inner]}.{dparam}"] = tensor
-        elif kind == "single_blocks" and inner in _DIT_SINGLE:
-            out[f"single_transformer_blocks.{index}.{_DIT_SINGLE[inner]}.{dparam}"] = tensor
-        else:
-            unknown.append(key)
-    if unknown:
-        raise _fail("keys that are not part of a BFL FLUX.2 DiT", unknown)
-    return out
+    return _DIT_KEYS.to_diffusers(sd)
 
 
 def convert_diffusers_to_bfl_dit(sd: StateDict) -> dict[str, Tensor]:
@@ -129,43 +95,7 @@ def convert_diffusers_to_bfl_dit(sd: StateDict) -> dict[str, Tensor]:
     Raises:
         Flux2ConversionError: A key is unknown, or a fused q/k/v triple is incomplete.
     """
-    top = {v: k for k, v in _DIT_TOP.items()}
-    double = {v: k for k, v in _DIT_DOUBLE.items()}
-    single = {v: k for k, v in _DIT_SINGLE.items()}
-    fused_part = {name: (fused, i) for fused, names in _DIT_DOUBLE_FUSED.items() for i, name in enumerate(names)}
-    out: dict[str, Tensor] = {}
-    pending: dict[str, list[Tensor | None]] = {}
-    unknown: list[str] = []
-    for key, tensor in sd.items():
-        module, param = key.rsplit(".", 1)
-        if module in top:
-            bfl = top[module]
-            out[f"{bfl}.{_bfl_param(bfl, param)}"] = _swap_halves(tensor) if bfl == _SWAPPED else tensor
-            continue
-        m = _BLOCK.match(module + ".")
-        if m is None or m.group(1) not in ("transformer_blocks", "single_transformer_blocks"):
-            unknown.append(key)
-            continue
-        kind, index, inner = m.group(1), m.group(2), m.group(3).rstrip(".")
-        if kind == "transformer_blocks" and inner in fused_part:
-            fused, slot = fused_part[inner]
-            pending.setdefault(f"double_blocks.{index}.{fused}.{param}", [None, None, None])[slot] = tensor
-        elif kind == "transformer_blocks" and inner in double:
-            bfl = double[inner]
-            out[f"double_blocks.{index}.{bfl}.{_bfl_param(bfl, param)}"] = tensor
-        elif kind == "single_transformer_blocks" and inner in single:
-            bfl = single[inner]
-            out[f"single_blocks.{index}.{bfl}.{_bfl_param(bfl, param)}"] = tensor
-        else:
-            unknown.append(key)
-    if unknown:
-        raise _fail("keys that are not part of a diffusers Flux2Transformer2DModel", unknown)
-    incomplete = [key for key, parts in pending.items() if any(p is None for p in parts)]
-    if incomplete:
-        raise _fail("incomplete q/k/v projections for", incomplete)
-    for key, parts in pending.items():
-        out[key] = torch.cat([p for p in parts if p is not None], dim=0)
-    return out
+    return _DIT_KEYS.to_bfl(sd)
 
 
 # --- VAE (the LDM renames are core's; FLUX.2 adds the quant convs and the BatchNorm statistics)

@@ -49,32 +49,13 @@ def pipeline_unit(pipeline: BasePipeline) -> list[PipelineUnit] | None:
 @hookimpl
 def register_converters(register: Callable[[Converter], None]) -> None:
     """BFL <-> diffusers converters for the DiT and the autoencoder."""
-    from diffstudio.loading.convert import Converter
+    from diffstudio.loading.convert import register_bfl_diffusers
 
-    from diffstudio_flux2 import convert
+    from diffstudio_flux2 import convert as c
 
-    pairs = [
-        Converter.pair(
-            "bfl",
-            "diffusers",
-            convert.convert_bfl_to_diffusers_dit,
-            convert.convert_diffusers_to_bfl_dit,
-            family="flux2_dit",
-            description="FLUX.2 DiT: BFL single-file names <-> diffusers Flux2Transformer2DModel",
-        ),
-        Converter.pair(
-            "bfl",
-            "diffusers",
-            convert.convert_bfl_to_diffusers_vae,
-            convert.convert_diffusers_to_bfl_vae,
-            family="flux2_vae",
-            description="FLUX.2 autoencoder: BFL ae.safetensors <-> diffusers AutoencoderKLFlux2",
-        ),
-    ]
-    for forward in pairs:
-        register(forward)
-        if forward.reverse is not None:
-            register(forward.reverse)
+    dit = (c.convert_bfl_to_diffusers_dit, c.convert_diffusers_to_bfl_dit, "Flux2Transformer2DModel")
+    vae = (c.convert_bfl_to_diffusers_vae, c.convert_diffusers_to_bfl_vae, "AutoencoderKLFlux2")
+    register_bfl_diffusers(register, "flux2", "FLUX.2", dit=dit, vae=vae)
 
 
 @hookimpl
