@@ -95,3 +95,24 @@ def test_config_contradicting_the_weights_names_both(odd_rope):
         load(ModelConfig(path=str(bfl), config={"axes_dims_rope": AXES, "eps": 1e-5}))
     with pytest.raises(ParamsShapeError, match="out_channels=8"):
         load(ModelConfig(path=str(bfl), config={"axes_dims_rope": AXES, "out_channels": 8}))
+
+
+def test_text_encoder_config_override_for_bare_weights(tmp_path):
+    """ModelConfig(config=) reaches the text encoder too: weights without their config.json load with it."""
+    import shutil
+
+    from diffstudio.testing import import_file
+    from diffstudio_flux2.text_encoders import TextEncoderError
+
+    fx = import_file(Path(__file__).with_name("fixtures_text.py"))
+    vocab = fx.build_qwen3_tokenizer(tmp_path / "tokenizer")
+    fx.build_qwen3_encoder(tmp_path / "text_encoder", vocab, seed=0, shards=1)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for file in (tmp_path / "text_encoder").glob("*.safetensors"):
+        shutil.copy(file, bare / file.name)
+    with pytest.raises(TextEncoderError, match="config.json"):
+        load(ModelConfig(path=str(bare)))
+    config = tmp_path / "text_encoder" / "config.json"
+    model = load(ModelConfig(path=str(bare), config=str(config)))
+    assert model is not None and len(model.layers) >= 1

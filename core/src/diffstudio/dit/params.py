@@ -122,6 +122,7 @@ class DitParams:
         inferred: dict[str, Any],
         config: ComponentConfig | None,
         defaults: Mapping[str, Callable[[int], Any]],
+        mlp_hidden: int | None = None,
     ) -> Self:
         """Build the params: configuration first, then the inferred sizes, then the family's default rules.
 
@@ -131,6 +132,7 @@ class DitParams:
             config: The component's configuration, if any.
             defaults: Field -> rule from the head dim, for fields neither the config nor the shapes give
                 (e.g. ``axes_dim``); a rule raises ConfigError when it cannot decide.
+            mlp_hidden: The MLP width read off the shapes; the params must reproduce it.
 
         Raises:
             ParamsShapeError: The shapes contradict the configuration, or give inconsistent sizes.
@@ -165,6 +167,8 @@ class DitParams:
                     "fix the config or pass the one these weights came with"
                 ) from None
             raise probe.fail(str(exc)) from None
+        if mlp_hidden is not None and params.mlp_hidden_dim != mlp_hidden:
+            raise probe.fail(f"MLP width {mlp_hidden} is not representable with hidden size {params.hidden_size}")
         return params
 
 

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 P = TypeVar("P")
 P_co = TypeVar("P_co", covariant=True)
 M = TypeVar("M", bound="nn.Module")
+C = TypeVar("C")
 
 #: Key prefixes ComfyUI and other UIs put in front of a whole DiT's names.
 COMFY_PREFIXES: tuple[str, ...] = ("model.diffusion_model.", "diffusion_model.")
@@ -51,6 +52,15 @@ def common_prefix(keys: Sequence[str], prefixes: Sequence[str] = COMFY_PREFIXES)
         if keys and all(k.startswith(prefix) for k in keys):
             return prefix
     return ""
+
+
+def first_claim(checkpoint: Checkpoint, probes: Sequence[Callable[[Checkpoint], C | None]]) -> C | None:
+    """A family's answer to ``load_model``: the claim of the first probe (DiT, VAE, text encoder, ...) that matches."""
+    for probe in probes:
+        found = probe(checkpoint)
+        if found is not None:
+            return found
+    return None
 
 
 def build_from_checkpoint(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from diffstudio.errors import CheckpointError, ConfigError
@@ -102,6 +103,38 @@ def check_norm_groups(ch: int, ch_mult: Sequence[int], norm_groups: int) -> None
     bad = [ch * m for m in ch_mult if norm_groups <= 0 or (ch * m) % norm_groups]
     if bad:
         raise ConfigError(f"channel counts {bad} are not divisible by norm_groups {norm_groups}")
+
+
+@dataclass
+class LdmAutoEncoderParams:
+    """Sizes every LDM-style autoencoder (BFL ``ae.safetensors``) has; the base of the families' ``AutoEncoderParams``.
+
+    Attributes:
+        resolution: Nominal training resolution (informational).
+        in_channels: Image channels.
+        ch: Base channel count.
+        out_ch: Decoded image channels.
+        ch_mult: Channel multiplier per level; each level but the last halves the size.
+        num_res_blocks: Resnet blocks per encoder level (the decoder has one more).
+        norm_groups: GroupNorm groups (not stored in the weights; a diffusers config carries ``norm_num_groups``).
+    """
+
+    resolution: int = 256
+    in_channels: int = 3
+    ch: int = 128
+    out_ch: int = 3
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    norm_groups: int = 32
+
+    def __post_init__(self) -> None:
+        """Check that every level's channel count is divisible by the GroupNorm groups.
+
+        Raises:
+            ConfigError: A channel count is not divisible (a ``ValueError``).
+        """
+        self.ch_mult = tuple(int(m) for m in self.ch_mult)
+        check_norm_groups(self.ch, self.ch_mult, self.norm_groups)
 
 
 def ldm_autoencoder_sizes(probe: ShapeProbe) -> dict[str, Any]:

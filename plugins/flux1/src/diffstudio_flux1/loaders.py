@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from diffstudio.loading.recipe import COMFY_PREFIXES, common_prefix
+from diffstudio.loading.recipe import COMFY_PREFIXES, common_prefix, first_claim
 from diffstudio.types import LoadRequest, ModelClaim
 
 if TYPE_CHECKING:
@@ -155,8 +155,4 @@ def load_t5(checkpoint: Checkpoint, request: LoadRequest) -> Any:
 
 def claim(checkpoint: Checkpoint) -> ModelClaim | None:
     """The family's answer to ``load_model``: the first of DiT, VAE, text encoder that matches."""
-    for probe in (claim_dit, claim_vae, claim_text_encoder):
-        found = probe(checkpoint)
-        if found is not None:
-            return found
-    return None
+    return first_claim(checkpoint, (claim_dit, claim_vae, claim_text_encoder))

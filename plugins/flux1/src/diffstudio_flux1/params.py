@@ -18,7 +18,7 @@ from typing import ClassVar
 from diffstudio.dit.params import DitParams
 from diffstudio.errors import ConfigError
 from diffstudio.loading.component_config import ComponentConfig
-from diffstudio.loading.shapes import ParamsShapeError, ShapeProbe, Shapes, check_norm_groups, count_blocks
+from diffstudio.loading.shapes import LdmAutoEncoderParams, ParamsShapeError, ShapeProbe, Shapes, count_blocks
 from diffstudio.loading.shapes import ldm_autoencoder_sizes as _ldm_autoencoder_sizes
 
 __all__ = [
@@ -166,10 +166,7 @@ class FluxParams(DitParams):
             "qkv_bias": qkv_bias,
             "guidance_embed": "guidance_in.in_layer.weight" in probe,
         }
-        params = cls.settle(probe, inferred, config, {"axes_dim": default_axes_dim})
-        if params.mlp_hidden_dim != mlp_hidden:
-            raise probe.fail(f"MLP width {mlp_hidden} is not representable with hidden size {hidden}")
-        return params
+        return cls.settle(probe, inferred, config, {"axes_dim": default_axes_dim}, mlp_hidden)
 
 
 FLUX1_PRESETS: dict[str, FluxParams] = {
@@ -181,36 +178,20 @@ FLUX1_PRESETS: dict[str, FluxParams] = {
 
 
 @dataclass
-class AutoEncoderParams:
+class AutoEncoderParams(LdmAutoEncoderParams):
     """Sizes of the FLUX.1 autoencoder (``AutoEncoder``, BFL's ``ae.safetensors``).
 
     Attributes:
-        resolution: Nominal training resolution (informational).
-        in_channels: Image channels.
-        ch: Base channel count.
-        out_ch: Decoded image channels.
-        ch_mult: Channel multiplier per level; each level but the last halves the size.
-        num_res_blocks: Resnet blocks per encoder level (the decoder has one more).
         z_channels: Latent channels (16).
         scale_factor: Latent scaling: ``z = scale_factor * (mean - shift_factor)``.
         shift_factor: Latent shift.
-        norm_groups: GroupNorm groups.
+
+    The other sizes are :class:`~diffstudio.loading.shapes.LdmAutoEncoderParams`'.
     """
 
-    resolution: int = 256
-    in_channels: int = 3
-    ch: int = 128
-    out_ch: int = 3
-    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
-    num_res_blocks: int = 2
     z_channels: int = 16
     scale_factor: float = 0.3611
     shift_factor: float = 0.1159
-    norm_groups: int = 32
-
-    def __post_init__(self) -> None:
-        self.ch_mult = tuple(int(m) for m in self.ch_mult)
-        check_norm_groups(self.ch, self.ch_mult, self.norm_groups)
 
     @property
     def downsample_factor(self) -> int:

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from diffstudio.errors import CheckpointError, UnknownCheckpointError
-from diffstudio.loading.recipe import COMFY_PREFIXES, common_prefix
+from diffstudio.loading.recipe import COMFY_PREFIXES, common_prefix, first_claim
 from diffstudio.types import LoadRequest, ModelClaim
 
 if TYPE_CHECKING:
@@ -191,27 +191,35 @@ def claim_text_encoder(checkpoint: Checkpoint) -> ModelClaim | None:
     return None
 
 
+def _text_config(checkpoint: Checkpoint, request: LoadRequest) -> dict[str, Any] | None:
+    """``ModelConfig(config=)`` laid over the ``config.json`` beside the weights; None without an override."""
+    from diffstudio.loading.component_config import read_component_config
+
+    if request.config.config is None:
+        return None  # the text encoder reads the config.json beside its weights itself
+    config = read_component_config(checkpoint, request.config)
+    return config.values if config is not None else None
+
+
 def load_qwen3(checkpoint: Checkpoint, request: LoadRequest) -> Any:
-    """Build the Qwen3 decoder (layers up to 27 only) of a klein text encoder."""
+    """Build the Qwen3 decoder (layers up to 27 only) of a klein text encoder (config first)."""
     from diffstudio_flux2.text_encoders import load_qwen3_encoder
 
-    return load_qwen3_encoder(checkpoint, request.torch_dtype, request.device)
+    return load_qwen3_encoder(checkpoint, request.torch_dtype, request.device, config=_text_config(checkpoint, request))
 
 
 def load_mistral3(checkpoint: Checkpoint, request: LoadRequest) -> Any:
-    """Build the Mistral text decoder (layers up to 30 only) of the dev text encoder."""
+    """Build the Mistral text decoder (layers up to 30 only) of the dev text encoder (config first)."""
     from diffstudio_flux2.text_encoders import load_mistral3_encoder
 
-    return load_mistral3_encoder(checkpoint, request.torch_dtype, request.device)
+    return load_mistral3_encoder(
+        checkpoint, request.torch_dtype, request.device, config=_text_config(checkpoint, request)
+    )
 
 
 def claim(checkpoint: Checkpoint) -> ModelClaim | None:
     """The family's answer to ``load_model``: the first of DiT, VAE, text encoder that matches."""
-    for probe in (claim_dit, claim_vae, claim_text_encoder):
-        found = probe(checkpoint)
-        if found is not None:
-            return found
-    return None
+    return first_claim(checkpoint, (claim_dit, claim_vae, claim_text_encoder))
 
 
 class NotFlux2CheckpointError(UnknownCheckpointError):

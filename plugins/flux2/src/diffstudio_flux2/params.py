@@ -18,7 +18,13 @@ from typing import Any, ClassVar
 from diffstudio.dit.params import DitParams
 from diffstudio.errors import ConfigError
 from diffstudio.loading.component_config import ComponentConfig
-from diffstudio.loading.shapes import ParamsShapeError, ShapeProbe, Shapes, check_norm_groups, ldm_autoencoder_sizes
+from diffstudio.loading.shapes import (
+    LdmAutoEncoderParams,
+    ParamsShapeError,
+    ShapeProbe,
+    Shapes,
+    ldm_autoencoder_sizes,
+)
 
 __all__ = [
     "FLUX2_PRESETS",
@@ -158,10 +164,7 @@ class Flux2Params(DitParams):
             "mlp_ratio": mlp_hidden / hidden,
             "use_guidance_embed": "guidance_in.in_layer.weight" in probe,
         }
-        params = cls.settle(probe, inferred, config, {"axes_dim": default_axes_dim})
-        if params.mlp_hidden_dim != mlp_hidden:
-            raise probe.fail(f"MLP width {mlp_hidden} is not representable with hidden size {hidden}")
-        return params
+        return cls.settle(probe, inferred, config, {"axes_dim": default_axes_dim}, mlp_hidden)
 
 
 FLUX2_PRESETS: dict[str, Flux2Params] = {
@@ -189,37 +192,25 @@ FLUX2_PRESETS["klein-base-9b"] = replace(FLUX2_PRESETS["klein-9b"])
 
 
 @dataclass
-class AutoEncoderParams:
+class AutoEncoderParams(LdmAutoEncoderParams):
     """Sizes of the FLUX.2 autoencoder (``Flux2AutoEncoder``).
 
     Attributes:
-        resolution: Nominal training resolution (informational).
-        in_channels: Image channels.
-        ch: Base channel count.
-        out_ch: Decoded image channels.
-        ch_mult: Channel multiplier per resolution level; each level but the last halves the size.
-        num_res_blocks: Resnet blocks per encoder level (the decoder has one more).
         z_channels: Latent channels before patchification (32).
-        norm_groups: GroupNorm groups.
         patch_size: Latent patchification (2 x 2) before the BatchNorm normalisation.
         bn_eps: Epsilon of the latent BatchNorm statistics.
+
+    The other sizes are :class:`~diffstudio.loading.shapes.LdmAutoEncoderParams`'.
     """
 
-    resolution: int = 256
-    in_channels: int = 3
-    ch: int = 128
-    out_ch: int = 3
-    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
-    num_res_blocks: int = 2
     z_channels: int = 32
-    norm_groups: int = 32
     patch_size: tuple[int, int] = field(default=(2, 2))
     bn_eps: float = 1e-4
 
     def __post_init__(self) -> None:
-        self.ch_mult = tuple(self.ch_mult)
+        """Normalise ``patch_size`` and check the sizes (see the base class)."""
         self.patch_size = (int(self.patch_size[0]), int(self.patch_size[1]))
-        check_norm_groups(self.ch, self.ch_mult, self.norm_groups)
+        super().__post_init__()
 
     @property
     def latent_channels(self) -> int:
