@@ -217,13 +217,23 @@ def gaussian_blur(x: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
 
 
 class _FlowUnit(PipelineUnit[FlowPipeline]):
-    """A standard unit; :func:`flow_unit_class` subclasses it per family (units keep no instance state)."""
+    """A standard unit; :func:`flow_unit_class` subclasses it per family (units keep no instance state).
 
+    Class attributes (besides :class:`PipelineUnit`'s):
+        unit: The standard name; the family's unit is named ``prefix + unit``.
+        anchors: Standard names (or the family's ``encode_prompt``) it runs after, prefixed likewise.
+        uses_vae: It calls ``encode_image`` / ``decode_latents``: its ``components`` are the family's VAE slot.
+        family: The family it is bound to (set on the per-family subclass).
+    """
+
+    unit: ClassVar[str]
+    anchors: ClassVar[tuple[str, ...]] = ()
+    uses_vae: ClassVar[bool] = False
     family: ClassVar[FlowFamily]
 
     @classmethod
-    def declare(cls, family: FlowFamily) -> dict[str, Any]:
-        """The class attributes (name, description, inputs, outputs, anchors) of the family's unit."""
+    def _declare(cls, family: FlowFamily) -> dict[str, Any]:
+        """The family's description, inputs and outputs."""
         raise NotImplementedError
 
     def geometry(self, pipe: FlowPipeline) -> LatentGeometry:
@@ -238,11 +248,11 @@ class _FlowUnit(PipelineUnit[FlowPipeline]):
 class CheckSize(_FlowUnit):
     """Reject sizes that are not positive multiples of the pipeline's ``size_multiple``."""
 
+    unit = "check_size"
+
     @classmethod
-    def declare(cls, family: FlowFamily) -> dict[str, Any]:
-        """See :meth:`_FlowUnit.declare`."""
+    def _declare(cls, family: FlowFamily) -> dict[str, Any]:
         return {
-            "name": family.named("check_size"),
             "description": "Checks that height and width are positive multiples of the pipeline's size multiple "
             "(16: pixels per latent token).",
             "inputs": (_HEIGHT, _WIDTH),
@@ -257,19 +267,19 @@ class CheckSize(_FlowUnit):
 class SetTimesteps(_FlowUnit):
     """The scheduler's schedule for this call: shift from the token count (or static ``sigma_shift``)."""
 
+    unit = "set_timesteps"
+    anchors = ("check_size",)
+
     @classmethod
-    def declare(cls, family: FlowFamily) -> dict[str, Any]:
-        """See :meth:`_FlowUnit.declare`."""
+    def _declare(cls, family: FlowFamily) -> dict[str, Any]:
         shift = (
             (InputParam("sigma_shift", "static shift s (sigma -> s sigma / (1 + (s - 1) sigma)) instead of dynamic"),)
             if family.sigma_shift
             else ()
         )
         return {
-            "name": family.named("set_timesteps"),
             "description": "Sets the flow-matching schedule (shift from the token count, strength, explicit sigmas"
             + (", or a static sigma_shift)." if family.sigma_shift else ")."),
-            "after": (family.named("check_size"),),
             "inputs": (
                 InputParam("num_inference_steps", "number of denoising steps", True),
                 InputParam("denoising_strength", "image-to-image strength in (0, 1]; 1.0 for text-to-image"),
@@ -301,14 +311,14 @@ class SetTimesteps(_FlowUnit):
 class Noise(_FlowUnit):
     """Seeded initial noise (seed + i per image), packed to tokens, or the caller's ``latents``."""
 
+    unit = "noise"
+    anchors = ("set_timesteps",)
+
     @classmethod
-    def declare(cls, family: FlowFamily) -> dict[str, Any]:
-        """See :meth:`_FlowUnit.declare`."""
+    def _declare(cls, family: FlowFamily) -> dict[str, Any]:
         tokens = family.tokens
         return {
-            "name": family.named("noise"),
             "description": f"Draws seeded noise on rand_device and packs it to {tokens} tokens, or takes latents=.",
-            "after": (family.named("set_timesteps"),),
             "inputs": (
                 InputParam("prompt", "list of B prompts (sets the batch size)", True),
                 InputParam("seed", "base seed; None draws one"),
@@ -348,13 +358,13 @@ class Noise(_FlowUnit):
 class ImageIds(_FlowUnit):
     """Position ids of the target-image tokens."""
 
+    unit = "image_ids"
+    anchors = ("noise",)
+
     @classmethod
-    def declare(cls, family: FlowFamily) -> dict[str, Any]:
-        """See :meth:`_FlowUnit.declare`."""
+    def _declare(cls, family: FlowFamily) -> dict[str, Any]:
         return {
-            "name": family.named("image_ids"),
             "description": f"Builds the target latent token grid's {family.ids}.",
-            "after": (family.named("noise"),),
             "inputs": (InputParam("latents", f"{family.tokens} tokens", True), _HEIGHT, _WIDTH),
             "outputs": (OutputParam("image_ids", f"{family.ids}, int64"),),
         }
@@ -377,15 +387,15 @@ def _pixels(images: Sequence[Image.Image], size: tuple[int, int], argument: str)
 class InputImage(_FlowUnit):
     """Image-to-image: encode ``input_image`` and start from it, noised to the first sigma."""
 
+    unit = "input_image"
+    anchors = ("noise", "set_timesteps")
+    uses_vae = True
+
     @classmethod
-    def declare(cls, family: FlowFamily) -> dict[str, Any]:
-        """See :meth:`_FlowUnit.declare`."""
+    def _declare(cls, family: FlowFamily) -> dict[str, Any]:
         tokens = family.tokens
         return {
-            "name": family.named("input_image"),
             "description": f"VAE-encodes input_image to input_latents {tokens} and noises it to the schedule's start.",
-            "components": family.vae_components,
-            "after": (family.named("noise"), family.named("set_timesteps")),
             "inputs": (
                 InputParam("input_image", "PIL image (or one per prompt) for image-to-image or training"),
                 InputParam("noise", f"{tokens} initial noise", True),
@@ -417,9 +427,11 @@ class InputImage(_FlowUnit):
 class InpaintMask(_FlowUnit):
     """Inpainting: the mask (white = repaint) at the latent token grid, optionally blurred."""
 
+    unit = "inpaint_mask"
+    anchors = ("input_image",)
+
     @classmethod
-    def declare(cls, family: FlowFamily) -> dict[str, Any]:
-        """See :meth:`_FlowUnit.declare`."""
+    def _declare(cls, family: FlowFamily) -> dict[str, Any]:
         blur = (
             (
                 InputParam("inpaint_blur_size", "Gaussian blur kernel size in latent cells (odd), 0/None: none"),
@@ -429,9 +441,7 @@ class InpaintMask(_FlowUnit):
             else ()
         )
         return {
-            "name": family.named("inpaint_mask"),
             "description": "Turns inpaint_mask (PIL, white = repaint) into (1, N, 1) weights at the latent token grid.",
-            "after": (family.named("input_image"),),
             "inputs": (
                 InputParam("inpaint_mask", "PIL mask, white where the image is repainted (needs input_image)"),
                 *blur,
@@ -464,14 +474,14 @@ class InpaintMask(_FlowUnit):
 class Extensions(_FlowUnit):
     """Template-cache inputs the DiT accepts per CFG branch (K/V cache, extra text tokens)."""
 
+    unit = "extensions"
+    anchors = ("encode_prompt",)
+    per_branch = True
+
     @classmethod
-    def declare(cls, family: FlowFamily) -> dict[str, Any]:
-        """See :meth:`_FlowUnit.declare`."""
+    def _declare(cls, family: FlowFamily) -> dict[str, Any]:
         return {
-            "name": family.named("extensions"),
             "description": "Passes kv_cache ({'double_i'|'single_i': (K, V)}) and extra_text_embedding to each branch.",
-            "per_branch": True,
-            "after": (family.named("encode_prompt"),),
             "inputs": (
                 InputParam(
                     "kv_cache", "per-block (K, V) appended after RoPE, each (1|B, L_kv, H, Dh)", per_branch=True
@@ -497,13 +507,13 @@ class Extensions(_FlowUnit):
 class Decode(_FlowUnit):
     """Final tokens -> images in the requested ``output_type``."""
 
+    unit = "decode"
+    stage = "finish"
+    uses_vae = True
+
     @classmethod
-    def declare(cls, family: FlowFamily) -> dict[str, Any]:
-        """See :meth:`_FlowUnit.declare`."""
+    def _declare(cls, family: FlowFamily) -> dict[str, Any]:
         return {
-            "name": family.named("decode"),
-            "stage": "finish",
-            "components": family.vae_components,
             "description": f"Unpacks the final tokens to {family.latents}, VAE-decodes them"
             + (" (optionally tiled)" if family.tiling else "")
             + " and converts them to output_type.",
@@ -531,14 +541,7 @@ class Decode(_FlowUnit):
 
 
 _UNIT_CLASSES: dict[str, type[_FlowUnit]] = {
-    "check_size": CheckSize,
-    "set_timesteps": SetTimesteps,
-    "noise": Noise,
-    "image_ids": ImageIds,
-    "input_image": InputImage,
-    "inpaint_mask": InpaintMask,
-    "extensions": Extensions,
-    "decode": Decode,
+    cls.unit: cls for cls in (CheckSize, SetTimesteps, Noise, ImageIds, InputImage, InpaintMask, Extensions, Decode)
 }
 
 STANDARD_UNITS: tuple[str, ...] = tuple(_UNIT_CLASSES)
@@ -558,8 +561,15 @@ def flow_unit_class(name: str, family: FlowFamily) -> type[PipelineUnit[Any]]:
         if name not in _UNIT_CLASSES:
             raise UnitGraphError(f"{name!r} is not a standard flow unit; choose from {list(STANDARD_UNITS)}")
         cls = _UNIT_CLASSES[name]
-        attributes = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "family": family}
-        _BOUND[key] = type(cls.__name__, (cls,), {**attributes, **cls.declare(family)})
+        attributes = {
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+            "family": family,
+            "name": family.named(cls.unit),
+            "after": tuple(family.named(anchor) for anchor in cls.anchors),
+            "components": family.vae_components if cls.uses_vae else (),
+        }
+        _BOUND[key] = type(cls.__name__, (cls,), {**attributes, **cls._declare(family)})
     return _BOUND[key]
 
 
