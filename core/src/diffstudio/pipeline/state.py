@@ -46,10 +46,13 @@ class PipelineState:
         return self.shared
 
     def view(self, branch: Branch) -> ChainMap[str, Any]:
-        """Return the values visible on ``branch``: the branch's own outputs over the shared state."""
+        """Return the values visible on ``branch``: the branch's own outputs over the shared state.
+
+        A branch view also answers ``branch`` (its name) under everything else: the DiT call hooks read it.
+        """
         if branch == "shared":
             return ChainMap(self.shared)
-        return ChainMap(self.branch(branch), self.shared)
+        return ChainMap(self.branch(branch), self.shared, {"branch": branch})
 
     def get_stash(self, key: StashKey[T], default: T) -> T:
         """Return a stashed value, or ``default``."""

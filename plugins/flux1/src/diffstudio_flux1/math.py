@@ -9,9 +9,11 @@ channel-major (``c * 4 + 2 * i + j``), over a row-major ``H/2 x W/2`` grid, as B
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+from diffstudio.dit.layers import gelu_tanh
 from einops import rearrange
 from torch import Tensor
+
+__all__ = ["KONTEXT_T", "gelu_tanh", "image_ids", "pack_latents", "text_ids", "unpack_latents"]
 
 KONTEXT_T = 1
 """Time-axis id of Kontext reference-image tokens."""
@@ -37,10 +39,3 @@ def image_ids(batch: int, height: int, width: int, t: int = 0, device: torch.dev
 def text_ids(batch: int, length: int, device: torch.device | str | None = None) -> Tensor:
     """Position ids of T5 tokens: all zero (FLUX.1 text tokens carry no position in RoPE), ``(B, L, 3)``."""
     return torch.zeros(batch, length, 3, dtype=torch.long, device=device)
-
-
-def gelu_tanh(x: Tensor, out: Tensor | None = None) -> Tensor:
-    """GELU with the tanh approximation (FLUX.1's MLP activation); ``out`` receives it when given (no autograd)."""
-    if out is None:
-        return F.gelu(x, approximate="tanh")
-    return torch.ops.aten.gelu.out(x, approximate="tanh", out=out)  # type: ignore[no-any-return]

@@ -20,7 +20,16 @@ from typing import Any
 
 import torch
 from diffstudio.config import ModelConfig
+from diffstudio.dit.extensions import (
+    EXTENSION_INPUTS,
+    DitCall,
+    TextStream,
+    append_tokens,
+    branch_of,
+    call_extensions,
+)
 from diffstudio.errors import ConfigError, PipelineInputError
+from diffstudio.nn.delta import scoped_deltas
 from diffstudio.pipeline.base import BasePipeline
 from diffstudio.pipeline.validate import check_prompts
 from diffstudio.scheduler import FlowMatchScheduler
@@ -48,7 +57,7 @@ class FluxImagePipeline(BasePipeline):
     }
     denoise_components = ("dit", "controlnet")
     size_multiple = 16
-    extension_inputs = frozenset({"kv_extension", "extra_txt", "block_residual", "attention_kwargs", "call_hooks"})
+    extension_inputs = EXTENSION_INPUTS
     plugin_inputs = {
         "controlnet_inputs": "diffstudio-controlnet",
         "ipadapter_images": "diffstudio-ipadapter",
@@ -251,8 +260,9 @@ class FluxImagePipeline(BasePipeline):
         Args:
             inputs: Branch view with ``latents`` ``(B, L, 64)``, ``image_ids``, ``prompt_emb``, ``text_ids``,
                 ``pooled_prompt_emb``, optionally ``guidance``, ``kontext_latents``/``kontext_image_ids``,
-                ``kv_extension``, ``extra_txt``, ``block_residual``, ``attention_kwargs`` and ``call_hooks``
-                (``{name: hook(DitCall) -> extension inputs}``, see :mod:`diffstudio_flux1.extensions`).
+                and every DiT extension key of :mod:`diffstudio.dit` (``extra_txt``, ``extra_img``, ``img_cond``,
+                ``kv_extension``, ``block_residual``, ``attention_kwargs``, ``stack_hook``, ``text_stream``,
+                ``call_hooks``, ``dit_deltas``).
             step_index: Denoising step.
             timestep: ``sigma * 1000``, scalar or ``(B,)``.
 
@@ -264,28 +274,24 @@ class FluxImagePipeline(BasePipeline):
         t = (timestep.to(torch.float32) / 1000).expand(batch) if timestep.ndim == 0 else timestep / 1000
         kontext = inputs.get("kontext_latents")
         txt, y, t = inputs["prompt_emb"].to(dtype), inputs["pooled_prompt_emb"].to(dtype), t.to(latents.device, dtype)
-        extensions: dict[str, Any] = {
-            key: inputs.get(key) for key in ("extra_txt", "kv_extension", "block_residual", "attention_kwargs")
-        }
-        hooks = inputs.get("call_hooks")
-        if hooks:
-            from diffstudio_flux1.extensions import DitCall, run_call_hooks
-
-            call = DitCall(latents, inputs["image_ids"], txt, inputs["text_ids"], t, y, inputs.get("guidance"),
-                           int(step_index))  # fmt: skip
-            extensions = run_call_hooks(hooks, call, extensions)
-        velocity: Tensor = self.dit(
-            latents,
-            inputs["image_ids"],
-            txt,
-            inputs["text_ids"],
-            t,
-            y,
-            inputs.get("guidance"),
-            extra_img=None if kontext is None else kontext.to(latents.device, dtype),
-            extra_img_ids=inputs.get("kontext_image_ids"),
-            **extensions,
+        txt_ids, guidance = inputs["text_ids"], inputs.get("guidance")
+        image_ids, branch = inputs["image_ids"], branch_of(inputs)
+        extensions = call_extensions(
+            inputs, lambda: DitCall(latents, image_ids, txt, txt_ids, t, y, guidance, int(step_index), branch)
         )
+        stream: TextStream | None = extensions.pop("text_stream", None)
+        if stream is not None:
+            txt, txt_ids = stream.txt.to(dtype), stream.txt_ids
+            y = y if stream.y is None else stream.y.to(dtype)
+        extra_img, extra_img_ids = append_tokens(
+            None if kontext is None else kontext.to(latents.device, dtype), inputs.get("kontext_image_ids"),
+            extensions.pop("extra_img", None), extensions.pop("extra_img_ids", None),
+        )  # fmt: skip
+        with scoped_deltas(self.dit, inputs.get("dit_deltas"), "branch_side_path"):
+            velocity: Tensor = self.dit(
+                latents, image_ids, txt, txt_ids, t, y, guidance,
+                extra_img=extra_img, extra_img_ids=extra_img_ids, **extensions,
+            )  # fmt: skip
         return velocity
 
     def call_inputs(self, prompt: str | Sequence[str], **kwargs: Any) -> dict[str, Any]:

@@ -3,15 +3,21 @@
 Shapes: ``B`` batch, ``L`` tokens, ``D`` hidden size, ``H`` heads, ``Dh`` head dim. The joint sequence of a
 block is ``[text tokens, image tokens]`` (text first); attention tensors use the ``(B, L, H, Dh)`` layout.
 Every ``Linear`` is a :class:`~diffstudio.nn.DeltaLinear` (side paths for LoRA; plain ``nn.Linear`` keys).
+The layers are the shared ones of :mod:`diffstudio.dit.layers` without biases; the blocks are FLUX.2's own
+(shared modulation passed in, SwiGLU MLP).
 """
 
 from __future__ import annotations
 
 import torch
+from diffstudio.dit.layers import EmbedND, ModParams, ProcessorSlot, clip_fp16
+from diffstudio.dit.layers import LastLayer as _LastLayer
+from diffstudio.dit.layers import MLPEmbedder as _MLPEmbedder
+from diffstudio.dit.layers import Modulation as _Modulation
+from diffstudio.dit.layers import SelfAttention as _SelfAttention
 from diffstudio.nn import (
     DEFAULT_PROCESSOR,
     AttentionContext,
-    AttentionProcessor,
     DeltaLinear,
     QKNorm,
     RopeFreqs,
@@ -20,35 +26,23 @@ from diffstudio.nn import (
     gated,
     merge_heads_beside,
     modulate,
-    rope_frequencies,
 )
 from einops import rearrange
 from torch import Tensor, nn
 
 from diffstudio_flux2.math import swiglu
 
-ModParams = tuple[Tensor, Tensor, Tensor]
-"""One (shift, scale, gate) set, each ``(B, 1, D)``."""
-
-
-
-
-class SelfAttention(nn.Module):
-    """Projections of one stream of a double block: fused ``qkv``, QK ``norm`` and output ``proj``."""
-
-    def __init__(self, dim: int, num_heads: int) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = DeltaLinear(dim, dim * 3, bias=False)
-        self.norm = QKNorm(dim // num_heads)
-        self.proj = DeltaLinear(dim, dim, bias=False)
-
-    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(B, L, D)`` to normalised q, k and v, each ``(B, L, H, Dh)`` (before RoPE)."""
-        q, k, v = rearrange(self.qkv(x), "b l (k h d) -> k b l h d", k=3, h=self.num_heads)
-        q, k = self.norm(q, k, v)
-        return q, k, v
-
+__all__ = [
+    "DoubleStreamBlock",
+    "EmbedND",
+    "LastLayer",
+    "MLPEmbedder",
+    "ModParams",
+    "Modulation",
+    "SelfAttention",
+    "SingleStreamBlock",
+    "SwiGLU",
+]
 
 class SwiGLU(nn.Module):
     """Parameter-free gate of the fused SwiGLU MLP, ``(..., 2F) -> (..., F)``."""
@@ -58,77 +52,37 @@ class SwiGLU(nn.Module):
         return swiglu(x)
 
 
-class Modulation(nn.Module):
-    """Shared adaptive modulation: ``lin(silu(vec))`` split into one or two (shift, scale, gate) sets."""
+
+class SelfAttention(_SelfAttention):
+    """Projections of one stream of a double block (FLUX.2: no biases)."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__(dim, num_heads, qkv_bias=False, proj_bias=False)
+
+
+class Modulation(_Modulation):
+    """Shared adaptive modulation (FLUX.2: no bias): ``lin(silu(vec))`` split into (shift, scale, gate) sets."""
 
     def __init__(self, dim: int, double: bool) -> None:
-        super().__init__()
-        self.is_double = double
-        self.multiplier = 6 if double else 3
-        self.lin = DeltaLinear(dim, self.multiplier * dim, bias=False)
-
-    def forward(self, vec: Tensor) -> tuple[ModParams, ModParams | None]:
-        """``vec (B, D)`` to (first set, second set or None), tensors ``(B, 1, D)``."""
-        out = self.lin(nn.functional.silu(vec))[:, None, :]  # (B, 1, multiplier * D)
-        chunks = out.chunk(self.multiplier, dim=-1)
-        first: ModParams = (chunks[0], chunks[1], chunks[2])
-        second: ModParams | None = (chunks[3], chunks[4], chunks[5]) if self.is_double else None
-        return first, second
+        super().__init__(dim, double, bias=False)
 
 
-class MLPEmbedder(nn.Module):
-    """Two-layer SiLU MLP embedding a sinusoidal timestep/guidance embedding."""
+class MLPEmbedder(_MLPEmbedder):
+    """Two-layer SiLU MLP embedding a sinusoidal timestep/guidance embedding (no biases)."""
 
     def __init__(self, in_dim: int, hidden_dim: int) -> None:
-        super().__init__()
-        self.in_layer = DeltaLinear(in_dim, hidden_dim, bias=False)
-        self.silu = nn.SiLU()
-        self.out_layer = DeltaLinear(hidden_dim, hidden_dim, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``(B, in_dim) -> (B, hidden_dim)``."""
-        out: Tensor = self.out_layer(self.silu(self.in_layer(x)))
-        return out
+        super().__init__(in_dim, hidden_dim, bias=False)
 
 
-class EmbedND(nn.Module):
-    """RoPE angles from 4-axis position ids (no parameters)."""
-
-    def __init__(self, theta: int, axes_dim: tuple[int, ...]) -> None:
-        super().__init__()
-        self.theta = theta
-        self.axes_dim = axes_dim
-
-    def forward(self, ids: Tensor) -> RopeFreqs:
-        """``ids (B, L, 4)`` to cos/sin ``(B, L, Dh / 2)``."""
-        return rope_frequencies(ids, self.axes_dim, self.theta)
-
-
-class LastLayer(nn.Module):
-    """Final adaptive LayerNorm (shift, scale order) and projection back to latent channels."""
+class LastLayer(_LastLayer):
+    """Final adaptive LayerNorm (shift, scale order) and projection back to latent channels (no biases)."""
 
     def __init__(self, hidden_size: int, out_channels: int) -> None:
-        super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.linear = DeltaLinear(hidden_size, out_channels, bias=False)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), DeltaLinear(hidden_size, 2 * hidden_size, bias=False))
-
-    def forward(self, x: Tensor, vec: Tensor) -> Tensor:
-        """``x (B, L, D)``, ``vec (B, D)`` to ``(B, L, out_channels)``."""
-        shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)  # (B, 1, D) each
-        out: Tensor = self.linear(modulate(self.norm_final(x), shift, scale))
-        return out
+        super().__init__(hidden_size, out_channels, bias=False)
 
 
-def _clip_fp16(x: Tensor) -> Tensor:
-    # float16 activations of the large models can overflow; same guard as diffusers
-    return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
-
-
-class DoubleStreamBlock(nn.Module):
+class DoubleStreamBlock(ProcessorSlot):
     """Separate weights for text and image streams, joint attention over ``[txt, img]``."""
-
-    processor: AttentionProcessor
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float) -> None:
         super().__init__()
@@ -152,10 +106,6 @@ class DoubleStreamBlock(nn.Module):
             DeltaLinear(mlp_hidden, hidden_size, bias=False),
         )
         self.set_processor(DEFAULT_PROCESSOR)
-
-    def set_processor(self, processor: AttentionProcessor) -> None:
-        """Install the attention processor (stored as a plain attribute, never as a submodule)."""
-        object.__setattr__(self, "processor", processor)
 
     def forward(
         self,
@@ -197,13 +147,11 @@ class DoubleStreamBlock(nn.Module):
         img = gated(img, img_gate2, self.img_mlp(modulate(self.img_norm2(img), img_shift2, img_scale2)))
         txt = gated(txt, txt_gate1, self.txt_attn.proj(txt_attn))
         txt = gated(txt, txt_gate2, self.txt_mlp(modulate(self.txt_norm2(txt), txt_shift2, txt_scale2)))
-        return img, _clip_fp16(txt)
+        return img, clip_fp16(txt)
 
 
-class SingleStreamBlock(nn.Module):
+class SingleStreamBlock(ProcessorSlot):
     """Parallel attention + SwiGLU MLP over the joint sequence, fused ``linear1`` in and ``linear2`` out."""
-
-    processor: AttentionProcessor
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float) -> None:
         super().__init__()
@@ -215,10 +163,6 @@ class SingleStreamBlock(nn.Module):
         self.norm = QKNorm(hidden_size // num_heads)
         self.pre_norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.set_processor(DEFAULT_PROCESSOR)
-
-    def set_processor(self, processor: AttentionProcessor) -> None:
-        """Install the attention processor (stored as a plain attribute, never as a submodule)."""
-        object.__setattr__(self, "processor", processor)
 
     def forward(
         self,
@@ -258,4 +202,4 @@ class SingleStreamBlock(nn.Module):
         if output_from:
             x, attn, mlp = x[:, output_from:], attn[:, output_from:], mlp[:, output_from:]
         out = self.linear2(merge_heads_beside(attn, mlp, swiglu, self.mlp_hidden_dim))  # cat((attn, swiglu(mlp)))
-        return _clip_fp16(gated(x, gate, out))
+        return clip_fp16(gated(x, gate, out))

@@ -7,22 +7,19 @@ Module attribute names equal the keys of BFL's FLUX.2 checkpoints (``flux2-dev.s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable, Mapping
-from typing import Any, ClassVar, Protocol, TypeVar, cast
+import warnings
+from collections.abc import Collection, Mapping
+from typing import Any, ClassVar
 
 import torch
+from diffstudio.dit.extensions import BlockResidualHook, StackHook
+from diffstudio.dit.stack import DualStreamStack, cat_ids, check_tokens, per_sample
 from diffstudio.nn import (
-    DEFAULT_PROCESSOR,
-    AttentionContext,
-    AttentionProcessor,
-    BlockKind,
     DeltaLinear,
-    RMSNorm,
     match_batch,
     timestep_embedding,
 )
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from diffstudio_flux2.layers import (
     DoubleStreamBlock,
@@ -35,22 +32,10 @@ from diffstudio_flux2.layers import (
 from diffstudio_flux2.math import text_ids
 from diffstudio_flux2.params import TIMESTEP_DIM, Flux2Params
 
-_T = TypeVar("_T")
+__all__ = ["BlockResidualHook", "Flux2", "StackHook"]
 
 
-class BlockResidualHook(Protocol):
-    """Called after every block: ``hook(kind, index, img) -> residual or None``.
-
-    ``img`` is the target-image tokens ``(B, L_img, D)`` after block ``index`` of ``kind`` (``"double"`` or
-    ``"single"``); a returned tensor of the same shape is added to them (ControlNet-style residuals).
-    """
-
-    def __call__(self, kind: BlockKind, index: int, img: Tensor) -> Tensor | None:
-        """Return a residual ``(B, L_img, D)`` for the target-image tokens, or None."""
-        ...
-
-
-class Flux2(nn.Module):
+class Flux2(DualStreamStack):
     """FLUX.2 flow-matching transformer (dev and klein variants).
 
     Memory metadata (read by VRAM policies and trainers, see ``diffstudio.vram.metadata``): ``repeated_blocks``
@@ -59,11 +44,7 @@ class Flux2(nn.Module):
     below the computation dtype (norm scales, timestep/guidance embedders).
     """
 
-    repeated_blocks: ClassVar[tuple[str, ...]] = ("double_blocks", "single_blocks")
-    memory_leaves: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, RMSNorm)
-    no_split_modules: ClassVar[tuple[str, ...]] = ("DoubleStreamBlock", "SingleStreamBlock")
     keep_in_high_precision: ClassVar[tuple[str, ...]] = ("*norm*", "time_in.*", "guidance_in.*")
-    supports_gradient_checkpointing: ClassVar[bool] = True
 
     def __init__(self, params: Flux2Params) -> None:
         super().__init__()
@@ -76,11 +57,11 @@ class Flux2(nn.Module):
         self.use_gradient_checkpointing = False
 
         self.pe_embedder = EmbedND(theta=params.theta, axes_dim=params.axes_dim)
-        self.img_in = _linear(params.in_channels, params.hidden_size)
+        self.img_in = DeltaLinear(params.in_channels, params.hidden_size, bias=False)
         self.time_in = MLPEmbedder(TIMESTEP_DIM, params.hidden_size)
         if params.use_guidance_embed:
             self.guidance_in = MLPEmbedder(TIMESTEP_DIM, params.hidden_size)
-        self.txt_in = _linear(params.context_in_dim, params.hidden_size)
+        self.txt_in = DeltaLinear(params.context_in_dim, params.hidden_size, bias=False)
         self.double_blocks = nn.ModuleList(
             [DoubleStreamBlock(params.hidden_size, params.num_heads, params.mlp_ratio) for _ in range(params.depth)]
         )
@@ -95,44 +76,6 @@ class Flux2(nn.Module):
         self.single_stream_modulation = Modulation(params.hidden_size, double=False)
         self.final_layer = LastLayer(params.hidden_size, self.out_channels)
 
-    # --- attention processors
-
-    @property
-    def block_names(self) -> list[str]:
-        """``double_0 .. double_{N-1}, single_0 .. single_{M-1}``: the keys of per-block extension inputs."""
-        return [f"double_{i}" for i in range(len(self.double_blocks))] + [
-            f"single_{i}" for i in range(len(self.single_blocks))
-        ]
-
-    def _named_blocks(self) -> Iterable[tuple[str, DoubleStreamBlock | SingleStreamBlock]]:
-        for i, double in enumerate(self.double_blocks):
-            yield f"double_{i}", cast(DoubleStreamBlock, double)
-        for i, single in enumerate(self.single_blocks):
-            yield f"single_{i}", cast(SingleStreamBlock, single)
-
-    @property
-    def attn_processors(self) -> dict[str, AttentionProcessor]:
-        """The attention processor of every block, by block name."""
-        return {name: block.processor for name, block in self._named_blocks()}
-
-    def set_attn_processor(self, processor: AttentionProcessor, blocks: Iterable[str] | None = None) -> None:
-        """Install ``processor`` in the named blocks (all blocks when ``blocks`` is None).
-
-        Raises:
-            ValueError: A name is not one of :attr:`block_names`.
-        """
-        named = dict(self._named_blocks())
-        targets = list(named) if blocks is None else list(blocks)
-        unknown = sorted(set(targets) - set(named))
-        if unknown:
-            raise ValueError(f"unknown block names {unknown}; valid names look like 'double_0', 'single_0'")
-        for name in targets:
-            named[name].set_processor(processor)
-
-    def reset_attn_processors(self) -> None:
-        """Put the default SDPA processor back into every block."""
-        self.set_attn_processor(DEFAULT_PROCESSOR)
-
     # --- forward
 
     def forward(
@@ -144,14 +87,16 @@ class Flux2(nn.Module):
         ctx_ids: Tensor,
         guidance: Tensor | None = None,
         *,
-        extra_x: Tensor | None = None,
-        extra_x_ids: Tensor | None = None,
-        extra_ctx: Tensor | None = None,
-        extra_ctx_ids: Tensor | None = None,
+        extra_img: Tensor | None = None,
+        extra_img_ids: Tensor | None = None,
+        extra_txt: Tensor | None = None,
+        extra_txt_ids: Tensor | None = None,
         kv_extension: Mapping[str, tuple[Tensor, Tensor]] | None = None,
         block_residual: BlockResidualHook | None = None,
         attention_kwargs: Mapping[str, Any] | None = None,
         skip_blocks: Collection[str] | None = None,
+        stack_hook: StackHook | None = None,
+        **deprecated: Tensor | None,
     ) -> Tensor:
         """Predict the flow velocity of the target-image tokens.
 
@@ -162,43 +107,49 @@ class Flux2(nn.Module):
             ctx: Text-encoder tokens ``(B, L_txt, context_in_dim)``.
             ctx_ids: Their position ids ``(B, L_txt, 4)`` (or ``(L_txt, 4)``).
             guidance: Embedded guidance ``(B,)``; used only by models with ``guidance_in`` (else ignored).
-            extra_x: Extra image tokens ``(B or 1, L_ref, in_channels)`` appended after ``x`` (edit/reference
+            extra_img: Extra image tokens ``(B or 1, L_ref, in_channels)`` appended after ``x`` (edit/reference
                 images); they take part in attention but their outputs are dropped.
-            extra_x_ids: Their ids ``(B or 1, L_ref, 4)``, e.g. ``t = 10, 20, ...`` per reference image.
-            extra_ctx: Extra text tokens ``(B or 1, L_extra, context_in_dim)`` appended after ``ctx``.
-            extra_ctx_ids: Their ids; default ``(0, 0, 0, L_txt + k)`` continuing the text index.
+            extra_img_ids: Their ids ``(B or 1, L_ref, 4)``, e.g. ``t = 10, 20, ...`` per reference image.
+            extra_txt: Extra text tokens ``(B or 1, L_extra, context_in_dim)`` appended after ``ctx``.
+            extra_txt_ids: Their ids; default ``(0, 0, 0, L_txt + k)`` continuing the text index.
             kv_extension: Per-block ``(K, V)``, each ``(B or 1, L_kv, H, Dh)`` in the block's post-RoPE key
                 space, keyed ``"double_{i}"`` / ``"single_{i}"``; appended to that block's keys and values.
             block_residual: Called after every block; a returned residual is added to the target-image tokens.
             attention_kwargs: Passed to every attention processor as ``context.extras``.
             skip_blocks: Block names to skip entirely.
+            stack_hook: Wraps the block stack (cache / skip all blocks), see :class:`StackHook`.
+            **deprecated: ``extra_x``, ``extra_x_ids``, ``extra_ctx``, ``extra_ctx_ids``: the old names of the
+                ``extra_img*`` / ``extra_txt*`` arguments (DeprecationWarning; removed in the next release).
 
         Returns:
             Velocity of the target-image tokens, ``(B, L_img, in_channels)``.
         """
+        renamed = _renamed(deprecated)
+        extra_img, extra_img_ids = renamed.get("extra_img", extra_img), renamed.get("extra_img_ids", extra_img_ids)
+        extra_txt, extra_txt_ids = renamed.get("extra_txt", extra_txt), renamed.get("extra_txt_ids", extra_txt_ids)
+        img_name = "extra_x" if "extra_x" in deprecated else "extra_img"  # errors name what the caller passed
+        txt_name = "extra_ctx" if "extra_ctx" in deprecated else "extra_txt"
         batch, img_len = x.shape[0], x.shape[1]
-        x_ids = _check_tokens(x, x_ids, self.in_channels, "x", batch)
-        ctx_ids = _check_tokens(ctx, ctx_ids, self.params.context_in_dim, "ctx", batch)
+        x_ids = check_tokens(x, x_ids, self.in_channels, "x", batch, 4)
+        ctx_ids = check_tokens(ctx, ctx_ids, self.params.context_in_dim, "ctx", batch, 4)
         ctx = match_batch(ctx, batch, "ctx")  # one prompt may serve the whole batch
-        timesteps = _per_sample(timesteps, batch, "timesteps")
-        guidance = None if guidance is None else _per_sample(guidance, batch, "guidance")
-        if extra_x is not None:
-            if extra_x_ids is None:
-                raise ValueError("extra_x needs extra_x_ids (e.g. t = 10 * (i + 1) per reference image)")
-            extra_x_ids = _check_tokens(extra_x, extra_x_ids, self.in_channels, "extra_x", batch)
-            x = torch.cat([x, match_batch(extra_x, batch, "extra_x")], dim=1)
-            x_ids = _cat_ids(x_ids, extra_x_ids)
-        if extra_ctx is not None:
-            if extra_ctx_ids is None:
-                extra_ctx_ids = text_ids(1, extra_ctx.shape[1], start=ctx.shape[1], device=ctx.device)
-            extra_ctx_ids = _check_tokens(extra_ctx, extra_ctx_ids, self.params.context_in_dim, "extra_ctx", batch)
-            ctx = torch.cat([ctx, match_batch(extra_ctx, batch, "extra_ctx")], dim=1)
-            ctx_ids = _cat_ids(ctx_ids, extra_ctx_ids)
+        timesteps = per_sample(timesteps, batch, "timesteps")
+        guidance = None if guidance is None else per_sample(guidance, batch, "guidance")
+        if extra_img is not None:
+            if extra_img_ids is None:
+                raise ValueError(f"{img_name} needs {img_name}_ids (e.g. t = 10 * (i + 1) per reference image)")
+            extra_img_ids = check_tokens(extra_img, extra_img_ids, self.in_channels, img_name, batch, 4)
+            x = torch.cat([x, match_batch(extra_img, batch, img_name)], dim=1)
+            x_ids = cat_ids(x_ids, extra_img_ids)
+        if extra_txt is not None:
+            if extra_txt_ids is None:
+                extra_txt_ids = text_ids(1, extra_txt.shape[1], start=ctx.shape[1], device=ctx.device)
+            extra_txt_ids = check_tokens(extra_txt, extra_txt_ids, self.params.context_in_dim, txt_name, batch, 4)
+            ctx = torch.cat([ctx, match_batch(extra_txt, batch, txt_name)], dim=1)
+            ctx_ids = cat_ids(ctx_ids, extra_txt_ids)
         kv = dict(kv_extension or {})
         skip = frozenset(skip_blocks or ())
-        unknown = sorted((set(kv) | skip) - set(self.block_names))
-        if unknown:
-            raise ValueError(f"unknown block names {unknown} in kv_extension/skip_blocks; known: double_i, single_i")
+        self.check_block_names(kv, skip)
         txt_len, ref_len = ctx.shape[1], x.shape[1] - img_len
         extras = attention_kwargs or {}
 
@@ -211,89 +162,28 @@ class Flux2(nn.Module):
 
         img = self.img_in(x)  # (B, L_img + L_ref, D)
         txt = self.txt_in(ctx)  # (B, L_txt, D)
-        pe = self.pe_embedder(_cat_ids(ctx_ids, x_ids))  # cos/sin (B, L_txt + L_img + L_ref, Dh / 2)
+        pe = self.pe_embedder(cat_ids(ctx_ids, x_ids))  # cos/sin (B, L_txt + L_img + L_ref, Dh / 2)
 
-        for i, double in enumerate(self.double_blocks):
-            name = f"double_{i}"
-            if name in skip:
-                continue
-            ext = kv.get(name)
-            context = AttentionContext("double", i, txt_len, img_len, ref_len, _kv_len(ext), extras)
-            img, txt = self._call(double, img, txt, pe, mod_img, mod_txt, context, ext)
-            if block_residual is not None:
-                img = _add_residual(img, block_residual("double", i, img[:, :img_len]), 0, img_len)
+        layout = (txt_len, img_len, ref_len)
 
-        seq = torch.cat((txt, img), dim=1)  # (B, L_txt + L_img + L_ref, D)
-        start = txt_len  # where the image tokens begin in seq
-        run = [i for i in range(len(self.single_blocks)) if f"single_{i}" not in skip]
-        for i in run:
-            ext = kv.get(f"single_{i}")
-            context = AttentionContext("single", i, txt_len, img_len, ref_len, _kv_len(ext), extras)
-            last = i == run[-1]  # its text outputs are never read: it returns the image tokens only
-            seq = self._call(self.single_blocks[i], seq, pe, mod_single, context, ext, txt_len if last else 0)
-            start = 0 if last else txt_len
-            if block_residual is not None:
-                residual = block_residual("single", i, seq[:, start : start + img_len])
-                seq = _add_residual(seq, residual, start, img_len)
+        def run() -> Tensor:
+            return self.run_blocks(img, txt, (pe, mod_img, mod_txt), (pe, mod_single), layout, kv, skip,
+                                   block_residual, extras)  # fmt: skip
 
-        img = seq[:, start : start + img_len]  # (B, L_img, D)
-        out: Tensor = self.final_layer(img, vec)  # (B, L_img, in_channels)
-        return out
+        out = run() if stack_hook is None else stack_hook(img, vec, run)
+        velocity: Tensor = self.final_layer(out[:, :img_len], vec)  # (B, L_img, in_channels)
+        return velocity
 
-    def _call(self, block: Callable[..., _T], *args: Any) -> _T:
-        if self.use_gradient_checkpointing and self.training and torch.is_grad_enabled():
-            out: _T = checkpoint(block, *args, use_reentrant=False)
-            return out
-        return block(*args)
+_RENAMED = {"extra_x": "extra_img", "extra_x_ids": "extra_img_ids", "extra_ctx": "extra_txt",
+            "extra_ctx_ids": "extra_txt_ids"}  # fmt: skip
 
 
-def _linear(in_features: int, out_features: int) -> DeltaLinear:
-    return DeltaLinear(in_features, out_features, bias=False)
-
-
-def _kv_len(ext: tuple[Tensor, Tensor] | None) -> int:
-    return 0 if ext is None else int(ext[0].shape[1])
-
-
-def _check_tokens(tokens: Tensor, ids: Tensor, channels: int, what: str, batch: int) -> Tensor:
-    """Validate ``tokens (B|1, L, channels)`` and ``ids (B|1, L, 4)`` / ``(L, 4)``; return 3-D ids."""
-    if tokens.ndim != 3 or tokens.shape[-1] != channels:
-        raise ValueError(f"{what} must have shape (B, L, {channels}), got {tuple(tokens.shape)}")
-    if ids.ndim == 2:
-        ids = ids.unsqueeze(0)
-    if ids.ndim != 3 or ids.shape[1] != tokens.shape[1] or ids.shape[2] != 4:
-        raise ValueError(
-            f"{what}_ids must have shape (B, {tokens.shape[1]}, 4) for {what} {tuple(tokens.shape)}, "
-            f"got {tuple(ids.shape)}"
-        )
-    for name, size in ((what, tokens.shape[0]), (f"{what}_ids", ids.shape[0])):
-        if size not in (1, batch):
-            raise ValueError(f"{name} has batch size {size}, expected 1 or {batch}")
-    return ids
-
-
-def _per_sample(values: Tensor, batch: int, what: str) -> Tensor:
-    """Accept ``(B,)``, ``(1,)`` or a 0-d tensor; return ``(B,)``."""
-    if values.ndim == 0 or values.shape == (1,):
-        return values.reshape(1).expand(batch)
-    if values.shape != (batch,):
-        raise ValueError(f"{what} must have shape ({batch},) or (1,), got {tuple(values.shape)}")
-    return values
-
-
-def _cat_ids(first: Tensor, second: Tensor) -> Tensor:
-    """Concatenate ids ``(B|1, L1, 4)`` and ``(B|1, L2, 4)`` along tokens, broadcasting the batch."""
-    batch = max(first.shape[0], second.shape[0])
-    return torch.cat([first.expand(batch, -1, -1), second.expand(batch, -1, -1)], dim=1)
-
-
-def _add_residual(seq: Tensor, residual: Tensor | None, start: int, length: int) -> Tensor:
-    """Add ``residual (B, length, D)`` to ``seq[:, start:start + length]`` without in-place writes."""
-    if residual is None:
-        return seq
-    if residual.shape[1:] != (length, seq.shape[2]):
-        raise ValueError(f"block residual must have shape (B, {length}, {seq.shape[2]}), got {tuple(residual.shape)}")
-    if start == 0 and length == seq.shape[1]:
-        return seq + residual
-    head, mid, tail = seq[:, :start], seq[:, start : start + length], seq[:, start + length :]
-    return torch.cat([head, mid + residual, tail], dim=1)
+def _renamed(deprecated: Mapping[str, Tensor | None]) -> dict[str, Tensor | None]:
+    """Old FLUX.2 keyword names -> the shared ones, with a DeprecationWarning; unknown names are a TypeError."""
+    unknown = sorted(set(deprecated) - set(_RENAMED))
+    if unknown:
+        raise TypeError(f"Flux2.forward() got unexpected keyword arguments {unknown}")
+    for old in deprecated:
+        warnings.warn(f"Flux2.forward({old}=...) is deprecated; pass {_RENAMED[old]}= (the shared DiT name)",
+                      DeprecationWarning, stacklevel=5)  # fmt: skip
+    return {_RENAMED[old]: value for old, value in deprecated.items()}

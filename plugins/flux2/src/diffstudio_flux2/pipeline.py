@@ -18,6 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from diffstudio.config import ModelConfig
+from diffstudio.dit.extensions import (
+    EXTENSION_INPUTS,
+    DitCall,
+    TextStream,
+    append_tokens,
+    branch_of,
+    call_extensions,
+)
 from diffstudio.errors import PipelineInputError, UnknownCheckpointError
 from diffstudio.nn.attention import merge_kv
 from diffstudio.nn.delta import scoped_deltas
@@ -54,7 +62,7 @@ class Flux2ImagePipeline(BasePipeline):
     }
     denoise_components = ("dit",)
     size_multiple = 16
-    extension_inputs = frozenset({"kv_extension", "extra_ctx", "attention_kwargs", "dit_deltas", "block_residual"})
+    extension_inputs = EXTENSION_INPUTS - {"img_cond"}
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -319,9 +327,10 @@ class Flux2ImagePipeline(BasePipeline):
 
         Args:
             inputs: Branch view with ``latents`` ``(B, L, C)``, ``image_ids``, ``prompt_embeds``, ``text_ids``,
-                optionally ``edit_latents``/``edit_image_ids``, ``kv_extension``, ``extra_ctx``,
-                ``embedded_guidance``, ``dit_deltas`` (``{DeltaLinear path: fn}`` side paths attached for this
-                call only, e.g. a template's LoRA) and ``block_residual`` (a ``BlockResidualHook``).
+                optionally ``edit_latents``/``edit_image_ids``, ``reference_kv``, ``embedded_guidance`` and every
+                DiT extension key of :mod:`diffstudio.dit` but ``img_cond`` (``extra_txt``, ``extra_img``,
+                ``kv_extension``, ``block_residual``, ``attention_kwargs``, ``stack_hook``, ``text_stream``,
+                ``call_hooks``, ``dit_deltas``; the old ``extra_ctx`` is read with a DeprecationWarning).
             step_index: Denoising step.
             timestep: ``sigma * 1000``, scalar or ``(B,)``.
 
@@ -333,30 +342,39 @@ class Flux2ImagePipeline(BasePipeline):
         dit = self.dit
         dtype = latents.dtype
         t = (timestep.to(torch.float32) / 1000).expand(batch) if timestep.ndim == 0 else timestep / 1000
+        t = t.to(latents.device, dtype)
         guidance = None
         if dit.use_guidance_embed:
             value = inputs.get("embedded_guidance")
             guidance = torch.full((batch,), 4.0 if value is None else float(value), device=latents.device)
+        txt, txt_ids, image_ids = inputs["prompt_embeds"].to(dtype), inputs["text_ids"], inputs["image_ids"]
+        branch = branch_of(inputs)
+        extensions = call_extensions(
+            inputs, lambda: DitCall(latents, image_ids, txt, txt_ids, t, None, guidance, int(step_index), branch)
+        )
+        if extensions.get("img_cond") is not None:
+            raise PipelineInputError(
+                "img_cond (channel-concatenated conditioning) is not an extension point of FLUX.2 (its DiT has no "
+                "conditioning channels); drop the adapter or unit that sets it"
+            )
+        stream: TextStream | None = extensions.pop("text_stream", None)
+        if stream is not None:
+            txt, txt_ids = stream.txt.to(dtype), stream.txt_ids
         edit = inputs.get("edit_latents")
-        kv_extension = inputs.get("kv_extension")
+        edit_ids = inputs.get("edit_image_ids")
         cached = inputs.get("reference_kv")
         if cached is not None:  # reference K/V computed once: no reference tokens in the sequence
-            edit, kv_extension = None, merge_kv(kv_extension, cached)
+            edit, edit_ids = None, None
+            extensions["kv_extension"] = merge_kv(extensions.get("kv_extension"), cached)
+        extra_img, extra_img_ids = append_tokens(
+            None if edit is None else edit.to(latents.device, dtype), edit_ids,
+            extensions.pop("extra_img", None), extensions.pop("extra_img_ids", None),
+        )  # fmt: skip
         with scoped_deltas(dit, inputs.get("dit_deltas"), "branch_side_path"):
             velocity: Tensor = dit(
-                latents,
-                inputs["image_ids"],
-                t.to(latents.device, dtype),
-                inputs["prompt_embeds"].to(dtype),
-                inputs["text_ids"],
-                guidance,
-                extra_x=None if edit is None else edit.to(latents.device, dtype),
-                extra_x_ids=inputs.get("edit_image_ids"),
-                extra_ctx=inputs.get("extra_ctx"),
-                kv_extension=kv_extension,
-                attention_kwargs=inputs.get("attention_kwargs"),
-                block_residual=inputs.get("block_residual"),
-            )
+                latents, image_ids, t, txt, txt_ids, guidance,
+                extra_img=extra_img, extra_img_ids=extra_img_ids, **extensions,
+            )  # fmt: skip
         return velocity
 
     def guidance_scale_target(self) -> str:
