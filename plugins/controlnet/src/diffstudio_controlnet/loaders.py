@@ -17,7 +17,7 @@ error that says so. Everything is built on the meta device and assigned strictly
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from diffstudio.errors import CheckpointError
@@ -77,15 +77,36 @@ def to_canonical(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Diffusers ``FluxControlNetModel`` keys -> this plugin's (BFL trunk + ControlNet names); BFL input passes.
 
     Raises:
-        Flux1ConversionError: A trunk key is not part of the FLUX.1 layout.
+        ConversionError: A trunk key is not part of the FLUX.1 layout (the FLUX.1 converter's error).
+        UnsupportedControlNetError: The FLUX.1 family's converter is not installed.
     """
-    from diffstudio_flux1.convert import convert_diffusers_to_bfl_dit
-
     if "x_embedder.weight" not in state:
         return dict(state)
     own = {k: v for k, v in state.items() if k.startswith(OWN_PREFIXES)}
-    trunk = convert_diffusers_to_bfl_dit({k: v for k, v in state.items() if k not in own})
+    trunk = _trunk_converter()({k: v for k, v in state.items() if k not in own})
     return {**trunk, **own}
+
+
+TRUNK_CONVERTER = "convert_flux1_dit_diffusers_to_bfl"
+"""The registered converter of the ControlNet's trunk (a FLUX.1 DiT's blocks), offered by the FLUX.1 family."""
+
+
+def _trunk_converter() -> Callable[[Mapping[str, Tensor]], dict[str, Tensor]]:
+    """The FLUX.1 family's diffusers -> BFL DiT converter, found through the plugin registry (no family import).
+
+    Raises:
+        UnsupportedControlNetError: No installed plugin offers it (diffstudio-flux1 is not installed).
+    """
+    from diffstudio.runtime import Runtime
+
+    converters = Runtime().hooks.converters()
+    if TRUNK_CONVERTER not in converters:
+        raise UnsupportedControlNetError(
+            f"a diffusers-layout FLUX ControlNet needs the converter {TRUNK_CONVERTER!r}, which the FLUX.1 family "
+            "plugin offers; install diffstudio-flux1 (the pipelines ControlNets serve come from it too)"
+        )
+    converter: Callable[[Mapping[str, Tensor]], dict[str, Tensor]] = converters.get(TRUNK_CONVERTER)
+    return converter
 
 
 def load_controlnet(checkpoint: Checkpoint, request: LoadRequest) -> nn.Module:

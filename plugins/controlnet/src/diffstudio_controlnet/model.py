@@ -1,4 +1,4 @@
-"""``FluxControlNet``: a FLUX.1 ControlNet built from the FLUX.1 family's own blocks.
+"""``FluxControlNet``: a FLUX.1 ControlNet built from the shared self-modulated DiT blocks of :mod:`diffstudio.dit`.
 
 A FLUX ControlNet is a shallow FLUX.1 DiT (N double and M single blocks) whose image input is the noisy latents
 plus a zero-initialised projection of the condition tokens (``controlnet_x_embedder``), and whose outputs are
@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, cast
 
 import torch
+from diffstudio.dit.blocks import DoubleStreamBlock, SingleStreamBlock
+from diffstudio.dit.layers import TIMESTEP_DIM, EmbedND, MLPEmbedder
+from diffstudio.errors import ConfigError
 from diffstudio.nn import AttentionContext, DeltaLinear, RMSNorm, timestep_embedding
-from diffstudio_flux1.layers import DoubleStreamBlock, EmbedND, MLPEmbedder, SingleStreamBlock
-from diffstudio_flux1.params import TIMESTEP_DIM, count_blocks, default_axes_dim
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -67,8 +68,16 @@ class ControlNetParams:
 
     @property
     def axes_dim(self) -> tuple[int, int, int]:
-        """RoPE channels per id axis (BFL's split of the head dim)."""
-        return default_axes_dim(self.head_dim)
+        """RoPE channels per id axis (BFL's FLUX.1 split of the head dim: ``(D/8, rest / 2, rest / 2)``).
+
+        Raises:
+            ConfigError: The head dim cannot be split that way into even parts.
+        """
+        head_dim = self.head_dim
+        t, rest = head_dim // 8, head_dim - head_dim // 8
+        if head_dim <= 0 or head_dim % 8 or t % 2 or rest % 4:
+            raise ConfigError(f"ControlNet head dim {head_dim} cannot be split into even RoPE axes (t, h, w)")
+        return t, rest // 2, rest // 2
 
     @classmethod
     def from_state_dict_shapes(cls, shapes: Shapes) -> ControlNetParams:
@@ -84,7 +93,7 @@ class ControlNetParams:
             return tuple(shapes[key])
 
         hidden, in_channels = need("img_in.weight")
-        depth, single = count_blocks(shapes, "double_blocks"), count_blocks(shapes, "single_blocks")
+        depth, single = _count_blocks(shapes, "double_blocks"), _count_blocks(shapes, "single_blocks")
         if depth:
             (head_dim,) = need("double_blocks.0.img_attn.norm.query_norm.scale")
             mlp = need("double_blocks.0.img_mlp.0.weight")[0]
@@ -240,6 +249,18 @@ class FluxControlNet(nn.Module):
         if self.use_gradient_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
+
+
+def _count_blocks(shapes: Shapes, prefix: str) -> int:
+    """Number of ``{prefix}.{i}.*`` blocks (indices contiguous from 0).
+
+    Raises:
+        ValueError: The indices have gaps.
+    """
+    indices = {int(k.split(".")[1]) for k in shapes if k.startswith(f"{prefix}.") and k.split(".")[1].isdigit()}
+    if indices != set(range(len(indices))):
+        raise ValueError(f"cannot infer the ControlNet's sizes: {prefix} indices are not contiguous: {sorted(indices)}")
+    return len(indices)
 
 
 def _batched_ids(ids: Tensor, batch: int) -> Tensor:

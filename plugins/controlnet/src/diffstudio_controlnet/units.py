@@ -18,12 +18,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from diffstudio.dit.extensions import DitCall
 from diffstudio.errors import PipelineInputError
 from diffstudio.pipeline.base import BasePipeline
 from diffstudio.pipeline.images import pil_to_tensor
 from diffstudio.pipeline.units import InputParam, OutputParam, PipelineUnit
-from diffstudio_flux1.extensions import DitCall
-from diffstudio_flux1.math import pack_latents
 from PIL import Image
 from torch import Tensor, nn
 
@@ -72,7 +71,7 @@ class ResidualStacks:
 
 
 class ControlNetHook:
-    """Runs the active ControlNets on one DiT call (see :mod:`diffstudio_flux1.extensions`).
+    """Runs the active ControlNets on one DiT call (a :class:`~diffstudio.dit.extensions.CallHook`).
 
     Args:
         nets: The ControlNets (index = ``controlnet_id``).
@@ -108,6 +107,13 @@ class ControlNetHook:
         if not outputs:
             return {}
         return {"block_residual": ResidualStacks(outputs, *self.depth)}
+
+
+def _pack(z: Tensor) -> Tensor:
+    """Latent image to FLUX.1 tokens: 2 x 2 patches, channel-major, ``(B, C, H, W) -> (B, H/2 * W/2, 4 C)``."""
+    b, c, h, w = z.shape
+    patches = z.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)  # (B, H/2, W/2, C, 2, 2)
+    return patches.reshape(b, (h // 2) * (w // 2), c * 4)
 
 
 def controlnets(pipe: BasePipeline) -> list[FluxControlNet]:
@@ -152,13 +158,13 @@ def condition_tokens(pipe: Any, item: ControlNetInput, index: int, height: int, 
             f"{where}: ControlNet {item.controlnet_id} ({cond_channels} condition channels) {need}"
         )
     if item.inpaint_mask is None:
-        return pack_latents(pipe.encode_image(pixels, **tiling))
+        return _pack(pipe.encode_image(pixels, **tiling))
     mask_image = _resized(item.inpaint_mask.convert("L"), (width, height), f"{where}.inpaint_mask")
     mask = torch.from_numpy(np.asarray(mask_image, dtype=np.float32) / 255.0)[None, None]
     masked = torch.where(mask > 0.5, torch.full_like(pixels, -1.0), pixels)
     latents = pipe.encode_image(masked, **tiling)  # (1, 16, H/8, W/8)
     keep = 1.0 - torch.nn.functional.interpolate(mask, size=latents.shape[2:], mode="nearest")
-    return pack_latents(torch.cat([latents, keep.to(latents)], dim=1))
+    return _pack(torch.cat([latents, keep.to(latents)], dim=1))
 
 
 class ControlNetPrepare(PipelineUnit):

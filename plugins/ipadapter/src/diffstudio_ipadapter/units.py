@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from diffstudio.dit.extensions import SummedResidual
 from diffstudio.errors import PipelineInputError
 from diffstudio.nn import DEFAULT_PROCESSOR, AttentionContext, RopeFreqs, apply_rope, attention
 from diffstudio.pipeline.base import BasePipeline
 from diffstudio.pipeline.units import InputParam, OutputParam, PipelineUnit
-from diffstudio_flux1.extensions import SummedResidual
 from torch import Tensor
 
 from diffstudio_ipadapter.encoders import encode_images
