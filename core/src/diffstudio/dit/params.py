@@ -96,6 +96,36 @@ class DitParams:
             raise ConfigError(f"unknown {cls.FAMILY} preset {name!r}; known: {sorted(known)}")
         return copy.copy(known[name])
 
+    @staticmethod
+    def read_blocks(probe: ShapeProbe, hidden: int, double_mlp: tuple[str, int]) -> tuple[int, int, int, int]:
+        """Read the block counts, the head dim (QK-norm scale) and the MLP width off BFL-named shapes.
+
+        Args:
+            probe: The shapes.
+            hidden: The model width (``img_in.weight`` rows).
+            double_mlp: The double block's MLP weight that tells the width (after ``double_blocks.0.``) and the
+                axis to read; single blocks tell it by ``linear2``'s input width minus ``hidden``.
+
+        Returns:
+            ``(depth, depth_single_blocks, head_dim, mlp_hidden)``.
+
+        Raises:
+            ParamsShapeError: No blocks, a tensor missing or of another rank, or a head dim that does not divide
+                ``hidden``.
+        """
+        depth, depth_single = probe.blocks("double_blocks"), probe.blocks("single_blocks")
+        if depth:
+            (head_dim,) = probe.need("double_blocks.0.img_attn.norm.query_norm.scale", 1)
+            mlp_hidden = probe.need(f"double_blocks.0.{double_mlp[0]}", 2)[double_mlp[1]]
+        elif depth_single:
+            (head_dim,) = probe.need("single_blocks.0.norm.query_norm.scale", 1)
+            mlp_hidden = probe.need("single_blocks.0.linear2.weight", 2)[1] - hidden
+        else:
+            raise probe.fail("no double_blocks.* or single_blocks.* tensors")
+        if head_dim <= 0 or hidden <= 0 or hidden % head_dim:
+            raise probe.fail(f"head dim {head_dim} (from the QK-norm scale) does not divide hidden size {hidden}")
+        return depth, depth_single, head_dim, mlp_hidden
+
     @classmethod
     def fields_from_config(cls, config: ComponentConfig) -> dict[str, Any]:
         """Translate the ``config.json`` fields the family understands into params fields.

@@ -139,20 +139,8 @@ class FluxParams(DitParams):
         out_channels = probe.need("final_layer.linear.weight", 2)[0]
         vec_in_dim = probe.need("vector_in.in_layer.weight", 2)[1]
         context_in_dim = probe.need("txt_in.weight", 2)[1]
-        depth = probe.blocks("double_blocks")
-        depth_single = probe.blocks("single_blocks")
-        if depth:
-            (head_dim,) = probe.need("double_blocks.0.img_attn.norm.query_norm.scale", 1)
-            mlp_hidden = probe.need("double_blocks.0.img_mlp.0.weight", 2)[0]
-            qkv_bias = "double_blocks.0.img_attn.qkv.bias" in probe
-        elif depth_single:
-            (head_dim,) = probe.need("single_blocks.0.norm.query_norm.scale", 1)
-            mlp_hidden = probe.need("single_blocks.0.linear2.weight", 2)[1] - hidden
-            qkv_bias = True
-        else:
-            raise probe.fail("no double_blocks.* or single_blocks.* tensors")
-        if head_dim <= 0 or hidden % head_dim:
-            raise probe.fail(f"head dim {head_dim} (from the QK-norm scale) does not divide hidden size {hidden}")
+        depth, depth_single, head_dim, mlp_hidden = cls.read_blocks(probe, hidden, ("img_mlp.0.weight", 0))
+        qkv_bias = "double_blocks.0.img_attn.qkv.bias" in probe if depth else True
         inferred = {
             "in_channels": in_channels,
             "out_channels": out_channels,

@@ -134,21 +134,10 @@ class Flux2Params(DitParams):
         probe = ShapeProbe(shapes, "FLUX.2", source)
         hidden, in_channels = probe.need("img_in.weight", 2)
         context_hidden, context_in_dim = probe.need("txt_in.weight", 2)
-        depth = probe.blocks("double_blocks")
-        depth_single = probe.blocks("single_blocks")
-        if depth:
-            (head_dim,) = probe.need("double_blocks.0.img_attn.norm.query_norm.scale", 1)
-            mlp_hidden = probe.need("double_blocks.0.img_mlp.2.weight", 2)[1]
-        elif depth_single:
-            (head_dim,) = probe.need("single_blocks.0.norm.query_norm.scale", 1)
-            mlp_hidden = probe.need("single_blocks.0.linear2.weight", 2)[1] - hidden
-        else:
-            raise probe.fail("no double_blocks.* or single_blocks.* tensors")
+        depth, depth_single, head_dim, mlp_hidden = cls.read_blocks(probe, hidden, ("img_mlp.2.weight", 1))
         time_in = probe.need("time_in.in_layer.weight", 2)
         if hidden <= 0 or context_hidden != hidden or time_in != (hidden, TIMESTEP_DIM):
             raise probe.fail(f"inconsistent widths: img_in {hidden}, txt_in {context_hidden}, time_in {time_in}")
-        if head_dim <= 0 or hidden % head_dim:
-            raise probe.fail(f"head dim {head_dim} (from the QK-norm scale) does not fit hidden size {hidden}")
         if config is not None and config.typed("out_channels", "int", in_channels) != in_channels:
             raise probe.fail(
                 f"{config.source} gives out_channels={config.get('out_channels')} but FLUX.2 predicts "
