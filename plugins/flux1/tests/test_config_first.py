@@ -139,3 +139,27 @@ def test_vae_config_override_sets_latent_factors(vae_case):
     bfl = vae_case.files["bfl"]
     vae = load(ModelConfig(path=str(bfl), config={"scaling_factor": 0.5, "shift_factor": 0.25}))
     assert (vae.params.scale_factor, vae.params.shift_factor) == (0.5, 0.25)
+
+
+def test_text_encoder_config_override_for_bare_weights(tmp_path):
+    """ModelConfig(config=) reaches the CLIP and T5 loaders: weights without their config.json load with it."""
+    import shutil
+
+    from diffstudio.testing import import_file
+    from diffstudio_flux1.text_encoders import TextEncoderError
+
+    fx = import_file(Path(__file__).with_name("fixtures_text.py"))
+    reference = fx.build_clip_encoder(tmp_path / "clip", vocab=64)
+    t5_reference = fx.build_t5_encoder(tmp_path / "t5", vocab=64, shards=1)
+    for name, ref in (("clip", reference), ("t5", t5_reference)):
+        bare = tmp_path / f"bare-{name}"
+        bare.mkdir()
+        for file in (tmp_path / name).glob("*.safetensors"):
+            shutil.copy(file, bare / file.name)
+        with pytest.raises(TextEncoderError, match="config.json"):
+            load(ModelConfig(path=str(bare)))
+        fields = json.loads((tmp_path / name / "config.json").read_text())
+        model = load(ModelConfig(path=str(bare), config=fields))
+        ids = torch.tensor([[0, 5, 7, 1]])
+        with torch.no_grad():
+            assert torch.equal(model(ids).last_hidden_state, ref(ids).last_hidden_state)

@@ -63,6 +63,18 @@ def first_claim(checkpoint: Checkpoint, probes: Sequence[Callable[[Checkpoint], 
     return None
 
 
+def text_config(checkpoint: Checkpoint, request: LoadRequest) -> dict[str, Any] | None:
+    """``ModelConfig(config=)`` laid over the ``config.json`` beside the weights, for a transformers model's loader.
+
+    None when the user passed no override: the loader then reads the file beside the weights itself (with its
+    own message when there is none).
+    """
+    if request.config.config is None:
+        return None
+    config = read_component_config(checkpoint, request.config)
+    return config.values if config is not None else None
+
+
 def build_from_checkpoint(
     checkpoint: Checkpoint,
     request: LoadRequest,

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from diffstudio.loading.recipe import COMFY_PREFIXES, common_prefix, first_claim
+from diffstudio.loading.recipe import COMFY_PREFIXES, common_prefix, first_claim, text_config
 from diffstudio.types import LoadRequest, ModelClaim
 
 if TYPE_CHECKING:
@@ -143,14 +143,14 @@ def load_clip(checkpoint: Checkpoint, request: LoadRequest) -> Any:
     """Build the CLIP text model (``transformers.CLIPTextModel``)."""
     from diffstudio_flux1.text_encoders import load_clip_encoder
 
-    return load_clip_encoder(checkpoint, request.torch_dtype, request.device)
+    return load_clip_encoder(checkpoint, request.torch_dtype, request.device, text_config(checkpoint, request))
 
 
 def load_t5(checkpoint: Checkpoint, request: LoadRequest) -> Any:
     """Build the T5 encoder (``transformers.T5EncoderModel``)."""
     from diffstudio_flux1.text_encoders import load_t5_encoder
 
-    return load_t5_encoder(checkpoint, request.torch_dtype, request.device)
+    return load_t5_encoder(checkpoint, request.torch_dtype, request.device, text_config(checkpoint, request))
 
 
 def claim(checkpoint: Checkpoint) -> ModelClaim | None:

@@ -78,7 +78,9 @@ def _open(source: Any) -> Checkpoint:
     return source if isinstance(source, Checkpoint) else Checkpoint.open(source)
 
 
-def _read_config(checkpoint: Checkpoint, what: str) -> dict[str, Any]:
+def _read_config(checkpoint: Checkpoint, what: str, given: dict[str, Any] | None = None) -> dict[str, Any]:
+    if given is not None:  # ModelConfig(config=...), already laid over the file beside the weights
+        return dict(given)
     path = Path(checkpoint.files[0]).parent / "config.json"
     if not path.is_file():
         raise TextEncoderError(
@@ -95,9 +97,14 @@ def _read_config(checkpoint: Checkpoint, what: str) -> dict[str, Any]:
 
 
 def load_clip_encoder(
-    source: Any, torch_dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    source: Any,
+    torch_dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    config: dict[str, Any] | None = None,
 ) -> nn.Module:
     """Build ``transformers.CLIPTextModel`` from a ``text_encoder/`` folder or its files (either key layout).
+
+    ``config`` (the fields of a ``config.json``) stands for the file beside the weights.
 
     Raises:
         TextEncoderError: Not a CLIP text encoder, or no ``config.json``.
@@ -114,7 +121,7 @@ def load_clip_encoder(
     prefix = clip_prefix(keys)
     if prefix is None:
         raise TextEncoderError(f"{checkpoint.source} is not a CLIP text encoder: {checkpoint.telling_keys()}")
-    data = _read_config(checkpoint, "CLIP")
+    data = _read_config(checkpoint, "CLIP", config)
     config = CLIPTextConfig.from_dict(data.get("text_config", data))
     model = build_on_meta(lambda: CLIPTextModel(config))
     names = [k for k in keys if k.startswith(prefix) and not k[len(prefix) :].startswith(_CLIP_IGNORED)]
@@ -134,9 +141,14 @@ def load_clip_encoder(
 
 
 def load_t5_encoder(
-    source: Any, torch_dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    source: Any,
+    torch_dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    config: dict[str, Any] | None = None,
 ) -> nn.Module:
     """Build ``transformers.T5EncoderModel`` from a ``text_encoder_2/`` folder (one file or shards).
+
+    ``config`` (the fields of a ``config.json``) stands for the file beside the weights.
 
     Raises:
         TextEncoderError: Not a T5 encoder, or no ``config.json``.
@@ -152,8 +164,8 @@ def load_t5_encoder(
     keys = checkpoint.keys()
     if not is_t5_encoder(keys):
         raise TextEncoderError(f"{checkpoint.source} is not a T5 encoder: {checkpoint.telling_keys()}")
-    config = T5Config.from_dict(_read_config(checkpoint, "T5"))
-    model = build_on_meta(lambda: T5EncoderModel(config))
+    t5_config = T5Config.from_dict(_read_config(checkpoint, "T5", config))
+    model = build_on_meta(lambda: T5EncoderModel(t5_config))
     names = [k for k in keys if k.startswith(("shared.", "encoder."))]
     state = checkpoint.state_dict(names)
     for a, b in (("shared.weight", "encoder.embed_tokens.weight"), ("encoder.embed_tokens.weight", "shared.weight")):

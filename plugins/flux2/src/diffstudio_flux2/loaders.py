@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from diffstudio.errors import CheckpointError, UnknownCheckpointError
-from diffstudio.loading.recipe import COMFY_PREFIXES, common_prefix, first_claim
+from diffstudio.loading.recipe import COMFY_PREFIXES, common_prefix, first_claim, text_config
 from diffstudio.types import LoadRequest, ModelClaim
 
 if TYPE_CHECKING:
@@ -191,21 +191,11 @@ def claim_text_encoder(checkpoint: Checkpoint) -> ModelClaim | None:
     return None
 
 
-def _text_config(checkpoint: Checkpoint, request: LoadRequest) -> dict[str, Any] | None:
-    """``ModelConfig(config=)`` laid over the ``config.json`` beside the weights; None without an override."""
-    from diffstudio.loading.component_config import read_component_config
-
-    if request.config.config is None:
-        return None  # the text encoder reads the config.json beside its weights itself
-    config = read_component_config(checkpoint, request.config)
-    return config.values if config is not None else None
-
-
 def load_qwen3(checkpoint: Checkpoint, request: LoadRequest) -> Any:
     """Build the Qwen3 decoder (layers up to 27 only) of a klein text encoder (config first)."""
     from diffstudio_flux2.text_encoders import load_qwen3_encoder
 
-    return load_qwen3_encoder(checkpoint, request.torch_dtype, request.device, config=_text_config(checkpoint, request))
+    return load_qwen3_encoder(checkpoint, request.torch_dtype, request.device, config=text_config(checkpoint, request))
 
 
 def load_mistral3(checkpoint: Checkpoint, request: LoadRequest) -> Any:
@@ -213,7 +203,7 @@ def load_mistral3(checkpoint: Checkpoint, request: LoadRequest) -> Any:
     from diffstudio_flux2.text_encoders import load_mistral3_encoder
 
     return load_mistral3_encoder(
-        checkpoint, request.torch_dtype, request.device, config=_text_config(checkpoint, request)
+        checkpoint, request.torch_dtype, request.device, config=text_config(checkpoint, request)
     )
 
 
