@@ -19,9 +19,9 @@ from diffstudio.nn.delta import delta_linears
 from diffstudio.pipeline.diffusers_api import translate_call
 from diffstudio.runtime import Runtime
 from diffstudio_flux2 import Flux2ImagePipeline
+from diffstudio_shapes import model as shapes_model
 from PIL import Image
 
-shapes_model = pytest.importorskip("diffstudio_shapes.model")
 SMALL = {"height": 16, "width": 16, "num_inference_steps": 1, "max_sequence_length": 8, "output_type": "pt"}
 
 
