@@ -76,7 +76,7 @@ FLUX2_UNITS = FlowFamily(
     tokens="(B, h*w, C)",
     latents="(B, C, h, w)",
     ids="(B, h*w, 4) ids (t=0, h, w, 0)",
-    extra_text_key="extra_ctx",
+    extra_text_key="extra_txt",  # the shared DiT name (diffstudio.dit); "extra_ctx" is deprecated
     inpaint_blur=True,
 )
 """FLUX.2's standard units (:mod:`diffstudio.pipeline.flow_units`)."""
