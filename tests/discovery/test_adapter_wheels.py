@@ -1,12 +1,13 @@
-"""Each FLUX.1 adapter plugin installs on its own from wheels into a fresh venv, pulling core and flux1.
+"""Each adapter plugin installs on its own from wheels into a fresh venv, pulling core only (no family).
 
 Wheels of diffstudio-core, diffstudio-flux1 and the three adapters are built once. For every adapter a new venv
-gets ``pip install --no-index --find-links <wheels> diffstudio-<adapter>``: pip resolves core and flux1 from the
-wheel folder by the adapter's declared dependencies. Third-party packages (torch, transformers, ...) come from
-the development environment through a ``.pth`` file that adds a copy of its site-packages made of symlinks with
-every diffstudio distribution left out, so only the wheels provide diffstudio there. Then ``diffstudio plugins``
-lists the adapter and flux1 (and not the other adapters), and the pipeline names the distribution of an absent
-adapter when its argument is passed.
+gets ``pip install --no-index --find-links <wheels> diffstudio-<adapter>``: pip resolves core from the wheel
+folder by the adapter's declared dependencies, and no family comes with it (adapters import no family: they speak
+core's DiT contract, ``diffstudio.dit``). Third-party packages (torch, transformers, ...) come from the
+development environment through a ``.pth`` file that adds a copy of its site-packages made of symlinks with every
+diffstudio distribution left out, so only the wheels provide diffstudio there. ``diffstudio plugins`` then lists
+the adapter and no family; after ``pip install diffstudio-flux1`` it lists both (and not the other adapters), and
+the FLUX.1 pipeline names the distribution of an absent adapter when its argument is passed.
 """
 
 from __future__ import annotations
@@ -81,6 +82,13 @@ def test_the_adapter_installs_alone_and_is_listed(adapter: str, wheels: Path, th
                     f"diffstudio-{adapter}"])  # fmt: skip
     assert install.returncode == 0, install.stderr[-2000:]
     clean = {k: v for k, v in os.environ.items() if not k.startswith("DIFFSTUDIO_") and k != "PYTHONPATH"}
+    listed = _run([str(env_dir / "bin" / "diffstudio"), "plugins", "--json"], env={**clean, "OMP_NUM_THREADS": "1"})
+    assert listed.returncode == 0, listed.stderr
+    alone = {row["name"]: row for row in json.loads(listed.stdout)}
+    assert alone[adapter]["status"] == "loaded" and "flux1" not in alone and "flux2" not in alone
+    family = _run([str(python), "-m", "pip", "install", "-q", "--no-index", "--find-links", str(wheels),
+                   "diffstudio-flux1"])  # fmt: skip
+    assert family.returncode == 0, family.stderr[-2000:]
     listed = _run([str(env_dir / "bin" / "diffstudio"), "plugins", "--json"], env={**clean, "OMP_NUM_THREADS": "1"})
     assert listed.returncode == 0, listed.stderr
     rows = {row["name"]: row for row in json.loads(listed.stdout)}
