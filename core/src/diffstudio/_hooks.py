@@ -15,7 +15,7 @@ propagates unchanged; raised by a registration hook it is the plugin's failure l
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import pluggy
@@ -129,14 +129,14 @@ class Hooks:
             return result
         return result[0] if result else None
 
-    def _call_each(self, hook_name: str, check: Callable[[Any], str | None], **kwargs: Any) -> list[tuple[str, Any]]:
-        """Call every implementation of a collected hook; return ``(plugin_name, result)`` for valid non-None results.
+    def _valid_results(
+        self, hook_name: str, check: Callable[[Any], str | None], kwargs: dict[str, Any]
+    ) -> Iterator[tuple[str, Any]]:
+        """Call the implementations one at a time, lazily; yield ``(plugin_name, result)`` for valid non-None results.
 
         ``check(result)`` returns None when the result is acceptable, else what is wrong with it (the plugin is
-        then reported as failed and its result dropped). Implementations run in pluggy's order; callers that
-        must not depend on order sort or check results.
+        then reported as failed and its result dropped). Implementations run in pluggy's order.
         """
-        results: list[tuple[str, Any]] = []
         for impl in self._impls(hook_name):
             result = self._call_impl(hook_name, impl, kwargs, typed_errors_propagate=True)
             if result is _NOT_MINE or result is None:
@@ -145,21 +145,18 @@ class Hooks:
             if problem is not None:
                 self._fail(impl, hook_name, problem)
                 continue
-            results.append((impl.plugin_name, result))
-        return results
+            yield impl.plugin_name, result
+
+    def _call_each(self, hook_name: str, check: Callable[[Any], str | None], **kwargs: Any) -> list[tuple[str, Any]]:
+        """Every valid non-None result of a collected hook (see :meth:`_valid_results`).
+
+        Callers that must not depend on the implementations' order sort or check the results.
+        """
+        return list(self._valid_results(hook_name, check, kwargs))
 
     def _first_result(self, hook_name: str, check: Callable[[Any], str | None], **kwargs: Any) -> Any:
-        """Call a firstresult hook one implementation at a time; return the first valid non-None answer."""
-        for impl in self._impls(hook_name):
-            result = self._call_impl(hook_name, impl, kwargs, typed_errors_propagate=True)
-            if result is _NOT_MINE or result is None:
-                continue
-            problem = check(result)
-            if problem is not None:
-                self._fail(impl, hook_name, problem)
-                continue
-            return result
-        return None
+        """A firstresult hook's first valid non-None answer; later implementations are not called."""
+        return next((result for _, result in self._valid_results(hook_name, check, kwargs)), None)
 
     # -- registration -------------------------------------------------------------------------------------------
 
