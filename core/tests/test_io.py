@@ -157,3 +157,38 @@ def test_missing_and_folder(cache_dir: Path, tmp_path: Path) -> None:
         file_sha256(tmp_path / "nope")
     with pytest.raises(IsADirectoryError):
         file_sha256(tmp_path)
+
+
+def test_read_json_refuses_large_bad_and_deeply_nested_files(tmp_path: Path) -> None:
+    from diffstudio._io import read_json
+
+    good = tmp_path / "good.json"
+    good.write_text('{"a": [1, 2]}')
+    assert read_json(good, max_bytes=100) == {"a": [1, 2]}
+    with pytest.raises(ValueError, match="more than the 5"):
+        read_json(good, max_bytes=5)
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match="nested too deeply"):
+        read_json(deep)
+    latin = tmp_path / "latin.json"
+    latin.write_bytes(b'{"\xe9": 1}')
+    with pytest.raises(ValueError):
+        read_json(latin)
+    with pytest.raises(OSError):
+        read_json(tmp_path / "missing.json")
+
+
+def test_deeply_nested_config_json_and_shard_index_are_typed_errors(tmp_path: Path) -> None:
+    from diffstudio.errors import ConfigError
+    from diffstudio.loading.component_config import explicit_config
+    from diffstudio.loading.sources import ShardIndexError, read_index
+
+    deep = tmp_path / "config.json"
+    deep.write_text('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        explicit_config(deep)
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(deep.read_text())
+    with pytest.raises(ShardIndexError, match="nested too deeply"):
+        read_index(index)

@@ -126,6 +126,24 @@ def _atomic_write(target: Path, mode: str, encoding: str) -> Iterator[IO[Any]]:
     _fsync_dir(target.parent)
 
 
+def read_json(path: Path, *, max_bytes: int | None = None) -> Any:
+    """Parse the small JSON file at ``path`` (a config, an index, a description).
+
+    Raises:
+        ValueError: It holds more than ``max_bytes`` bytes (checked before reading), is not UTF-8, is not JSON, or
+            is nested too deeply to parse (Python's ``RecursionError``); the message says which, without the path.
+        OSError: It cannot be read.
+    """
+    if max_bytes is not None:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise ValueError(f"it is {size} bytes, more than the {max_bytes} such a file may hold")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise ValueError("its JSON is nested too deeply to parse") from None
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (see :func:`atomic_write`); return the path."""
     with atomic_write(path, "wb") as handle:

@@ -9,7 +9,6 @@ params (see :meth:`diffstudio.dit.params.DitParams.from_state_dict_shapes`).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -17,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from diffstudio._io import read_json
 from diffstudio.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -104,7 +104,7 @@ _KINDS: dict[str, Callable[[Any], Any]] = {"int": _int, "float": _float, "bool":
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = read_json(path)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{what} {path} cannot be read as JSON ({exc}); fix or remove the file") from None
     if not isinstance(data, dict):

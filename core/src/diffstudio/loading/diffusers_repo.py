@@ -21,13 +21,13 @@ No torch import; only JSON and directory listings are read.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from diffstudio._io import read_json
 from diffstudio.config import ModelConfig
 from diffstudio.errors import CheckpointError
 from diffstudio.loading.sources import WEIGHT_SUFFIXES
@@ -117,16 +117,8 @@ def _component_folders(root: Path) -> list[Path]:
 def _read_index(root: Path) -> Mapping[str, Any]:
     index = root / MODEL_INDEX
     try:
-        size = index.stat().st_size
-        if size > MAX_INDEX_BYTES:
-            raise DiffusersRepoError(
-                f"{index} is {size} bytes, more than the {MAX_INDEX_BYTES} a model_index.json may hold; "
-                f"check the file (a real one lists a few components)"
-            )
-        parsed = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        if isinstance(exc, DiffusersRepoError):
-            raise
+        parsed = read_json(index, max_bytes=MAX_INDEX_BYTES)
+    except (OSError, ValueError) as exc:
         raise DiffusersRepoError(
             f"cannot read {index}: {type(exc).__name__}: {exc}. A diffusers repository's model_index.json is a "
             f"JSON object mapping component names to [library, class]; fix or remove the file"

@@ -19,13 +19,13 @@ once the headers are read.
 from __future__ import annotations
 
 import glob
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeAlias
 
+from diffstudio._io import read_json
 from diffstudio.errors import CheckpointError
 from diffstudio.loading.pickle_policy import PICKLE_SUFFIXES
 
@@ -129,8 +129,8 @@ def read_index(path: Path) -> ShardIndex:
         ShardIndexError: invalid JSON, no ``weight_map`` of strings, a shard outside the folder or missing.
     """
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        data = read_json(path)
+    except (OSError, ValueError) as exc:
         raise ShardIndexError(f"Cannot read the shard index {path}: {exc}. {_REDOWNLOAD}") from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):

@@ -23,7 +23,6 @@ bytes that were hashed (never from ``__pycache__``). When both ``template.json``
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -33,6 +32,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Literal
 
+from diffstudio._io import read_json
 from diffstudio.config import ModelConfig
 from diffstudio.errors import DiffstudioError, TemplateError, TemplateFormatError
 from diffstudio.loading.assign import MetaTensorsRemainError
@@ -223,14 +223,8 @@ def read_template_json(folder: Path) -> dict[str, Any]:
     """Read and validate ``template.json``."""
     path = folder / TEMPLATE_JSON
     try:
-        size = path.stat().st_size
-        if size > MAX_TEMPLATE_JSON_BYTES:
-            raise TemplateFormatError(
-                f"{path} is {size} bytes; a template description is a small JSON file (at most "
-                f"{MAX_TEMPLATE_JSON_BYTES} bytes)"
-            )
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        data = read_json(path, max_bytes=MAX_TEMPLATE_JSON_BYTES)  # a template description is a small JSON file
+    except (OSError, ValueError) as exc:
         raise TemplateFormatError(f"cannot read {path}: {type(exc).__name__}: {exc}") from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
         raise TemplateFormatError(f"{path} is not a diffstudio template description (expected format={FORMAT_NAME!r})")
