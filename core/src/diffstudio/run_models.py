@@ -270,17 +270,18 @@ def check_device(device: str | None) -> str:
 
 
 def torch_dtype_for(dtype: Any, device: str) -> Any:
-    """The computation dtype: the given name or dtype, else bfloat16 on CUDA and float32 elsewhere.
+    """The computation dtype: the given name or dtype, else bfloat16 on CUDA and on CPUs with native bf16.
+
+    Elsewhere (a CPU without ``avx512_bf16`` / AMX-BF16, see :func:`diffstudio.devices.cpu_compute_path`)
+    the default is float32.
 
     Raises:
         ConfigError: Not a floating dtype name (the message lists the accepted ones).
     """
-    import torch
-
-    from diffstudio.devices import parse_dtype
+    from diffstudio.devices import default_compute_dtype, parse_dtype
 
     if dtype is None:
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+        return default_compute_dtype(device)
     return parse_dtype(dtype, name="--dtype")
 
 

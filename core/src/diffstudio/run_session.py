@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -125,7 +126,7 @@ class Session:
 
     def pipeline(self, item: PlannedJob) -> Any:
         """The pipeline for ``item`` (the previous one is released when the model or dtype changes)."""
-        from diffstudio.devices import parse_dtype
+        from diffstudio.devices import compute_line, parse_dtype
 
         if self._key != item.pipe_key:
             self._pipe, self._templates, self._loras = None, {}, []
@@ -134,6 +135,8 @@ class Session:
                                    vram_limit=self.vram_limit)  # fmt: skip
             if not self.progress:
                 self._pipe.set_progress_bar_config(disable=True)
+            else:
+                print(f"diffstudio: {compute_line(self.device, item.row['dtype'])}", file=sys.stderr)
             self._default_scheduler = self._pipe.scheduler
             self._key = item.pipe_key
         return self._pipe
@@ -230,6 +233,7 @@ class Session:
 
     def generate(self, item: PlannedJob, extra: Mapping[str, Any], *, metadata: bool) -> None:
         """Generate and save the images of one job that are still to do."""
+        from diffstudio.devices import compute_record
         from diffstudio.outputs import record_for, save_image
 
         pipe = self.pipeline(item)
@@ -264,4 +268,5 @@ class Session:
                                 job_hash=item.digest)  # fmt: skip
             if self.memory:
                 record.extra["memory"] = self.memory
+            record.extra["compute"] = compute_record(self.device, item.row["dtype"])
             save_image(image, path, record, metadata=metadata)

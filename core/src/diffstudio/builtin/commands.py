@@ -81,7 +81,9 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shift", type=float, default=None, help="schedule shift (alone: the static schedule)")
     parser.add_argument("--device", default=None, help="computation device (default: cuda if available)")
     parser.add_argument(
-        "--dtype", default=None, help="computation dtype: float32, bfloat16, float16 (default: bf16 on cuda, fp32)"
+        "--dtype",
+        default=None,
+        help="computation dtype: float32, bfloat16, float16 (default: bf16 on cuda, avx512_bf16/AMX cpus; else fp32)",
     )
     parser.add_argument("--no-metadata", action="store_true", help="write PNGs without generation parameters")
     parser.add_argument("--format", choices=("text", "json"), default="text", help="output format")
