@@ -53,6 +53,7 @@ BUILTIN_PLUGINS: tuple[tuple[str, bool], ...] = (
     ("diffstudio.builtin.inspect_command", False),
     ("diffstudio.builtin.catalog", False),
     ("diffstudio.builtin.template_commands", False),
+    ("diffstudio.builtin.convert_command", False),
 )
 
 #: Distributions whose versions a plugin may constrain; checked before the plugin is imported.

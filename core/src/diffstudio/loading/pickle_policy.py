@@ -79,8 +79,8 @@ def check_pickle_allowed(path: Path, allow_pickle: bool) -> None:
             "it came "
             "from, pass allow_pickle=True (it is then loaded with torch.load(weights_only=True), which "
             "allows "
-            "tensors only). Better: convert it once to safetensors (safetensors.torch.save_file) or "
-            "download "
+            "tensors only). Better: convert it once to safetensors with `diffstudio convert "
+            f"{path} {path.with_suffix('.safetensors')}` or download "
             f"the .safetensors version of the model."
         )
 
@@ -88,8 +88,9 @@ def check_pickle_allowed(path: Path, allow_pickle: bool) -> None:
 def load_pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Load a pickle checkpoint safely: ``weights_only=True``, memory-mapped, on CPU.
 
-    A Lightning-style ``{"state_dict": {...}}`` wrapper is unwrapped. The caller must have called
-    :func:`check_pickle_allowed` first.
+    A Lightning-style ``{"state_dict": {...}}`` wrapper is unwrapped; other nested mappings of tensors are
+    flattened with dotted names (``{"image_proj": {"w": t}}`` -> ``image_proj.w``, as IP-Adapter and InfiniteYou
+    publish them). The caller must have called :func:`check_pickle_allowed` first.
 
     Args:
         path: The pickle file (torch's zip format; legacy pre-1.6 files cannot be memory-mapped).
@@ -125,7 +126,7 @@ def load_pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise PickleContentError(f"{path} holds a {type(loaded).__name__}, not a mapping of names to tensors.")
     result: dict[str, torch.Tensor] = {}
     bad: list[str] = []
-    for name, value in loaded.items():
+    for name, value in _flattened(loaded):
         if isinstance(name, str) and isinstance(value, torch.Tensor):
             result[name] = value
         else:
@@ -135,3 +136,14 @@ def load_pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
             f"{path} is not a flat state dict: {len(bad)} entries are not tensors: {', '.join(bad[:8])}."
         )
     return result
+
+
+def _flattened(mapping: Mapping[object, object], prefix: str = "") -> list[tuple[object, object]]:
+    """``(name, value)`` pairs of a nested mapping, nested string keys joined with dots (other keys kept as given)."""
+    pairs: list[tuple[object, object]] = []
+    for name, value in mapping.items():
+        if isinstance(name, str) and isinstance(value, Mapping):
+            pairs.extend(_flattened(value, f"{prefix}{name}."))
+        else:
+            pairs.append((f"{prefix}{name}" if isinstance(name, str) else name, value))
+    return pairs
