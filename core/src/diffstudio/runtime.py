@@ -54,6 +54,7 @@ BUILTIN_PLUGINS: tuple[tuple[str, bool], ...] = (
     ("diffstudio.builtin.catalog", False),
     ("diffstudio.builtin.template_commands", False),
     ("diffstudio.builtin.convert_command", False),
+    ("diffstudio.cache.plugin", False),
 )
 
 #: Distributions whose versions a plugin may constrain; checked before the plugin is imported.

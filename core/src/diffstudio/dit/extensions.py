@@ -216,6 +216,8 @@ def call_extensions(inputs: Mapping[str, Any], call: Callable[[], DitCall]) -> d
     """
     extensions = branch_extensions(inputs)
     hooks = inputs.get("call_hooks")
+    if hooks and getattr(extensions.get("stack_hook"), "defers_call_hooks", False):
+        return defer_call_hooks(hooks, call, extensions)  # a step cache may skip the stack: run them inside it
     if hooks:
         extensions = run_call_hooks(hooks, call(), extensions)
     return extensions
@@ -335,3 +337,47 @@ def append_tokens(
     if ids is None or more_ids is None:
         raise ExtensionConflictError("extra_img needs extra_img_ids (the family's reference tokens have ids)")
     return _cat_tokens("extra_img", tokens, more, 1), _cat_tokens("extra_img_ids", ids, more_ids, 1)
+
+
+class DeferredCallHooks:
+    """Call hooks run when the block stack first needs them: a ``block_residual`` that calls them on first use.
+
+    A step cache whose ``stack_hook`` has ``defers_call_hooks = True`` (TeaCache) skips the whole stack on some
+    steps; the hooks (ControlNet, InfiniteYou) then never run on those steps. A deferred hook may return only
+    ``block_residual``; a hook that must run before the forward sets ``deferrable = False``.
+    """
+
+    def __init__(self, hooks: Mapping[str, CallHook] | list[Mapping[str, CallHook]], call: Callable[[], DitCall]):
+        self.hooks, self.call = hooks, call
+        self.ran = False
+        self.residual: BlockResidualHook | None = None
+
+    def __call__(self, kind: BlockKind, index: int, img: Tensor) -> Tensor | None:
+        """Run the hooks on the first call; the residual ``(B, L_img, D)`` their results give for this block."""
+        if not self.ran:
+            merged = run_call_hooks(self.hooks, self.call(), {})
+            other = sorted(set(merged) - {"block_residual"})
+            if other:
+                raise ExtensionConflictError(
+                    f"call hooks returned {other} under a step cache that defers them (stack_hook); a deferred hook "
+                    f"may return only block_residual: set deferrable = False on the hook, or run without the cache"
+                )
+            self.residual, self.ran = merged.get("block_residual"), True
+        return None if self.residual is None else self.residual(kind, index, img)
+
+
+def defer_call_hooks(
+    hooks: Mapping[str, CallHook] | list[Mapping[str, CallHook]], call: Callable[[], DitCall],
+    extensions: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Run the hooks marked ``deferrable = False`` now; merge the others as one :class:`DeferredCallHooks`."""
+    deferred: Any = hooks
+    out = dict(extensions)
+    if isinstance(hooks, Mapping):
+        eager = {name: hook for name, hook in hooks.items() if getattr(hook, "deferrable", True) is False}
+        deferred = {name: hook for name, hook in hooks.items() if name not in eager}
+        if eager:
+            out = run_call_hooks(eager, call(), out)
+        if not deferred:
+            return out
+    return merge_extensions(out, {"block_residual": DeferredCallHooks(deferred, call)}, "deferred call hooks")

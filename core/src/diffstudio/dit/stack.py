@@ -204,3 +204,87 @@ def add_residual(seq: Tensor, residual: Tensor | None, start: int, length: int) 
         return seq + residual
     head, mid, tail = seq[:, :start], seq[:, start : start + length], seq[:, start + length :]
     return torch.cat([head, mid + residual.to(seq.dtype), tail], dim=1)
+
+
+class StackRun:
+    """The block stack of one DiT call, as the ``run`` a :class:`~diffstudio.dit.extensions.StackHook` receives.
+
+    ``run()`` runs every block and returns the image tokens ``(B, L_img + L_ref, D)`` after the last one (what
+    ``DualStreamStack.run_blocks`` returns). Step caches read two more things: :meth:`modulated_input` (the first
+    double block's modulated image input, TeaCache's estimator) and the split :meth:`first_block` /
+    :meth:`rest` (First-Block-Cache); ``first_block()`` then ``rest(...)`` computes exactly what ``run()`` does.
+
+    Args:
+        stack: The DiT.
+        img: Embedded image tokens ``(B, L_img + L_ref, D)``.
+        txt: Embedded text tokens ``(B, L_txt, D)``.
+        double_args: What a double block takes after ``(img, txt)`` and before the attention context.
+        single_args: What a single block takes after the joint tokens and before the attention context.
+        layout: ``(L_txt, L_img, L_ref)``.
+        kv: Per-block ``(K, V)`` extensions.
+        skip: Block names not to run.
+        block_residual: Called after every block with the target-image tokens.
+        extras: The attention processors' ``context.extras``.
+        modulated: ``() -> (B, L_img + L_ref, D)``: ``(1 + scale) * LayerNorm(img) + shift`` with the first
+            double block's image modulation (None: the family offers no estimator input).
+    """
+
+    def __init__(
+        self,
+        stack: DualStreamStack,
+        img: Tensor,
+        txt: Tensor,
+        double_args: tuple[Any, ...],
+        single_args: tuple[Any, ...],
+        layout: tuple[int, int, int],
+        kv: Mapping[str, tuple[Tensor, Tensor]],
+        skip: frozenset[str],
+        block_residual: BlockResidualHook | None,
+        extras: Mapping[str, Any],
+        modulated: Callable[[], Tensor] | None = None,
+    ) -> None:
+        self.stack, self.img, self.txt = stack, img, txt
+        self.double_args, self.single_args, self.layout = double_args, single_args, layout
+        self.kv, self.skip, self.block_residual, self.extras = kv, skip, block_residual, extras
+        self._modulated = modulated
+
+    def __call__(self) -> Tensor:
+        """Run every block; the image tokens after the last one, ``(B, L_img + L_ref, D)``."""
+        return self.rest(self.img, self.txt, first=True)
+
+    @property
+    def has_modulated_input(self) -> bool:
+        """Whether :meth:`modulated_input` is available."""
+        return self._modulated is not None
+
+    def modulated_input(self) -> Tensor:
+        """The first double block's modulated image input ``(B, L_img + L_ref, D)``.
+
+        Raises:
+            ValueError: The family gave no estimator input.
+        """
+        if self._modulated is None:
+            raise ValueError("this DiT offers no modulated input of its first double block (StackRun(modulated=))")
+        return self._modulated()
+
+    @property
+    def can_split(self) -> bool:
+        """Whether the stack has a first double block that runs (``double_0`` not skipped)."""
+        return len(self.stack.double_blocks) > 0 and "double_0" not in self.skip
+
+    def first_block(self) -> tuple[Tensor, Tensor]:
+        """Run ``double_0`` alone (with its K/V extension and block residual); its ``(img, txt)`` outputs."""
+        txt_len, img_len, ref_len = self.layout
+        ext = self.kv.get("double_0")
+        context = AttentionContext("double", 0, txt_len, img_len, ref_len, kv_len(ext), self.extras)
+        img, txt = self.stack.call_block(self.stack.double_blocks[0], self.img, self.txt, *self.double_args, context,
+                                         ext)  # fmt: skip
+        if self.block_residual is not None:
+            img = add_residual(img, self.block_residual("double", 0, img[:, :img_len]), 0, img_len)
+        return img, txt
+
+    def rest(self, img: Tensor, txt: Tensor, *, first: bool = False) -> Tensor:
+        """Run the blocks after ``double_0`` from its outputs ``(img, txt)`` (every block when ``first``)."""
+        skip = self.skip if first else self.skip | {"double_0"}
+        return self.stack.run_blocks(img, txt, self.double_args, self.single_args, self.layout, self.kv, skip,
+                                     self.block_residual, self.extras)  # fmt: skip

@@ -31,6 +31,7 @@ class RunInfo:
 
     seeds: list[int] = field(default_factory=list)
     arguments: dict[str, Any] = field(default_factory=dict)
+    step_cache: dict[str, Any] | None = None  # what a step cache did (diffstudio.cache.units.step_cache_report)
 
 
 def is_main_process() -> bool:
@@ -231,5 +232,8 @@ class SamplingLoop(UnitRunner):
                 if unit.stage == "finish":
                     self.run_unit(unit, state, cfg)
             self.activate(())
-        self.last_run = RunInfo(seeds=list(state.shared.get("seeds") or []), arguments=dict(inputs))
+        from diffstudio.cache.units import step_cache_report
+
+        self.last_run = RunInfo(seeds=list(state.shared.get("seeds") or []), arguments=dict(inputs),
+                                step_cache=step_cache_report(state))  # fmt: skip
         return state.shared.get("output")

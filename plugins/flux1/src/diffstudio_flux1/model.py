@@ -13,10 +13,11 @@ from typing import Any, ClassVar
 
 import torch
 from diffstudio.dit.extensions import BlockResidualHook, StackHook
-from diffstudio.dit.stack import DualStreamStack, cat_ids, check_tokens, per_sample
+from diffstudio.dit.stack import DualStreamStack, StackRun, cat_ids, check_tokens, per_sample
 from diffstudio.nn import (
     DeltaLinear,
     match_batch,
+    modulate,
     timestep_embedding,
 )
 from torch import Tensor, nn
@@ -162,9 +163,11 @@ class Flux(DualStreamStack):
         extras = attention_kwargs or {}
         layout = (t.shape[1], img_len, x.shape[1] - img_len)
 
-        def run() -> Tensor:
-            return self.run_blocks(x, t, (vec, pe), (vec, pe), layout, kv, skip, block_residual, extras)
+        def modulated() -> Tensor:  # the first double block's modulated image input (TeaCache's estimator)
+            (shift, scale, _), _ = self.double_blocks[0].img_mod(vec)
+            return modulate(self.double_blocks[0].img_norm1(x), shift, scale)
 
+        run = StackRun(self, x, t, (vec, pe), (vec, pe), layout, kv, skip, block_residual, extras, modulated)
         out = run() if stack_hook is None else stack_hook(x, vec, run)
         velocity: Tensor = self.final_layer(out[:, :img_len], vec)  # (B, L_img, out_channels)
         return velocity

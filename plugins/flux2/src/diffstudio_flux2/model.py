@@ -13,10 +13,11 @@ from typing import Any, ClassVar
 
 import torch
 from diffstudio.dit.extensions import BlockResidualHook, StackHook
-from diffstudio.dit.stack import DualStreamStack, cat_ids, check_tokens, per_sample
+from diffstudio.dit.stack import DualStreamStack, StackRun, cat_ids, check_tokens, per_sample
 from diffstudio.nn import (
     DeltaLinear,
     match_batch,
+    modulate,
     timestep_embedding,
 )
 from torch import Tensor, nn
@@ -166,10 +167,12 @@ class Flux2(DualStreamStack):
 
         layout = (txt_len, img_len, ref_len)
 
-        def run() -> Tensor:
-            return self.run_blocks(img, txt, (pe, mod_img, mod_txt), (pe, mod_single), layout, kv, skip,
-                                   block_residual, extras)  # fmt: skip
+        def modulated() -> Tensor:  # the first double block's modulated image input (TeaCache's estimator)
+            shift, scale, _ = mod_img[0]
+            return modulate(self.double_blocks[0].img_norm1(img), shift, scale)
 
+        run = StackRun(self, img, txt, (pe, mod_img, mod_txt), (pe, mod_single), layout, kv, skip, block_residual,
+                       extras, modulated)  # fmt: skip
         out = run() if stack_hook is None else stack_hook(img, vec, run)
         velocity: Tensor = self.final_layer(out[:, :img_len], vec)  # (B, L_img, in_channels)
         return velocity
