@@ -40,6 +40,7 @@ __all__ = [
     "LoraError",
     "LoraFormatError",
     "LoraMatchError",
+    "LoraMergerActiveError",
     "LoraNameError",
     "LoraReport",
     "LoraState",
@@ -283,6 +284,13 @@ def collect_lora(model: nn.Module, name: str) -> CanonicalLora:
 def merge_lora(model: nn.Module, lora: Mapping[str, LoraWeights], scale: float = 1.0) -> None:
     """Fuse a LoRA into the base weights in place (``W += scale * factor * up @ down``); subtract with -scale."""
     layers = dict(delta_linears(model))
+    gated = [key for key in lora if key in layers and layers[key].combiner is not None]
+    if gated:
+        raise LoraMergerActiveError(
+            f"cannot fuse a LoRA into {len(gated)} layer(s) whose side paths a LoRA merger gates (e.g. "
+            f"{', '.join(gated[:3])}): the merger needs each LoRA's output separately. Load it as a side path "
+            "(fuse=False), or disable the merger first"
+        )
     with torch.no_grad():
         for key, weights in lora.items():
             layer = layers[key]
@@ -578,3 +586,7 @@ def restore_fused(state: LoraState, layers: Mapping[str, DeltaLinear], removed: 
                 weight.add_((other.report.scale * other.lora[path].delta_weight()).to(weight))
             if not again:
                 del state.originals[path]
+
+
+class LoraMergerActiveError(LoraError):
+    """A LoRA was to be fused into weights whose side paths a LoRA merger (a ``DeltaLinear`` combiner) gates."""

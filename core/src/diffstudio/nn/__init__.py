@@ -22,7 +22,15 @@ from diffstudio.nn.attention import (
     match_batch,
 )
 from diffstudio.nn.concat import OutActivation, merge_heads_beside
-from diffstudio.nn.delta import DeltaFn, DeltaLinear, DeltaMap, delta_linears, scoped_deltas, to_delta_linears
+from diffstudio.nn.delta import (
+    DeltaCombiner,
+    DeltaFn,
+    DeltaLinear,
+    DeltaMap,
+    delta_linears,
+    scoped_deltas,
+    to_delta_linears,
+)
 from diffstudio.nn.embeddings import timestep_embedding
 from diffstudio.nn.linear import linear
 from diffstudio.nn.modulation import gated, modulate
@@ -34,6 +42,7 @@ __all__ = [
     "AttentionContext",
     "AttentionProcessor",
     "BlockKind",
+    "DeltaCombiner",
     "DeltaFn",
     "DeltaLinear",
     "DeltaMap",

@@ -20,6 +20,9 @@ from diffstudio.nn.linear import linear
 DeltaFn = Callable[[Tensor], Tensor]
 """A side path: maps the layer input ``(..., in_features)`` to an output delta ``(..., out_features)``."""
 
+DeltaCombiner = Callable[[Tensor, list[Tensor]], Tensor]
+"""``combiner(base_out, [delta_i(x), ...]) -> out``: all ``(..., out_features)`` (LoRA-Fusion's gate)."""
+
 
 class DeltaLinear(nn.Linear):
     """``nn.Linear`` computing ``y = W x + b + sum_i delta_i(x)``.
@@ -39,6 +42,7 @@ class DeltaLinear(nn.Linear):
     ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._deltas: dict[str, DeltaFn] = {}
+        self.__dict__["_combiner"] = None  # a plain attribute, never a submodule (see set_combiner)
 
     @property
     def deltas(self) -> dict[str, DeltaFn]:
@@ -71,9 +75,27 @@ class DeltaLinear(nn.Linear):
         """Remove every side path."""
         self._deltas.clear()
 
+    @property
+    def combiner(self) -> DeltaCombiner | None:
+        """The combiner of the side paths' outputs, or None (they are summed)."""
+        combiner: DeltaCombiner | None = self.__dict__.get("_combiner")
+        return combiner
+
+    def set_combiner(self, combiner: DeltaCombiner | None) -> None:
+        """Combine the base output with the side paths' outputs by ``combiner`` instead of summing them.
+
+        With a combiner and at least one side path the layer returns ``combiner(W x + b, [delta_i(x), ...])``;
+        without side paths it still returns ``W x + b``. The combiner is kept as a plain attribute (never a
+        submodule, so the state dict is unchanged, even when it is an ``nn.Module``); None restores the sum.
+        """
+        self.__dict__["_combiner"] = combiner
+
     def forward(self, input: Tensor) -> Tensor:
         """Apply the base projection plus every delta; ``(..., in) -> (..., out)``."""
         out = linear(input, self.weight, self.bias)
+        combiner: DeltaCombiner | None = self.__dict__.get("_combiner")
+        if combiner is not None and self._deltas:
+            return combiner(out, [fn(input) for fn in self._deltas.values()])
         for fn in self._deltas.values():
             out = out + fn(input)
         return out

@@ -54,8 +54,11 @@ class FluxImagePipeline(BasePipeline):
         "controlnet": "a ControlNet beside the DiT (filled by the diffstudio-controlnet plugin)",
         "ipadapter": "IP-Adapter projections (filled by the diffstudio-ipadapter plugin)",
         "ipadapter_image_encoder": "the IP-Adapter's image encoder, SigLIP or CLIP (diffstudio-ipadapter)",
+        "infuse_net": "InfiniteYou's InfuseNet, a ControlNet with its own text stream (diffstudio-infiniteyou)",
+        "image_proj": "InfiniteYou's image projector, face embedding -> identity tokens (diffstudio-infiniteyou)",
+        "face_recognition": "InfiniteYou's IR-SE50 ArcFace face embedder (diffstudio-infiniteyou)",
     }
-    denoise_components = ("dit", "controlnet")
+    denoise_components = ("dit", "controlnet", "infuse_net")
     size_multiple = 16
     extension_inputs = EXTENSION_INPUTS
     plugin_inputs = {
@@ -66,6 +69,11 @@ class FluxImagePipeline(BasePipeline):
         "eligen_entity_masks": "diffstudio-eligen",
         "eligen_enable_on_negative": "diffstudio-eligen",
         "eligen_enable_inpaint": "diffstudio-eligen",
+        "infinityou_id_image": "diffstudio-infiniteyou",
+        "infinityou_id_embedding": "diffstudio-infiniteyou",
+        "infinityou_guidance": "diffstudio-infiniteyou",
+        "infinityou_id_keypoints": "diffstudio-infiniteyou",
+        "infinityou_face_detector": "diffstudio-infiniteyou",
     }
 
     def __init__(self, **kwargs: Any) -> None:
