@@ -28,7 +28,7 @@ from diffstudio.dit.extensions import (
     branch_of,
     call_extensions,
 )
-from diffstudio.errors import ConfigError, PipelineInputError
+from diffstudio.errors import ConfigError, MissingPluginError, PipelineInputError
 from diffstudio.nn.delta import scoped_deltas
 from diffstudio.pipeline.base import BasePipeline
 from diffstudio.pipeline.validate import check_prompts
@@ -57,8 +57,10 @@ class FluxImagePipeline(BasePipeline):
         "infuse_net": "InfiniteYou's InfuseNet, a ControlNet with its own text stream (diffstudio-infiniteyou)",
         "image_proj": "InfiniteYou's image projector, face embedding -> identity tokens (diffstudio-infiniteyou)",
         "face_recognition": "InfiniteYou's IR-SE50 ArcFace face embedder (diffstudio-infiniteyou)",
+        "lora_encoder": "LoRA-Encoder: each LoRA's weights -> one T5-space token (diffstudio-lora-encoder)",
+        "lora_merger": "LoRAFusion: a learned gate over side-path LoRA outputs (diffstudio-lora-fusion)",
     }
-    denoise_components = ("dit", "controlnet", "infuse_net")
+    denoise_components = ("dit", "controlnet", "infuse_net", "lora_merger")
     size_multiple = 16
     extension_inputs = EXTENSION_INPUTS
     plugin_inputs = {
@@ -74,6 +76,9 @@ class FluxImagePipeline(BasePipeline):
         "infinityou_guidance": "diffstudio-infiniteyou",
         "infinityou_id_keypoints": "diffstudio-infiniteyou",
         "infinityou_face_detector": "diffstudio-infiniteyou",
+        "lora_encoder_inputs": "diffstudio-lora-encoder",
+        "lora_encoder_scale": "diffstudio-lora-encoder",
+        "lora_encoder_missing": "diffstudio-lora-encoder",
     }
 
     def __init__(self, **kwargs: Any) -> None:
@@ -396,3 +401,24 @@ class FluxImagePipeline(BasePipeline):
             output_type=output_type, **extra,
         )  # fmt: skip
         return self.generate(inputs, progress_bar_cmd=progress_bar_cmd, callback_on_step_end=callback_on_step_end)
+
+    def enable_lora_merger(self) -> int:
+        """Gate the side-path LoRAs with the loaded LoRA merger; return the number of gated layers (seed API).
+
+        The merger (LoRAFusion) fills the ``lora_merger`` slot when diffstudio-lora-fusion is installed.
+
+        Raises:
+            MissingPluginError: No merger is loaded and diffstudio-lora-fusion is not installed.
+            PipelineInputError: No merger (or no DiT) is loaded.
+        """
+        if not self.has("lora_merger"):
+            if not any(u.name == "lora_fusion_enable" for u in self.units):
+                raise MissingPluginError("enable_lora_merger()", "diffstudio-lora-fusion")
+            raise PipelineInputError(
+                "enable_lora_merger() needs the LoRA merger; add ModelConfig(model_id='DiffSynth-Studio/"
+                "LoRAFusion-preview-FLUX.1-dev', origin_file_pattern='model.safetensors') to from_pretrained"
+            )
+        if not self.has("dit"):
+            raise PipelineInputError("enable_lora_merger() needs the DiT; add its ModelConfig to from_pretrained")
+        gated: int = self.lora_merger.enable(self.dit)
+        return gated
