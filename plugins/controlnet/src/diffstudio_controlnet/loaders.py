@@ -62,6 +62,8 @@ def claim_controlnet(checkpoint: Checkpoint) -> ModelClaim | None:
         return None
     if "controlnet_blocks.0.weight" not in names and "controlnet_single_blocks.0.weight" not in names:
         return None
+    if is_infusenet(checkpoint):  # same keys as a plain ControlNet, another text stream: diffstudio-infiniteyou's
+        return None
     if "x_embedder.weight" in names:
         source = "diffusers"
     elif "img_in.weight" in names:
@@ -131,3 +133,23 @@ def load_controlnet(checkpoint: Checkpoint, request: LoadRequest) -> nn.Module:
     model = build_on_meta(lambda: FluxControlNet(params))
     load_state_dict_into(model, state, dtype=request.torch_dtype, device=request.device)
     return model.eval().requires_grad_(False)
+
+
+INFUSENET_MARKERS = ("infusenet", "infuse_net")
+"""Path parts (lower-cased) that mark InfiniteYou's InfuseNet (official folder ``InfuseNetModel/``)."""
+
+
+def is_infusenet(checkpoint: Checkpoint) -> bool:
+    """Whether a ControlNet-shaped checkpoint is InfiniteYou's InfuseNet, told by its path (keys cannot tell).
+
+    The published folder is ``infu_flux_v1.0/<variant>/InfuseNetModel/``; a file or folder whose name contains
+    ``infusenet`` / ``infuse_net`` (e.g. what ``--trainable_models infuse_net`` saves) counts too. Such a
+    checkpoint is left to diffstudio-infiniteyou, which runs it with the identity tokens as its text.
+    """
+    from pathlib import Path
+
+    for file in checkpoint.files[:1]:
+        path = Path(file)
+        if any(marker in part.lower() for part in (path.name, path.parent.name) for marker in INFUSENET_MARKERS):
+            return True
+    return False
