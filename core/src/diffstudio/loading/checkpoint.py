@@ -40,6 +40,7 @@ __all__ = [
     "DuplicateTensorError",
     "TensorNotFoundError",
     "UnsupportedDtypeError",
+    "tensors_view",
 ]
 
 # safetensors dtype string -> name of the torch dtype attribute
@@ -479,3 +480,23 @@ def _check_index(index: ShardIndex, entries: dict[str, _Entry], files: tuple[Pat
             f"index and the shards come from different versions or a download is incomplete; download the "
             f"model again."
         )
+
+
+def tensors_view(source: str, tensors: dict[str, torch.Tensor], files: tuple[Path, ...] = ()) -> Checkpoint:
+    """A :class:`Checkpoint` over tensors already in memory: one part of a file that holds several components.
+
+    A plugin that splits one file into components (e.g. a decoder file holding a whole DiT beside its adapter)
+    converts the part a family owns and hands this view to ``load_model``, so the family builds its module from
+    it as from a file of its own.
+
+    Args:
+        source: What the tensors are, for messages (e.g. ``"edit_decoder.bin [DiT part]"``).
+        tensors: Names mapped to CPU tensors (they are used as they are: no copy).
+        files: The file(s) they came from (a ``config.json`` beside the first is read as the component's).
+
+    Returns:
+        The view; its tensors are served from ``tensors``.
+    """
+    entries = {name: _pickle_entry(tensor, 0) for name, tensor in tensors.items()}
+    size = sum(entry.nbytes for entry in entries.values())
+    return Checkpoint(source, tuple(files), entries, {}, (size,), dict(tensors))
