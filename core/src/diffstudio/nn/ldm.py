@@ -8,6 +8,10 @@ BatchNorm normalisation (FLUX.2).
 
 Shapes: images ``(B, C_img, H, W)``; with ``n = len(ch_mult)`` levels the latent is ``(B, z, H / 2^(n-1),
 W / 2^(n-1))``, the encoder's moments ``(B, 2 z, ...)`` (mean channels first, then log-variance).
+
+On a CPU without native bf16, a bf16 :class:`Encoder` / :class:`Decoder` runs its activations in float32 on
+the bf16 weights (:mod:`diffstudio.nn.conv`; inputs and outputs stay bf16), which avoids torch's ~90x slower
+emulated bf16 convolution.
 """
 
 from __future__ import annotations
@@ -17,13 +21,14 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from diffstudio.nn.attention import attention
+from diffstudio.nn.conv import Conv2d, GroupNorm, float32_activations
 
 __all__ = ["AttnBlock", "Decoder", "Downsample", "Encoder", "Level", "Mid", "ResnetBlock", "Upsample", "group_norm"]
 
 
 def group_norm(channels: int, groups: int) -> nn.GroupNorm:
     """The autoencoder's GroupNorm (eps 1e-6, affine)."""
-    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
+    return GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
 class AttnBlock(nn.Module):
@@ -32,10 +37,10 @@ class AttnBlock(nn.Module):
     def __init__(self, channels: int, groups: int) -> None:
         super().__init__()
         self.norm = group_norm(channels, groups)
-        self.q = nn.Conv2d(channels, channels, kernel_size=1)
-        self.k = nn.Conv2d(channels, channels, kernel_size=1)
-        self.v = nn.Conv2d(channels, channels, kernel_size=1)
-        self.proj_out = nn.Conv2d(channels, channels, kernel_size=1)
+        self.q = Conv2d(channels, channels, kernel_size=1)
+        self.k = Conv2d(channels, channels, kernel_size=1)
+        self.v = Conv2d(channels, channels, kernel_size=1)
+        self.proj_out = Conv2d(channels, channels, kernel_size=1)
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C, H, W) -> (B, C, H, W)``."""
@@ -53,10 +58,10 @@ class ResnetBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, groups: int) -> None:
         super().__init__()
         self.norm1 = group_norm(in_channels, groups)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
         self.norm2 = group_norm(out_channels, groups)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
-        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else None
+        self.conv2 = Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
+        self.nin_shortcut = Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else None
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C_in, H, W) -> (B, C_out, H, W)``."""
@@ -71,7 +76,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
+        self.conv = Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
 
     def forward(self, x: Tensor) -> Tensor:
         """Downsample by two."""
@@ -84,7 +89,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+        self.conv = Conv2d(channels, channels, kernel_size=3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         """Upsample by two."""
@@ -150,7 +155,7 @@ class Encoder(nn.Module):
         quant_conv: bool = False,
     ) -> None:
         super().__init__()
-        self.conv_in = nn.Conv2d(in_channels, ch, kernel_size=3, padding=1)
+        self.conv_in = Conv2d(in_channels, ch, kernel_size=3, padding=1)
         self.down = nn.ModuleList()
         block_in = ch
         for level, mult in enumerate(ch_mult):
@@ -162,11 +167,13 @@ class Encoder(nn.Module):
             self.down.append(Level(blocks, None if last else Downsample(block_in), "downsample"))
         self.mid = Mid(block_in, groups)
         self.norm_out = group_norm(block_in, groups)
-        self.conv_out = nn.Conv2d(block_in, 2 * z_channels, kernel_size=3, padding=1)
-        self.quant_conv = nn.Conv2d(2 * z_channels, 2 * z_channels, kernel_size=1) if quant_conv else None
+        self.conv_out = Conv2d(block_in, 2 * z_channels, kernel_size=3, padding=1)
+        self.quant_conv = Conv2d(2 * z_channels, 2 * z_channels, kernel_size=1) if quant_conv else None
 
     def forward(self, x: Tensor) -> Tensor:
-        """Encode to moments (mean channels first, then log-variance)."""
+        """Encode to moments (mean channels first, then log-variance), in ``x``'s dtype."""
+        if float32_activations(x):
+            return self.forward(x.float()).to(x.dtype)
         h: Tensor = self.conv_in(x)
         for down in self.down:
             h = down(h)
@@ -199,9 +206,9 @@ class Decoder(nn.Module):
         post_quant_conv: bool = False,
     ) -> None:
         super().__init__()
-        self.post_quant_conv = nn.Conv2d(z_channels, z_channels, kernel_size=1) if post_quant_conv else None
+        self.post_quant_conv = Conv2d(z_channels, z_channels, kernel_size=1) if post_quant_conv else None
         block_in = ch * ch_mult[-1]
-        self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, padding=1)
+        self.conv_in = Conv2d(z_channels, block_in, kernel_size=3, padding=1)
         self.mid = Mid(block_in, groups)
         levels: list[Level] = []
         for level in reversed(range(len(ch_mult))):
@@ -212,10 +219,12 @@ class Decoder(nn.Module):
             levels.insert(0, Level(blocks, Upsample(block_in) if level else None, "upsample"))  # up.0: full size
         self.up = nn.ModuleList(levels)
         self.norm_out = group_norm(block_in, groups)
-        self.conv_out = nn.Conv2d(block_in, out_channels, kernel_size=3, padding=1)
+        self.conv_out = Conv2d(block_in, out_channels, kernel_size=3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
-        """Decode a latent (unscaled: the families' autoencoders undo their latent scaling first)."""
+        """Decode a latent (unscaled: the families' autoencoders undo their latent scaling first), in ``z``'s dtype."""
+        if float32_activations(z):
+            return self.forward(z.float()).to(z.dtype)
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         h: Tensor = self.mid(self.conv_in(z))
