@@ -21,10 +21,12 @@ published code subclasses 4.49 internals that no longer exist. Only one prompt p
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from diffstudio.errors import PipelineInputError
 from PIL import Image
 from torch import Tensor, nn
 
@@ -51,11 +53,30 @@ def editing_messages(instruction: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": instruction}, {"role": "assistant", "content": "Here is the image: <image>"}]
 
 
+def smart_resize(
+    height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56, max_pixels: int = MAX_PIXELS
+) -> tuple[int, int]:
+    """Qwen2-VL's target size: sides rounded to multiples of ``factor``, area scaled into ``[min, max]_pixels``.
+
+    Raises:
+        PipelineInputError: An aspect ratio over 200 (the vision tower's limit).
+    """
+    if max(height, width) / min(height, width) > 200:
+        raise PipelineInputError(f"nexus_gen_reference_image is {width}x{height}: the aspect ratio must stay under 200")
+    h_bar, w_bar = max(factor, round(height / factor) * factor), max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar, w_bar = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
 def bound_image(image: Image.Image, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Resize to Qwen's ``smart_resize`` size: sides multiples of 28, area within ``[3136, max_pixels]``."""
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
-
-    height, width = smart_resize(image.height, image.width, factor=28, min_pixels=56 * 56, max_pixels=max_pixels)
+    height, width = smart_resize(image.height, image.width, max_pixels=max_pixels)
     return image.resize((width, height))
 
 
