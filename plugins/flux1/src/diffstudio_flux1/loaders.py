@@ -18,17 +18,29 @@ file stores), then sizes from shapes, on the meta device, the memory-mapped tens
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from diffstudio.loading.recipe import COMFY_PREFIXES, common_prefix, first_claim, text_config
 from diffstudio.types import LoadRequest, ModelClaim
 
 if TYPE_CHECKING:
+    from diffstudio.config import ModelConfig
     from diffstudio.loading import Checkpoint
     from torch import nn
 
 FAMILY = "flux1"
-__all__ = ["COMFY_PREFIXES", "FAMILY", "claim", "load_dit", "load_vae", "strip_prefix", "variant_name"]
+__all__ = [
+    "COMFY_PREFIXES",
+    "FAMILY",
+    "VARIANT_DEFAULTS",
+    "claim",
+    "load_dit",
+    "load_vae",
+    "named_variant",
+    "strip_prefix",
+    "variant_name",
+]
 
 
 def strip_prefix(keys: list[str]) -> str:
@@ -37,7 +49,13 @@ def strip_prefix(keys: list[str]) -> str:
 
 
 def variant_name(hidden: int, in_channels: int, guidance: bool) -> str:
-    """Name the official variant with these sizes (``custom`` for any other consistent size)."""
+    """Name the official variant with these sizes (``custom`` for any other consistent size).
+
+    196 input channels (64 latent + 132 conditioning) with a guidance embedder is Flex.2 at any width: its
+    conditioning channels are built by the ``diffstudio-flex`` plugin.
+    """
+    if in_channels == 196 and guidance:
+        return "flex"
     if hidden != 3072:
         return "custom"
     if in_channels == 384:
@@ -156,3 +174,63 @@ def load_t5(checkpoint: Checkpoint, request: LoadRequest) -> Any:
 def claim(checkpoint: Checkpoint) -> ModelClaim | None:
     """The family's answer to ``load_model``: the first of DiT, VAE, text encoder that matches."""
     return first_claim(checkpoint, (claim_dit, claim_vae, claim_text_encoder))
+
+
+# --- variants told apart by name only (FLUX.1-Krea-dev) ---------------------------------------------------------
+
+VARIANT_DEFAULTS: dict[str, dict[str, float]] = {"krea-dev": {"embedded_guidance": 4.5}}
+"""Call defaults per DiT variant where they differ from dev's (``embedded_guidance`` 3.5)."""
+
+NAMED_VARIANTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "krea-dev": (("flux1-krea-dev",), ("black-forest-labs/flux.1-krea-dev",)),
+}
+"""Variants with dev's exact tensors: ``variant -> (file-name prefixes, model ids)``, compared case-insensitively."""
+
+VARIANT_FIELD = "model_variant"
+"""``ModelConfig(config={"model_variant": "krea-dev"})`` selects a named variant for a renamed file (or ``"dev"``)."""
+
+
+def _named_by(files: list[Path], model_id: str) -> str | None:
+    """The named variant that a model id, a file name or a repository folder (last 4 levels) says, or None."""
+    names = [f.name.lower() for f in files]
+    folders = {p.lower() for f in files for p in f.parent.parts[-4:]}
+    for variant, (prefixes, ids) in NAMED_VARIANTS.items():
+        repos = {i.rsplit("/", 1)[-1] for i in ids} | {"models--" + i.replace("/", "--") for i in ids}
+        if model_id in ids or any(n.startswith(prefixes) for n in names) or folders & repos:
+            return variant
+    return None
+
+
+def named_variant(found: ModelClaim, checkpoint: Checkpoint, config: ModelConfig | None) -> ModelClaim:
+    """Refine a ``flux1-dit/dev`` claim to a variant that only its name tells apart (FLUX.1-Krea-dev).
+
+    Krea's tensors equal dev's name for name and shape, so nothing here looks at keys: the variant comes from
+    ``ModelConfig(config={"model_variant": ...})`` when given, else from the model id
+    (``black-forest-labs/FLUX.1-Krea-dev``), else from the file names (``flux1-krea-dev*``) or the repository
+    folder of a diffusers ``transformer/`` (``FLUX.1-Krea-dev``, or the Hugging Face cache's
+    ``models--black-forest-labs--FLUX.1-Krea-dev``).
+
+    Raises:
+        ConfigError: ``model_variant`` names no variant with dev's tensors.
+    """
+    import dataclasses
+
+    from diffstudio.errors import ConfigError
+
+    if found.model_type != f"{FAMILY}-dit/dev":
+        return found
+    given = config.config.get(VARIANT_FIELD) if config is not None and isinstance(config.config, dict) else None
+    if given is not None:
+        allowed = ("dev", *NAMED_VARIANTS)
+        if given not in allowed:
+            raise ConfigError(
+                f"ModelConfig(config={{{VARIANT_FIELD!r}: {given!r}}}) names no FLUX.1 variant with dev's tensors; "
+                f"use one of {', '.join(map(repr, allowed))}"
+            )
+        variant: str | None = None if given == "dev" else str(given)
+    else:
+        model_id = (config.model_id or "").lower() if config is not None else ""
+        variant = _named_by([Path(f) for f in checkpoint.files], model_id)
+    if variant is None:
+        return found
+    return dataclasses.replace(found, model_type=f"{FAMILY}-dit/{variant}")

@@ -79,7 +79,14 @@ class FluxImagePipeline(BasePipeline):
         "lora_encoder_inputs": "diffstudio-lora-encoder",
         "lora_encoder_scale": "diffstudio-lora-encoder",
         "lora_encoder_missing": "diffstudio-lora-encoder",
+        "flex_inpaint_image": "diffstudio-flex",
+        "flex_inpaint_mask": "diffstudio-flex",
+        "flex_control_image": "diffstudio-flex",
+        "flex_control_strength": "diffstudio-flex",
+        "flex_control_stop": "diffstudio-flex",
     }
+    channel_plugins = {196: ("Flex.2 (ostris/Flex.2-preview)", "diffstudio-flex")}
+    """DiT input widths whose extra channels (``img_cond``) only a plugin builds: width -> (model, distribution)."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -210,6 +217,19 @@ class FluxImagePipeline(BasePipeline):
         """A path or state dict through :meth:`load_lora` (what the diffusers-named LoRA methods call)."""
         return self.load_lora(source, scale, fuse=fuse, name=name)
 
+    @property
+    def dit_variant(self) -> str | None:
+        """The loaded DiT's variant from its claim (``dev``, ``krea-dev``, ``schnell``, ``flex``, ...), or None."""
+        loaded = self.loaded.get("dit")
+        model_type = loaded.claim.model_type if loaded is not None and loaded.claim is not None else ""
+        return model_type.partition("/")[2] or None
+
+    def variant_defaults(self) -> dict[str, Any]:
+        """Call defaults of the loaded DiT's variant (:data:`~diffstudio_flux1.loaders.VARIANT_DEFAULTS`)."""
+        from diffstudio_flux1.loaders import VARIANT_DEFAULTS
+
+        return {"embedded_guidance": 3.5, **VARIANT_DEFAULTS.get(self.dit_variant or "", {})}
+
     def guidance_scale_target(self) -> str:
         """The diffusers ``guidance_scale`` is FLUX.1's distilled ``embedded_guidance`` (``FluxPipeline``)."""
         return "embedded_guidance"
@@ -292,6 +312,9 @@ class FluxImagePipeline(BasePipeline):
         extensions = call_extensions(
             inputs, lambda: DitCall(latents, image_ids, txt, txt_ids, t, y, guidance, int(step_index), branch)
         )
+        if extensions.get("img_cond") is None and self.dit.in_channels in type(self).channel_plugins:
+            model, distribution = type(self).channel_plugins[self.dit.in_channels]
+            raise MissingPluginError(f"A FLUX.1 DiT with {self.dit.in_channels} input channels ({model})", distribution)
         stream: TextStream | None = extensions.pop("text_stream", None)
         if stream is not None:
             txt, txt_ids = stream.txt.to(dtype), stream.txt_ids
@@ -315,7 +338,7 @@ class FluxImagePipeline(BasePipeline):
         if len(negatives) != len(prompts):
             raise PipelineInputError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
         defaults: dict[str, Any] = {
-            "cfg_scale": 1.0, "embedded_guidance": 3.5, "t5_sequence_length": 512, "height": 1024, "width": 1024,
+            "cfg_scale": 1.0, "embedded_guidance": None, "t5_sequence_length": 512, "height": 1024, "width": 1024,
             "seed": None, "rand_device": "cpu", "num_inference_steps": 30, "sigma_shift": None, "input_image": None,
             "denoising_strength": 1.0, "inpaint_mask": None, "kontext_images": None, "tiled": False,
             "tile_size": 128, "tile_stride": 64, "sigmas": None, "latents": None, "output_type": "pil",
@@ -333,7 +356,7 @@ class FluxImagePipeline(BasePipeline):
         prompt: str | Sequence[str],
         negative_prompt: str | Sequence[str] = "",
         cfg_scale: float = 1.0,
-        embedded_guidance: float = 3.5,
+        embedded_guidance: float | None = None,
         t5_sequence_length: int = 512,
         height: int = 1024,
         width: int = 1024,
@@ -367,7 +390,8 @@ class FluxImagePipeline(BasePipeline):
             prompt: One prompt (returns one image) or a list (returns a list): a ``str`` or a list of ``str``.
             negative_prompt: Used when ``cfg_scale`` > 1 (one for all, or one per prompt); ``None`` is ``""``.
             cfg_scale: Real classifier-free guidance scale; 1 disables it.
-            embedded_guidance: Distilled guidance of dev / Kontext (ignored by schnell).
+            embedded_guidance: Distilled guidance of dev / Kontext / Krea (ignored by schnell); None takes the
+                loaded DiT's default (:meth:`variant_defaults`: 3.5, Krea 4.5).
             t5_sequence_length: T5 tokens (512; 256 is what schnell was trained with).
             height: Image height, a multiple of 16.
             width: Image width, a multiple of 16.

@@ -31,9 +31,10 @@ def register_pipelines(register: Callable[[PipelineSpec], None]) -> None:
 @hookimpl
 def load_model(checkpoint: Checkpoint, config: ModelConfig) -> ModelClaim | None:
     """Claim FLUX.1 DiTs (BFL, ComfyUI, diffusers), autoencoders and CLIP / T5 text encoders."""
-    from diffstudio_flux1.loaders import claim
+    from diffstudio_flux1.loaders import claim, named_variant
 
-    return claim(checkpoint)
+    found = claim(checkpoint)
+    return None if found is None else named_variant(found, checkpoint, config)
 
 
 @hookimpl

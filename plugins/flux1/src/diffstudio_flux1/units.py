@@ -85,16 +85,23 @@ class Guidance(PipelineUnit["FluxImagePipeline"]):
     """Embedded (distilled) guidance for dev / Kontext; schnell has none."""
 
     name = "flux1_guidance"
-    description = "Turns embedded_guidance (3.5) into a (B,) tensor for guidance-distilled DiTs (None for schnell)."
+    description = (
+        "Turns embedded_guidance (default 3.5, Krea 4.5) into a (B,) tensor for guidance-distilled DiTs (None for "
+        "schnell)."
+    )
     components = ("dit",)
     after = ("flux1_noise",)
-    inputs = (InputParam("embedded_guidance", "distilled guidance strength (3.5)"), InputParam("noise", "tokens"))
+    inputs = (
+        InputParam("embedded_guidance", "distilled guidance strength (None: the variant's, 3.5 or Krea's 4.5)"),
+        InputParam("noise", "tokens"),
+    )
     outputs = (OutputParam("guidance", "(B,) guidance values", optional=True),)
 
     def process(self, pipe: FluxImagePipeline, **inputs: Any) -> Mapping[str, Any]:
         if not pipe.dit.guidance_embed:
             return {}
-        value = 3.5 if inputs["embedded_guidance"] is None else float(inputs["embedded_guidance"])
+        given = inputs["embedded_guidance"]
+        value = float(pipe.variant_defaults()["embedded_guidance"] if given is None else given)
         return {"guidance": torch.full((inputs["noise"].shape[0],), value, device=pipe.device)}
 
 
