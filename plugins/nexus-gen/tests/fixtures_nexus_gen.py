@@ -1,4 +1,5 @@
-"""Nexus-Gen test helpers (loaded by ``conftest.py`` with ``import_file``): a tiny AR model folder (Qwen2.5-VL + vision head + prefill embeddings + processor) and
+"""Nexus-Gen test helpers (loaded by ``conftest.py`` with ``import_file``): a tiny AR model folder (Qwen2.5-VL
++ vision head + prefill embeddings + processor) and
 tiny decoder files (a perturbed FLUX.1 DiT in DiffSynth's legacy names beside an adapter or a merger).
 
 The Qwen2.5-VL miniature comes from the shared slot's kit (``plugins/qwen-vl/tests/fixtures_qwen_vl.py``: a trained

@@ -120,7 +120,8 @@ def build_head(state: Mapping[str, Tensor], request: LoadRequest, source: str) -
     if kind == "generation":
         module = build_on_meta(lambda: GenerationHead.from_shapes(shapes))
     elif kind == "editing":
-        given = dict(_explicit_config(request.config))
+        fields = MergerParams.__dataclass_fields__  # one config serves the file's DiT and merger: take ours
+        given = {k: v for k, v in _explicit_config(request.config).items() if k in fields}
         merger_shapes = {k.removeprefix(MERGER_PREFIX): v for k, v in shapes.items()}
         params = MergerParams.from_shapes(merger_shapes, **given)
         module = build_on_meta(lambda: EditingHead(params))
