@@ -59,6 +59,8 @@ class FluxImagePipeline(BasePipeline):
         "face_recognition": "InfiniteYou's IR-SE50 ArcFace face embedder (diffstudio-infiniteyou)",
         "lora_encoder": "LoRA-Encoder: each LoRA's weights -> one T5-space token (diffstudio-lora-encoder)",
         "lora_merger": "LoRAFusion: a learned gate over side-path LoRA outputs (diffstudio-lora-fusion)",
+        "nexus_gen": "Nexus-Gen's AR model, Qwen2.5-VL + vision head + prefill embeddings (diffstudio-nexus-gen)",
+        "nexus_gen_decoder": "Nexus-Gen's decoder head: generation adapter or editing merger (diffstudio-nexus-gen)",
     }
     denoise_components = ("dit", "controlnet", "infuse_net", "lora_merger")
     size_multiple = 16
@@ -84,6 +86,8 @@ class FluxImagePipeline(BasePipeline):
         "flex_control_image": "diffstudio-flex",
         "flex_control_strength": "diffstudio-flex",
         "flex_control_stop": "diffstudio-flex",
+        "nexus_gen_reference_image": "diffstudio-nexus-gen",
+        "nexus_gen_pooled_prompt": "diffstudio-nexus-gen",
     }
     channel_plugins = {196: ("Flex.2 (ostris/Flex.2-preview)", "diffstudio-flex")}
     """DiT input widths whose extra channels (``img_cond``) only a plugin builds: width -> (model, distribution)."""
