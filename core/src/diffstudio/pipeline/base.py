@@ -73,6 +73,8 @@ class BasePipeline(SamplingLoop, DiffusersApi):
             points (e.g. ``kv_extension``, ``dit_deltas``, ``block_residual``). Adapter and template-medium
             plugins contribute units that write these keys only to pipelines that list them, so a family opts
             in to a medium by honouring the key and naming it here.
+        shared_families: Other claim families whose components this pipeline also takes (a shared encoder slot
+            such as ``diffstudio-qwen-vl``'s ``"qwen-vl"``, or a sibling family's VAE); default none.
 
     Attributes:
         limits: This pipeline's size limits (:class:`~diffstudio.pipeline.limits.Limits`, read from the
@@ -86,6 +88,7 @@ class BasePipeline(SamplingLoop, DiffusersApi):
     size_multiple: ClassVar[int] = 16
     plugin_inputs: ClassVar[Mapping[str, str]] = {}
     extension_inputs: ClassVar[frozenset[str]] = frozenset()
+    shared_families: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -223,7 +226,7 @@ class BasePipeline(SamplingLoop, DiffusersApi):
         """
         checkpoint, claim = identify(self.runtime, config)
         with checkpoint:
-            if claim.family != self.family:
+            if claim.family != self.family and claim.family not in type(self).shared_families:
                 raise WrongFamilyError(
                     f"{checkpoint.source} is a {claim.model_type} checkpoint of the {claim.family!r} family "
                     f"(claimed by plugin {claim.plugin!r}); {type(self).__name__} runs {self.family!r} models. "

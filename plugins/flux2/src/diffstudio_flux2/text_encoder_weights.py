@@ -125,6 +125,8 @@ def mistral3_layout(keys: Iterable[str], shapes: Mapping[str, Sequence[int]]) ->
     ``language_model.model.*`` (older versions). The text decoder has no q/k norms (unlike Qwen3).
     """
     key_set = set(keys)
+    if any(k.startswith(("model.visual.", "visual.")) for k in key_set):  # a Qwen2.5-VL (diffstudio-qwen-vl)
+        return None
     for layout, prefix in _MISTRAL3_LAYOUTS.items():
         embed, q_proj = f"{prefix}embed_tokens.weight", f"{prefix}layers.0.self_attn.q_proj.weight"
         if not _has(key_set, embed, q_proj, f"{prefix}layers.0.mlp.gate_proj.weight"):
