@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-PROJ = {"dim": 32, "depth": 2, "dim_head": 16, "heads": 2, "num_queries": 8, "embedding_dim": 512, "ff_mult": 2.0}
+PROJ = {"dim": 32, "depth": 2, "dim_head": 64, "heads": 2, "num_queries": 8, "embedding_dim": 512, "ff_mult": 2.0}
 
 
 @torch.no_grad()
@@ -102,3 +102,11 @@ def repo(tmp_path_factory: pytest.TempPathFactory, helpers: ModuleType, fp: Modu
         vae.encoder.conv_out.bias[half:] = -30.0
     vae.save_pretrained(built.root / "vae")
     return built
+
+
+@pytest.fixture(scope="session")
+def plain_controlnet(tmp_path_factory: pytest.TempPathFactory, helpers: ModuleType, fx: ModuleType) -> Path:
+    """A tiny plain ControlNet folder (the same layout as the InfuseNet, another folder name)."""
+    folder = tmp_path_factory.mktemp("controlnets") / "FLUX.1-dev-Controlnet-Canny"
+    tiny_infusenet(helpers, fx, 80).save_pretrained(folder)
+    return folder
