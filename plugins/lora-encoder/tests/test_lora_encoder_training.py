@@ -1,4 +1,4 @@
-"""``diffstudio train --trainable_models lora_encoder --extra_inputs lora_encoder_inputs`` lowers the loss (DiT frozen)."""
+"""`diffstudio train --trainable_models lora_encoder --extra_inputs lora_encoder_inputs` lowers the loss, DiT frozen."""
 
 from __future__ import annotations
 
