@@ -14,6 +14,7 @@ sample depend only on ``(seed, epoch, position)``, so resumed and multi-process 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections import ChainMap
 from collections.abc import Mapping, Sequence
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from diffstudio.dit.extensions import TextStream
 from diffstudio.errors import PipelineInputError
 from diffstudio.pipeline.state import PipelineState
 
@@ -50,8 +52,8 @@ def training_inputs(pipe: Any, sample: Mapping[str, Any], pipeline_args: Mapping
 def collate(states: Sequence[PipelineState]) -> PipelineState:
     """Join per-sample states into one batch state.
 
-    Tensors with a leading axis of 1 are concatenated along it; other values must be equal across samples
-    (the first is kept), else lists of them are kept.
+    Tensors with a leading axis of 1 are concatenated along it (so are the fields of ``text_stream``
+    replacements); other values must be equal across samples (the first is kept), else lists of them are kept.
     """
     if len(states) == 1:
         return states[0]
@@ -71,6 +73,9 @@ def collate(states: Sequence[PipelineState]) -> PipelineState:
 
 def _join(values: list[Any]) -> Any:
     first = values[0]
+    if isinstance(first, TextStream) and all(isinstance(v, TextStream) for v in values):
+        parts = {f.name: _join([getattr(v, f.name) for v in values]) for f in dataclasses.fields(first)}
+        return TextStream(**parts)  # per-sample text-stream replacements (Nexus-Gen) join field by field
     if isinstance(first, Tensor) and first.ndim >= 1 and first.shape[0] == 1:
         if all(isinstance(v, Tensor) and v.shape == first.shape for v in values):
             return torch.cat(values, dim=0)
