@@ -72,6 +72,8 @@ def claim_dit(checkpoint: Checkpoint) -> ModelClaim | None:
     keys = checkpoint.keys()
     prefix = strip_prefix(keys)
     names = {k[len(prefix) :] for k in keys}
+    if any(n.startswith(FOREIGN_PREFIXES) for n in names):  # a DiT inside another system's file: its plugin claims it
+        return None
     probes = {p for trio in DIT_PROBES.values() for p in trio}
     shapes: dict[str, tuple[int, ...]] = {p: checkpoint.shape(prefix + p) for p in probes if p in names}
     if any("controlnet" in n for n in names):
@@ -202,7 +204,7 @@ def _named_by(files: list[Path], model_id: str) -> str | None:
 
 
 def named_variant(found: ModelClaim, checkpoint: Checkpoint, config: ModelConfig | None) -> ModelClaim:
-    """Refine a ``flux1-dit/dev`` claim to a variant that only its name tells apart (FLUX.1-Krea-dev).
+    """Refine a ``flux1-dit/dev`` (or ``custom``-width) claim to a variant that only its name tells apart (Krea).
 
     Krea's tensors equal dev's name for name and shape, so nothing here looks at keys: the variant comes from
     ``ModelConfig(config={"model_variant": ...})`` when given, else from the model id
@@ -217,7 +219,7 @@ def named_variant(found: ModelClaim, checkpoint: Checkpoint, config: ModelConfig
 
     from diffstudio.errors import ConfigError
 
-    if found.model_type != f"{FAMILY}-dit/dev":
+    if found.model_type not in (f"{FAMILY}-dit/dev", f"{FAMILY}-dit/custom"):
         return found
     given = config.config.get(VARIANT_FIELD) if config is not None and isinstance(config.config, dict) else None
     if given is not None:
@@ -234,3 +236,8 @@ def named_variant(found: ModelClaim, checkpoint: Checkpoint, config: ModelConfig
     if variant is None:
         return found
     return dataclasses.replace(found, model_type=f"{FAMILY}-dit/{variant}")
+
+
+FOREIGN_PREFIXES: tuple[str, ...] = ("connector.", "pipe.", "adapter.", "embedding_merger.")
+"""Top-level prefixes of files that hold a FLUX.1 DiT beside another system's weights (Step1X-Edit's
+``connector.*``, Nexus-Gen's decoders): FLUX.1 refuses them so that the owning plugin's claim is the only one."""
