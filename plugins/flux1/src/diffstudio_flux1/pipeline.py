@@ -73,6 +73,7 @@ class FluxImagePipeline(BasePipeline):
         "eligen_entity_masks": "diffstudio-eligen",
         "eligen_enable_on_negative": "diffstudio-eligen",
         "eligen_enable_inpaint": "diffstudio-eligen",
+        "step1x_reference_image": "diffstudio-step1x",
         "infinityou_id_image": "diffstudio-infiniteyou",
         "infinityou_id_embedding": "diffstudio-infiniteyou",
         "infinityou_guidance": "diffstudio-infiniteyou",
