@@ -13,8 +13,9 @@ Refiner block (gate-only adaLN, no shift/scale): ``g_attn, g_mlp = adaLN_modulat
 affine weights; the timestep embedding is the 256-channel sinusoid ``[cos, sin]`` (max period 10000).
 
 State-dict names equal the published ``connector.*`` keys without the prefix (``S.input_embedder``,
-``S.t_embedder.mlp.{0,2}``, ``S.c_embedder.linear_{1,2}``, ``S.individual_token_refiner.blocks.{i}.{norm1, self_attn_qkv, self_attn_proj,
-norm2, mlp.fc1, mlp.fc2, adaLN_modulation.1}``, ``global_proj_out``, ``scale_factor``).
+``S.t_embedder.mlp.{0,2}``, ``S.c_embedder.linear_{1,2}``, ``S.individual_token_refiner.blocks.{i}.{norm1,
+self_attn_qkv, self_attn_proj, norm2, mlp.fc1, mlp.fc2, adaLN_modulation.1}``, ``global_proj_out``,
+``scale_factor``).
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ class Qwen2Connector(nn.Module):
         self.scale_factor = nn.Parameter(torch.full((1,), -0.91))
 
     def forward(self, x: Tensor, t: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """LLM states ``x (B, L, C_llm)``, time ``t (B,)`` in [0, 1], ``mask (B, L)`` -> ``txt (B, L, D)``, ``y (B, 768)``."""
+        """``x (B, L, C_llm)``, ``t (B,)`` in [0, 1], ``mask (B, L)`` -> ``txt (B, L, D)``, ``y (B, 768)``."""
         pooled = masked_mean(x, mask)
         y = self.global_proj_out(pooled * (1 + self.scale_factor))
         s = self.S
