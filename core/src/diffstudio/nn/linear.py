@@ -16,6 +16,12 @@ The op has no autograd formula, so :func:`linear` uses it only when no gradient 
 tensors of the plain tensor type; everything else, training included, goes to ``F.linear``. The results agree
 with ``F.linear`` to float32 rounding (a different summation order: about 4e-6 relative).
 
+On a CPU without native bf16 (no ``avx512_bf16`` / AMX-BF16: :func:`diffstudio.devices.cpu_compute_path`),
+torch has no fast bf16 GEMM: measured on the AVX2 benchmark machine, a bf16 ``F.linear`` of 512 x 512 -> 512
+took about 500x the float32 time. There :func:`linear` computes bf16 inputs in float32 (weights cast up per
+call, the result cast back to bf16), and under a CPU bf16 autocast it computes in float32 with autocast off
+(returning float32). Native-bf16 CPUs and CUDA keep torch's bf16 kernels.
+
 The kernel choice does not depend on the memory policy, so resident and offloaded runs stay bitwise identical.
 oneDNN keeps its own per-process workspace (JIT code, scratchpad): about 7 MiB more peak anonymous memory for
 the FLUX.2 test model, whatever the policy. It is off when ``torch.backends.mkldnn`` is disabled or
@@ -32,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from diffstudio._env import switch_on
+from diffstudio.devices import emulated_bf16
 
 __all__ = ["linear", "onednn_linear_available"]
 
@@ -83,6 +90,25 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     oneDNN computes it where that is possible and no gradient is needed (module docstring); ``F.linear``
     otherwise.
     """
+    if input.dtype == torch.bfloat16 and emulated_bf16(input.device, input.dtype):
+        return _float32_linear(input, weight, bias).to(torch.bfloat16)
+    if _cpu_bf16_autocast(input):
+        with torch.autocast("cpu", enabled=False):
+            return _float32_linear(input, weight, bias)
     if _ONEDNN_LINEAR is not None and _onednn_applies(input, weight, bias):
         return _ONEDNN_LINEAR(input, weight, bias, "none", [], "")
     return F.linear(input, weight, bias)
+
+
+def _float32_linear(input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return linear(input.float(), weight.float(), None if bias is None else bias.float())
+
+
+def _cpu_bf16_autocast(input: Tensor) -> bool:
+    """A CPU bf16 autocast region on a CPU that only emulates bf16 (F.linear would run the slow bf16 GEMM)."""
+    return (
+        input.device.type == "cpu"
+        and torch.is_autocast_enabled("cpu")
+        and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        and emulated_bf16(input.device, torch.bfloat16)
+    )
