@@ -19,6 +19,8 @@ Each ratio line also carries ``best_of_ratio`` (fastest run over fastest run), s
 
 * ``eligen_overhead_ratio``: our step with EliGen's masked attention over a plain step with the same (longer)
   text stream, i.e. the cost of the mask alone.
+* ``infiniteyou_step_ratio`` (target <= 1.0) and ``infiniteyou_over_plain_step``: InfiniteYou's InfuseNet (its
+  own text stream: 8 identity tokens, zero ids, guidance 1.0) vs diffusers, and over a plain step.
 """
 
 from __future__ import annotations
@@ -209,6 +211,63 @@ def bench_eligen(ours: Any, inp: dict[str, Any], size: dict[str, int], repeat: i
          best_of_ratio=round(BEST["ratio"], 4), note="same text (global + 2 entities); the mask alone")  # fmt: skip
 
 
+def bench_infiniteyou(ref: Any, ours: Any, inp: dict[str, Any], size: dict[str, int], repeat: int) -> None:
+    """InfiniteYou: the InfuseNet (2 double + 4 single) on 8 identity tokens, zero ids, guidance 1.0, per step.
+
+    Figures: ``infiniteyou_step_ratio`` (target <= 1.0) our step (InfuseNet hook + DiT with the block residual)
+    over diffusers' ``FluxControlNetModel`` (fed the same tokens) + ``FluxTransformer2DModel(controlnet_*)``, and
+    ``infiniteyou_over_plain_step`` our step over our plain DiT step. The projector runs once per call, not timed.
+    """
+    from diffstudio.dit.extensions import DitCall
+    from diffstudio_controlnet import ControlNetInput
+    from diffstudio_controlnet.loaders import to_canonical
+    from diffstudio_controlnet.model import ControlNetParams, FluxControlNet
+    from diffstudio_infiniteyou.resampler import Resampler, ResamplerParams
+    from diffstudio_infiniteyou.units import InfuseNetHook
+    from diffusers import FluxControlNetModel
+
+    net = FluxControlNetModel(
+        in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=128, num_attention_heads=size["heads"],
+        joint_attention_dim=size["context"], pooled_projection_dim=size["pooled"], guidance_embeds=True,
+    ).eval()  # fmt: skip
+    with torch.no_grad():  # zero-initialised projections in diffusers; make the residuals real
+        for p in [*net.controlnet_blocks.parameters(), *net.controlnet_single_blocks.parameters(),
+                  *net.controlnet_x_embedder.parameters()]:  # fmt: skip
+            p.normal_(0, 0.02)
+    state = to_canonical(net.state_dict())
+    mine = FluxControlNet(ControlNetParams.from_state_dict_shapes({k: tuple(v.shape) for k, v in state.items()}))
+    mine.load_state_dict(state)
+    mine.eval()
+    projector = Resampler(ResamplerParams(dim=256, depth=2, heads=4, output_dim=size["context"])).eval()
+    embedding, cond = torch.randn(1, 1, 512), torch.randn(1, size["img"], 64)
+    depth = (size["depth"], size["single"])
+    hook = InfuseNetHook(mine, projector, embedding, cond, 1.0, ControlNetInput(None), 1, depth)
+    with torch.no_grad():
+        tokens = projector(embedding)
+
+    def run_ours() -> Any:
+        call = DitCall(inp["img"], inp["img_ids"], inp["txt"], inp["txt_ids"], inp["timesteps"], inp["y"],
+                       inp["guidance"], 0)  # fmt: skip
+        return ours(**inp, **hook(call))
+
+    def run_theirs() -> Any:
+        double, single = net(hidden_states=inp["img"], controlnet_cond=cond, encoder_hidden_states=tokens,
+                             pooled_projections=inp["y"], timestep=inp["timesteps"], img_ids=inp["img_ids"][0],
+                             txt_ids=torch.zeros(tokens.shape[1], 3), guidance=torch.tensor([1.0]),
+                             return_dict=False)  # fmt: skip
+        return reference_call(ref, inp, controlnet_block_samples=double, controlnet_single_block_samples=single)
+
+    with torch.no_grad():
+        got = run_ours()
+        diff = (got - run_theirs()).abs().max().item()
+    a, b = compare(run_ours, run_theirs, repeat)
+    emit("infiniteyou_step_ratio", a / b, "x", ours_s=round(a, 4), diffusers_s=round(b, 4), target="<= 1.0",
+         best_of_ratio=round(BEST["ratio"], 4), max_abs_diff=diff)  # fmt: skip
+    a, b = compare(run_ours, lambda: ours(**inp), repeat)
+    emit("infiniteyou_over_plain_step", a / b, "x", infiniteyou_s=round(a, 4), plain_s=round(b, 4),
+         best_of_ratio=round(BEST["ratio"], 4), note="InfuseNet 2 double + 4 single blocks beside the DiT")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small model and token counts")
@@ -222,6 +281,7 @@ def main() -> None:
     bench_controlnet(ref, ours, inp, size, args.repeat)
     bench_ipadapter(ref, ours, inp, size, args.repeat)
     bench_eligen(ours, inp, size, args.repeat)
+    bench_infiniteyou(ref, ours, inp, size, args.repeat)
 
 
 if __name__ == "__main__":
