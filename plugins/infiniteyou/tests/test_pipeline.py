@@ -57,8 +57,8 @@ def test_the_identity_embedding_and_guidance_change_the_image(pipe: FluxImagePip
     off = pipe(PROMPT, infinityou_id_embedding=_embedding(0), controlnet_inputs=[
         ControlNetInput(Image.new("RGB", (W, H)), start=0.2, end=0.1)], **ARGS)  # fmt: skip
     assert torch.equal(off, base)  # no step in its range: the InfuseNet never acts
-    kps = pipe(PROMPT, infinityou_id_embedding=_embedding(0), controlnet_inputs=[
-        ControlNetInput(draw_keypoints((W, H), [[15, 10], [30, 10], [22, 16], [16, 24], [29, 24]]))], **ARGS)  # fmt: skip
+    drawn = draw_keypoints((W, H), [[15, 10], [30, 10], [22, 16], [16, 24], [29, 24]])
+    kps = pipe(PROMPT, infinityou_id_embedding=_embedding(0), controlnet_inputs=[ControlNetInput(drawn)], **ARGS)
     assert (kps - first).abs().max() > 1e-5  # the keypoint control image reaches the InfuseNet
     cfg = pipe(PROMPT, infinityou_id_embedding=_embedding(0), cfg_scale=2.0, negative_prompt="blurry", **ARGS)
     assert cfg.shape == first.shape
@@ -83,8 +83,8 @@ def test_a_plain_controlnet_and_the_infusenet_work_together(
     edges, face = fp.image(W, H, seed=4), Image.new("RGB", (W, H))
     plain_only = both(PROMPT, controlnet_inputs=[ControlNetInput(edges)], **ARGS)
     identity_only = both(PROMPT, infinityou_id_embedding=_embedding(0), **ARGS)
-    together = both(PROMPT, infinityou_id_embedding=_embedding(0),
-                    controlnet_inputs=[ControlNetInput(edges), ControlNetInput(face, controlnet_id=1)], **ARGS)  # fmt: skip
+    inputs = [ControlNetInput(edges), ControlNetInput(face, controlnet_id=1)]  # the InfuseNet comes after the nets
+    together = both(PROMPT, infinityou_id_embedding=_embedding(0), controlnet_inputs=inputs, **ARGS)
     assert (together - plain_only).abs().max() > 1e-5 and (together - identity_only).abs().max() > 1e-5
     with pytest.raises(PipelineInputError, match="no ControlNet is loaded"):  # id 0 is the InfuseNet without one
         pipeline(repo, files.infusenet_folder, files.projector_file)(
