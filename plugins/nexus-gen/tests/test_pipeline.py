@@ -59,22 +59,29 @@ def decoder_config(path: Path) -> ModelConfig:
     return ModelConfig(path=str(path), config={**AXES, "heads": 2, "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
 
 
+@pytest.fixture(scope="module")
+def edit_pipe(repo: Any, decoders: dict[str, Path], ar_files: Any) -> FluxImagePipeline:
+    """The AR model + the editing decoder (loaded from the .bin with the flag)."""
+    pipe = pipeline(repo, ar_config(ar_files), dit=False)
+    path = decoders["editing"]
+    assert load_decoder(pipe, path, allow_pickle=True, config=decoder_config(path)) == "editing"
+    return pipe
+
+
 def test_decoder_bin_is_refused_without_the_pickle_flag(repo: Any, decoders: dict[str, Path]) -> None:
-    pipe = pipeline(repo)
+    pipe = pipeline(repo, dit=False)
     with pytest.raises(PickleRefusedError, match="allow_pickle=True"):
         load_decoder(pipe, decoders["generation"])
     with pytest.raises(PickleRefusedError):
-        pipeline(repo, ModelConfig(path=str(decoders["generation"])))
+        pipeline(repo, ModelConfig(path=str(decoders["generation"])), dit=False)
     with pytest.raises(PickleRefusedError):
         convert_decoder_file(decoders["editing"], decoders["editing"].parent / "out")
 
 
 def test_decoder_bin_loads_with_the_flag_into_the_dit_and_the_head_slots(
-    repo: Any, decoders: dict[str, Path], decoder_dit: Any, ng: Any
+    edit_pipe: FluxImagePipeline, decoder_dit: Any, ng: Any
 ) -> None:
-    pipe = pipeline(repo, dit=False)
-    path = decoders["editing"]
-    assert load_decoder(pipe, path, allow_pickle=True, config=decoder_config(path)) == "editing"
+    pipe = edit_pipe
     state = pipe.dit.state_dict()
     assert all(torch.equal(state[k], v) for k, v in decoder_dit.items())
     merger = ng.merger_state(seed=5)
@@ -101,7 +108,7 @@ def test_a_whole_decoder_given_to_from_pretrained_is_refused_with_what_to_do(
     repo: Any, decoders: dict[str, Path]
 ) -> None:
     with pytest.raises(NexusGenCheckpointError, match="load_decoder.*nexus-gen-convert"):
-        pipeline(repo, ModelConfig(path=str(decoders["whole-safetensors"])))
+        pipeline(repo, ModelConfig(path=str(decoders["whole-safetensors"])), dit=False)
 
 
 class Recorder:
@@ -158,11 +165,9 @@ def _image() -> Any:
 
 
 def test_editing_merges_target_and_reference_with_the_published_text_ids(
-    repo: Any, decoders: dict[str, Path], ar_files: Any, reference_image: Any
+    edit_pipe: FluxImagePipeline, reference_image: Any
 ) -> None:
-    pipe = pipeline(repo, ar_config(ar_files), dit=False)
-    path = decoders["editing"]
-    load_decoder(pipe, path, allow_pickle=True, config=decoder_config(path))
+    pipe = edit_pipe
     recorder = run(pipe, "Add a crown.", nexus_gen_reference_image=reference_image)
     (pos_txt, pos_ids, _), (neg_txt, _, _) = recorder.calls
     with torch.no_grad():
