@@ -185,6 +185,17 @@ def _sigmas(value: Any) -> list[float]:
     return [_float(0.0, 1.0, low_open=True)(item) for item in value]
 
 
+def _step_cache(value: Any) -> str:
+    from diffstudio.cache.errors import StepCacheError
+    from diffstudio.cache.spec import parse_cache_spec
+
+    try:
+        spec = parse_cache_spec(value, "cache")
+    except StepCacheError as exc:
+        raise _Bad(str(exc).removeprefix(f"cache {value!r}: ")) from None
+    return "off" if spec is None else str(spec)
+
+
 def _hashes(value: Any) -> dict[str, str]:
     if not isinstance(value, dict) or len(value) > MAX_LIST:
         raise _Bad(f"must be an object mapping file paths to SHA-256 hex digests, got {_show(value)}")
@@ -239,6 +250,7 @@ FIELDS: dict[str, tuple[Checker, str]] = {
     "dtype": (_dtype, "computation dtype"),
     "fp8": (_bool, "store weights in float8"),
     "sha256": (_hashes, "expected SHA-256 of files (a warning when a file differs)"),
+    "step_cache": (_step_cache, "step cache KIND:THRESHOLD: teacache:0.4 or fbcache:0.1 (diffstudio.cache)"),
 }
 #: Short names accepted for fields.
 ALIASES: dict[str, str] = {
@@ -254,13 +266,14 @@ ALIASES: dict[str, str] = {
     "kontext_images": "edit_image",
     "lora": "loras",
     "template": "templates",
+    "cache": "step_cache",
 }
 #: Fields naming files, resolved against the job file's folder.
 PATH_FIELDS = ("model", "tokenizer", "templates", "input_image", "inpaint_mask", "edit_image")
 #: Fields that are pipeline call arguments, passed as they are.
 CALL_FIELDS = (
     "negative_prompt", "num_inference_steps", "cfg_scale", "embedded_guidance", "height", "width",
-    "denoising_strength", "max_sequence_length", "t5_sequence_length", "sigmas",
+    "denoising_strength", "max_sequence_length", "t5_sequence_length", "sigmas", "step_cache",
 )  # fmt: skip
 
 

@@ -315,6 +315,7 @@ def run(
     mine = planned[rank::world]
     results: list[dict[str, Any]] = []
     todo = [item for item in mine if item.todo]
+    reports: dict[Path, dict[str, Any]] = {}
     if todo and not dry_run:
         from diffstudio.run_session import Session
 
@@ -323,11 +324,12 @@ def run(
                           config_templates=config_templates)  # fmt: skip
         for item in sorted(todo, key=lambda i: list(dict.fromkeys(p.pipe_key for p in todo)).index(i.pipe_key)):
             session.generate(item, extra, metadata=metadata)
+        reports = session.reports
     for item in mine:
         written = {p for _, p in item.todo}
         results.extend(
             {"prompt": item.job.prompt, "seed": s, "path": str(p), "skipped": p not in written,
-             "job": item.job.index, "hash": item.digest}
+             "job": item.job.index, "hash": item.digest, **reports.get(p, {})}
             for s, p in item.images
         )  # fmt: skip
     if state is not None:
@@ -428,7 +430,7 @@ _CLI_FIELDS = (
     ("steps", "num_inference_steps"), ("cfg_scale", "cfg_scale"), ("height", "height"), ("width", "width"),
     ("negative_prompt", "negative_prompt"), ("guidance", "embedded_guidance"), ("image", "input_image"),
     ("mask", "inpaint_mask"), ("denoising_strength", "denoising_strength"), ("edit_image", "edit_image"),
-    ("max_sequence_length", "max_sequence_length"),
+    ("max_sequence_length", "max_sequence_length"), ("cache", "step_cache"),
 )  # fmt: skip
 
 
@@ -464,6 +466,8 @@ def run_cli(args: argparse.Namespace, runtime: Runtime) -> int:
                 _write_line_atomically(json.dumps(row))
             else:
                 state = "exists, skipped" if row["skipped"] else ("to write" if args.dry_run else "written")
+                if "computed_steps" in row:
+                    state += f", {row['computed_steps']}/{row['steps']} steps computed ({row['step_cache']})"
                 print(f"{row['path']}  (seed {row['seed']}, {state})", file=sys.stdout)
     return 0
 

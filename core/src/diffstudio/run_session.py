@@ -119,6 +119,7 @@ class Session:
         self._templates: dict[tuple[str, ...], Any] = {}
         self._loras: list[tuple[str, float]] = []
         self._hashes: dict[str, str | None] = {}
+        self.reports: dict[Path, dict[str, Any]] = {}  # image path -> step-cache figures of the result row
 
     # ------------------------------------------------------------------------------------------------------
     # what stays loaded
@@ -269,4 +270,9 @@ class Session:
             if self.memory:
                 record.extra["memory"] = self.memory
             record.extra["compute"] = compute_record(self.device, item.row["dtype"])
+            report = getattr(getattr(pipe, "last_run", None), "step_cache", None)
+            if report:  # what the step cache did (--cache): in the record and in the result row
+                record.extra["step_cache"] = report
+                self.reports[path] = {"step_cache": report["cache"], "steps": report["steps"],
+                                      "computed_steps": report["computed_steps"]}  # fmt: skip
             save_image(image, path, record, metadata=metadata)

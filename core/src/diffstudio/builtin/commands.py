@@ -87,6 +87,11 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-metadata", action="store_true", help="write PNGs without generation parameters")
     parser.add_argument("--format", choices=("text", "json"), default="text", help="output format")
+    parser.add_argument(
+        "--cache", default=None, metavar="KIND:THRESHOLD",
+        help="step caching: teacache:0.4 (TeaCache, calibrated coefficients) or fbcache:0.1 (First-Block-Cache); "
+        "larger is faster and less faithful; the result reports the computed steps",
+    )  # fmt: skip
     images = parser.add_argument_group("input images")
     images.add_argument("--image", metavar="FILE", help="image-to-image (and inpainting) source image")
     images.add_argument("--mask", metavar="FILE", help="inpainting mask for --image (white = repaint)")

@@ -17,7 +17,7 @@ KINDS: dict[str, str] = {
     "teacache": "TeaCache (polynomial-rescaled change of the first block's modulated input; calibrated)",
     "fbcache": "First-Block-Cache (relative change of the first block's residual; no calibration)",
 }
-MAX_THRESHOLD = 100.0
+MAX_THRESHOLD = 1e6
 
 
 @dataclass(frozen=True)
