@@ -172,6 +172,9 @@ def test_flux1_refuses_the_combined_file_and_step1x_claims_it(step1x_repo: dict[
 def test_pipeline_edits_end_to_end_with_cfg(step1x_repo: dict[str, Any]) -> None:
     pipe = _pipeline(step1x_repo)
     pipe.prompt_drop_tokens = 3  # the tiny tokenizer's prefix is shorter than the 7B template's 217 tokens
+    from diffstudio_qwen_vl import load_processor
+
+    pipe.processor = load_processor(step1x_repo["root"] / "qwen", min_pixels=4 * 28 * 28, max_pixels=8 * 28 * 28)
     reference = Image.new("RGB", (48, 32), (200, 40, 40))
     out = pipe('make the sign say "OK"', step1x_reference_image=reference, num_inference_steps=2, seed=0,
                output_type="pt")  # fmt: skip
