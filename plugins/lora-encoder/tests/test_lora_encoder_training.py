@@ -15,9 +15,17 @@ from diffstudio.train import TrainConfig, Trainer
 from diffstudio_lora_encoder.loaders import claim_lora_encoder
 from safetensors.torch import load_file, save_file
 
-ROOT = Path(__file__).resolve().parents[3]
 encoder_tests = import_file(Path(__file__).with_name("test_lora_encoder.py"))
-train_helpers = import_file(ROOT / "tests" / "train" / "helpers.py")
+
+
+def fixed_loss(trainer: Any, positions: list[int]) -> float:
+    """The trained objective on ``positions`` with noise and sigmas no training step drew (no gradients)."""
+    from diffstudio.train.objective import sample_generator
+
+    dataset = trainer._dataset(trainer.pipeline)
+    with torch.no_grad():
+        batch = trainer._prepare(trainer.pipeline, dataset, None, positions, set())
+        return float(trainer.objective(batch, [sample_generator(1234, 0, p) for p in positions]))
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +59,11 @@ def test_training_the_lora_encoder_lowers_the_loss(repo: Any, data: tuple[Path, 
     trainer = Trainer(TrainConfig(**options), Runtime())
     result = trainer.run()
     assert len(result.losses) == 12 and all(torch.isfinite(torch.tensor(result.losses)))
-    after = train_helpers.fixed_loss(trainer, [0, 1, 2, 3])
+    after = fixed_loss(trainer, [0, 1, 2, 3])
     dit = trainer.pipeline.dit
     assert not any(p.requires_grad for p in dit.parameters())  # the DiT stays frozen
     trainer.pipeline.lora_encoder.load_state_dict(load_file(str(encoder)))
-    before = train_helpers.fixed_loss(trainer, [0, 1, 2, 3])
+    before = fixed_loss(trainer, [0, 1, 2, 3])
     print(f"lora encoder training: fixed-noise loss {before:.4f} -> {after:.4f}")
     assert after < 0.995 * before  # one token per LoRA moves the loss a little (2.753 -> 2.725), deterministically
     saved = tmp_path / "epoch-2.safetensors"
