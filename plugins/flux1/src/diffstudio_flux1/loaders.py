@@ -4,8 +4,9 @@ Every claim is decided from tensor names and shapes only (no data read, no hash 
 
 * DiT, BFL single file (``flux1-dev``, ``flux1-schnell``, ``flux1-kontext-dev``, ``flux1-fill-dev``; also under
   ComfyUI's ``model.diffusion_model.`` / ``diffusion_model.`` prefixes) or diffusers ``transformer/`` folder
-  (sharded or not). The variant (``dev``, ``schnell``, ``fill``, ``custom``) comes from widths and the
+  (sharded or not). The variant (``dev``, ``schnell``, ``fill``, ``flex``, ``custom``) comes from widths and the
   guidance embedder; dev and Kontext share every shape, so both are ``dev`` (Kontext is a way of calling it).
+  FLUX.1-Krea-dev has dev's tensors too: ``krea-dev`` comes from its name only (:func:`named_variant`).
 * VAE, BFL ``ae.safetensors`` or diffusers ``vae/`` (``AutoencoderKL``; its ``config.json`` supplies the
   latent scale and shift when present).
 * Text encoders: CLIP-L (``text_encoder/``, legacy ``text_model.*`` or transformers-5 keys) and T5-XXL
