@@ -116,3 +116,20 @@ def test_calibration_fit_recovers_a_known_polynomial():
     assert np.allclose(polynomial, truth, atol=1e-8) and rmse < 1e-10
     with pytest.raises(StepCacheError, match="needs 5"):
         fit([(0.1, 0.2)] * 3, degree=4)
+
+
+@pytest.mark.parametrize("value", ["foo:x", "teacache:-1", "teacache"])
+def test_bad_cache_flag_is_a_one_line_error_before_anything_loads(value, tmp_path, capsys):
+    from diffstudio.cli import EXIT_ERROR, main
+
+    code = main(["run", "a red circle", "--cache", value, "--dry-run", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == EXIT_ERROR and "--cache" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cache_flag_is_part_of_the_recorded_job_and_its_hash(tmp_path):
+    from diffstudio.run_api import run
+
+    plain = run("a red circle", out=tmp_path, dry_run=True)
+    cached = run("a red circle", out=tmp_path, dry_run=True, step_cache="teacache:0.4")
+    assert plain[0]["hash"] != cached[0]["hash"]

@@ -98,7 +98,7 @@ class TeaCache(StepCache):
         self.previous_residual: Tensor | None = None
 
     def decide(self, modulated: Tensor) -> bool:
-        """Update the state with this step's modulated input ``(B, L, D)``; True when the stack must run."""
+        """Take this step's modulated input ``(B, L, D)``, advance the step; True when the stack must run."""
         estimate: float | None = None
         edge = self.step == 0 or self.step == self.num_steps - 1
         previous = self.previous_modulated
@@ -113,6 +113,7 @@ class TeaCache(StepCache):
                 self.accumulated = 0.0
         self.previous_modulated = modulated
         self.estimates.append(estimate)
+        self.step = (self.step + 1) % self.num_steps
         return compute
 
     def __call__(self, img: Tensor, vec: Tensor, run: Callable[[], Tensor]) -> Tensor:
@@ -126,7 +127,6 @@ class TeaCache(StepCache):
         else:
             out = img + self.previous_residual
         self.computed.append(compute)
-        self.step = (self.step + 1) % self.num_steps
         return out
 
 
