@@ -69,6 +69,7 @@ def load_image_proj(checkpoint: Checkpoint, request: LoadRequest) -> nn.Module:
 
 def load_arcface(checkpoint: Checkpoint, request: LoadRequest) -> nn.Module:
     """Build the :class:`~diffstudio_infiniteyou.arcface.ArcFaceIRSE` embedder (stage sizes from the names)."""
+    import torch
     from diffstudio.loading import build_on_meta, load_state_dict_into
 
     from diffstudio_infiniteyou.arcface import ArcFaceIRSE
@@ -77,7 +78,9 @@ def load_arcface(checkpoint: Checkpoint, request: LoadRequest) -> nn.Module:
     units = ArcFaceIRSE.units_from_keys(keys)
     side = int((checkpoint.shape("output_layer.3.weight")[1] // 512) ** 0.5)
     model = build_on_meta(lambda: ArcFaceIRSE(units, crop=side * 16))
-    load_state_dict_into(model, checkpoint.state_dict(keys), dtype=request.torch_dtype, device=request.device)
+    # float32 like the published pipeline (a small model; a bf16 embedding would move the identity tokens)
+    dtype = None if request.torch_dtype is None else torch.float32
+    load_state_dict_into(model, checkpoint.state_dict(keys), dtype=dtype, device=request.device)
     return model.eval().requires_grad_(False)
 
 

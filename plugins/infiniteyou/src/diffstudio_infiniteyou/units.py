@@ -263,6 +263,9 @@ class InfiniteYouPrepare(PipelineUnit):
             net, pipe.image_proj, embedding.to(pipe.device), cond.to(pipe.device, pipe.torch_dtype), guidance, item,
             len(inputs["timesteps"]), (len(dit.double_blocks), len(dit.single_blocks)),
         )  # fmt: skip
+        if not any(p.requires_grad for p in pipe.image_proj.parameters()):
+            with torch.no_grad():  # the projector is onloaded for this unit: its tokens are computed here, once
+                hook.tokens()
         out: dict[str, Any] = {"call_hooks": {**(inputs["call_hooks"] or {}), "infiniteyou": hook}}
         if inputs["controlnet_inputs"] is not None:
             out["controlnet_inputs"] = others or None
