@@ -15,6 +15,8 @@ from diffstudio.train import TrainConfig, Trainer
 from diffstudio_lora_encoder.loaders import claim_lora_encoder
 from safetensors.torch import load_file, save_file
 
+pytestmark = pytest.mark.slow  # a training run, like the other trainer tests (ControlNet, tests/train)
+
 encoder_tests = import_file(Path(__file__).with_name("test_lora_encoder.py"))
 
 

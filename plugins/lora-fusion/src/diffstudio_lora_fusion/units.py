@@ -24,8 +24,8 @@ class LoraFusionEnable(PipelineUnit):
         "Installs the loaded LoRA merger (LoRAFusion) as the combiner of each DiT Linear: side-path LoRA outputs "
         "are gated against the base output instead of summed. Nothing happens without a merger or when disabled."
     )
-    components = ("dit", "lora_merger")
-    optional_components = ("dit", "lora_merger")
+    components = ()  # it only sets attributes: nothing to onload (no memory shuffling under offloading)
+    after = ("flux1_encode_prompt", "flux1_extensions", "flux1_kontext", "flux1_input_image", "flux1_inpaint_mask")
     inputs = ()
     outputs = ()
 
