@@ -21,8 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from diffstudio.config import ModelConfig
-from diffstudio.errors import AmbiguousCheckpointError, NoPipelineError, StrictLoadError, UnknownCheckpointError
+from diffstudio.errors import (
+    AmbiguousCheckpointError,
+    NoPipelineError,
+    PickleRefusedError,
+    StrictLoadError,
+    UnknownCheckpointError,
+)
 from diffstudio.loading.checkpoint import Checkpoint
+from diffstudio.loading.pickle_policy import is_pickle_path
 from diffstudio.loading.sources import WEIGHT_SUFFIXES, ShardIndexError
 from diffstudio.resolve import resolve_files
 from diffstudio.runtime import Runtime
@@ -55,6 +62,9 @@ def open_checkpoint(runtime: Runtime, config: ModelConfig) -> Checkpoint:
         safetensors = [f for f in weights if f.suffix.lower() == ".safetensors"]
         indexes = [f for f in files if f.name.endswith(".safetensors.index.json")] if safetensors else []
         files = safetensors or weights or files
+    pickles = [f for f in files if is_pickle_path(f)]
+    if pickles:
+        raise PickleRefusedError(pickle_refusal(runtime, pickles[0]))
     try:
         return Checkpoint.open([*files, *indexes])
     except ShardIndexError as exc:
@@ -65,6 +75,24 @@ def open_checkpoint(runtime: Runtime, config: ModelConfig) -> Checkpoint:
             f"{exc} The folder also holds {listed}: if that is the complete model, delete the stale index "
             f"({', '.join(i.name for i in indexes)}) or pass the weight file itself."
         ) from None
+
+
+def pickle_refusal(runtime: Runtime, path: Path) -> str:
+    """Why a pickle given to ``from_pretrained`` / ``run`` / ``train`` is refused, and the ways that do load it.
+
+    These paths take no ``allow_pickle`` (the opt-in belongs to explicit loaders), so the message names the
+    conversion commands instead: core's ``diffstudio convert`` and every installed plugin's ``*-convert`` command
+    with its help line (e.g. diffstudio-nexus-gen's, for decoder files that hold two components).
+    """
+    commands = [c for c in runtime.hooks.commands() if c.name.endswith("-convert")]
+    plugins = "; ".join(f"`diffstudio {c.name}` ({c.help})" for c in commands)
+    return (
+        f"Refusing to load the pickle-based checkpoint {path}: unpickling a file can run arbitrary code, and "
+        "from_pretrained (like `diffstudio run` and `diffstudio train`) never unpickles and takes no allow_pickle. "
+        f"If you trust the file, convert it once: `diffstudio convert {path} {path.with_suffix('.safetensors')}`"
+        + (f", or with a plugin's own converter: {plugins}" if plugins else "")
+        + "; then pass the .safetensors file."
+    )
 
 
 def identify(runtime: Runtime, config: ModelConfig) -> tuple[Checkpoint, ModelClaim]:

@@ -72,8 +72,12 @@ def test_decoder_bin_is_refused_without_the_pickle_flag(repo: Any, decoders: dic
     pipe = pipeline(repo, dit=False)
     with pytest.raises(PickleRefusedError, match="allow_pickle=True"):
         load_decoder(pipe, decoders["generation"])
-    with pytest.raises(PickleRefusedError):
+    with pytest.raises(PickleRefusedError) as refused:
         pipeline(repo, ModelConfig(path=str(decoders["generation"])), dit=False)
+    # from_pretrained has no pickle flag: the message names the ways that load a decoder, not a flag it lacks
+    message = str(refused.value)
+    assert "takes no allow_pickle" in message and "pass allow_pickle=True" not in message
+    assert "diffstudio nexus-gen-convert" in message and "load_decoder(pipe, file, allow_pickle=True)" in message
     with pytest.raises(PickleRefusedError):
         convert_decoder_file(decoders["editing"], decoders["editing"].parent / "out")
 

@@ -15,7 +15,11 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-HELP = "split a Nexus-Gen decoder (.bin or .safetensors) into a BFL FLUX.1 DiT and its head, as safetensors"
+HELP = (
+    "split a Nexus-Gen decoder (.bin or .safetensors) into a BFL FLUX.1 DiT and its head, as safetensors; or load it "
+    "directly with diffstudio_nexus_gen.load_decoder(pipe, file, allow_pickle=True)"
+)
+"""One line for ``diffstudio --help``; core's refusal of a pickle given to ``from_pretrained`` quotes it too."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
