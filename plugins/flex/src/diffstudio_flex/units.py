@@ -166,7 +166,7 @@ class FlexConditioning(PipelineUnit):
         random_inpaint = _number(inputs, "flex_random_inpaint", 0.0, 1.0)
         dropout = _number(inputs, "flex_control_dropout", 0.0, 1.0)
         height, width = int(inputs["height"]), int(inputs["width"])
-        h, w = pipe.latent_grid(height, width)  # type: ignore[attr-defined]
+        h, w = pipe.latent_grid(height, width)
         grid = (2 * h, 2 * w)
         latent_channels = (FLEX_IN_CHANNELS // 4 - 1) // 3
         image, mask = inputs.get("flex_inpaint_image"), inputs.get("flex_inpaint_mask")
@@ -214,7 +214,7 @@ class FlexConditioning(PipelineUnit):
         image = _resized(to_rgb(_one_image(value, name), argument=name), size, name, Image.Resampling.LANCZOS)
         tiling = {"tiled": bool(inputs.get("tiled")), "tile_size": int(inputs.get("tile_size") or 128),
                   "tile_stride": int(inputs.get("tile_stride") or 64)}  # fmt: skip
-        latents: Tensor = pipe.encode_image(pil_to_tensor(image, argument=name), **tiling)  # type: ignore[attr-defined]
+        latents: Tensor = pipe.encode_image(pil_to_tensor(image, argument=name), **tiling)
         if tuple(latents.shape[2:]) != grid:
             raise PipelineInputError(f"{name} encodes to a {tuple(latents.shape[2:])} latent, expected {grid}")
         return latents
