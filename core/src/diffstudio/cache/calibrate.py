@@ -59,8 +59,11 @@ class Recorder(StepCache):
         return out
 
 
-def record(pipe: Any, prompts: Sequence[str], **arguments: Any) -> list[tuple[float, float]]:
-    """Generate each prompt uncached (one per call) and return every branch's (estimator, change) pairs."""
+def record(pipe: Any, prompts: Sequence[str], batch: int = 1, **arguments: Any) -> list[tuple[float, float]]:
+    """Generate the prompts uncached, ``batch`` per call, and return every branch's (estimator, change) pairs.
+
+    With ``batch`` > 1 each pair is measured over the whole batch, as TeaCache measures it when generating batches.
+    """
     pairs: list[tuple[float, float]] = []
     original = pipe.predict_velocity
     recorders: dict[str, Recorder] = {}
@@ -73,9 +76,10 @@ def record(pipe: Any, prompts: Sequence[str], **arguments: Any) -> list[tuple[fl
 
     pipe.predict_velocity = recording
     try:
-        for index, prompt in enumerate(prompts):
+        for index in range(0, len(prompts), batch):
             recorders.clear()
-            pipe(prompt, seed=index, **arguments)
+            chunk = list(prompts[index : index + batch])
+            pipe(chunk[0] if batch == 1 else chunk, seed=index, **arguments)
             for recorder in recorders.values():
                 pairs.extend(recorder.pairs)
     finally:
@@ -103,7 +107,13 @@ def fit(pairs: Sequence[tuple[float, float]], degree: int = 4) -> tuple[tuple[fl
 
 
 def calibrate(
-    pipe: Any, prompts: Sequence[str] = DEFAULT_PROMPTS, *, degree: int = 4, name: str = "", **arguments: Any
+    pipe: Any,
+    prompts: Sequence[str] = DEFAULT_PROMPTS,
+    *,
+    degree: int = 4,
+    name: str = "",
+    batch: int = 1,
+    **arguments: Any,
 ) -> Coefficients:
     """Record and fit TeaCache coefficients for ``pipe.dit`` (see the module docstring).
 
@@ -112,14 +122,15 @@ def calibrate(
         prompts: Calibration prompts (one generation each; seeds 0, 1, ...).
         degree: Polynomial degree (4, as TeaCache's published FLUX polynomial).
         name: A name recorded in the file.
+        batch: Prompts per generation (the estimator is then measured over the batch).
         **arguments: Pipeline arguments (steps, size, cfg_scale...): use those the model will be run with.
     """
     started = time.monotonic()
-    pairs = record(pipe, prompts, **arguments)
+    pairs = record(pipe, prompts, batch, **arguments)
     polynomial, rmse = fit(pairs, degree)
     shape = dit_shape(pipe)
     settings = {k: v for k, v in arguments.items() if isinstance(v, (int, float, str, bool)) or v is None}
-    info = {"prompts": len(prompts), "points": len(pairs), "degree": degree, "rmse": rmse,
+    info = {"prompts": len(prompts), "batch": batch, "points": len(pairs), "degree": degree, "rmse": rmse,
             "x_range": [min(p[0] for p in pairs), max(p[0] for p in pairs)], "arguments": settings,
             "seconds": round(time.monotonic() - started, 2)}  # fmt: skip
     return Coefficients(polynomial, shape, name or f"calibrated for {shape}", info)
@@ -137,6 +148,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
     parser.add_argument("--cfg-scale", type=float, default=None, help="CFG scale (default: the model's)")
     parser.add_argument("--degree", type=int, default=4, help="polynomial degree (default 4)")
+    parser.add_argument("--batch", type=int, default=1, help="prompts per generation (as you will generate them)")
     parser.add_argument("--device", default=None, help="computation device (default: cuda if available)")
     parser.add_argument("--dtype", default=None, help="computation dtype (default: bf16 on cuda, fp32 on cpu)")
     parser.add_argument(
@@ -168,7 +180,9 @@ def run_command(args: argparse.Namespace, runtime: Any) -> int:
     pipe.set_progress_bar_config(disable=True)
     given = {"num_inference_steps": args.steps, "height": args.height, "width": args.width, "cfg_scale": args.cfg_scale}
     arguments = {**defaults, **{k: v for k, v in given.items() if v is not None}}
-    coefficients = calibrate(pipe, _prompts(args), degree=args.degree, **arguments)
+    if args.batch < 1:
+        raise StepCacheError(f"--batch {args.batch} must be at least 1")
+    coefficients = calibrate(pipe, _prompts(args), degree=args.degree, batch=args.batch, **arguments)
     target = args.out
     if target is None:
         candidates = beside(pipe.loaded["dit"].files)
