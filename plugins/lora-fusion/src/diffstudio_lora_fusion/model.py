@@ -65,6 +65,8 @@ class LoraMerger(nn.Module):
         w_base, w_lora, w_cross, w_out, bias, nb_w, nb_b, nl_w, nl_b = self._params(base)
         shape = (base.shape[-1],)
         norm_base = F.layer_norm(base, shape, nb_w, nb_b, self.norm_base.eps)
+        if not torch.is_grad_enabled():
+            return self._inference(base, lora_outputs, norm_base, (w_base, w_lora, w_cross, w_out, bias, nl_w, nl_b))
         base_term = torch.addcmul(bias, norm_base, w_base)  # LN_b(o) w_base + bias
         lora_gain = torch.addcmul(w_lora, norm_base, w_cross)  # w_lora + LN_b(o) w_cross
         out = base
@@ -72,6 +74,28 @@ class LoraMerger(nn.Module):
             norm_lora = F.layer_norm(lora, shape, nl_w, nl_b, self.norm_lora.eps)
             gate = torch.sigmoid(torch.addcmul(base_term, norm_lora, lora_gain))
             out = torch.addcmul(out, gate * w_out, lora)
+        return out
+
+    def _inference(
+        self, base: Tensor, lora_outputs: list[Tensor], norm_base: Tensor, params: tuple[Tensor, ...]
+    ) -> Tensor:
+        """The same gate without autograd: ``LN_l``'s affine folded into per-layer terms, in-place updates.
+
+        ``z_i = LN(l_i) * (nl_w * c) + (nl_b * c + a)`` with ``a = LN_b(o) w_base + bias`` and
+        ``c = w_lora + LN_b(o) w_cross``: two per-layer tensors, then fused in-place passes per LoRA (the first
+        accumulation allocates the result, so ``base`` itself is never changed).
+        """
+        w_base, w_lora, w_cross, w_out, bias, nl_w, nl_b = params
+        shape = (base.shape[-1],)
+        c = torch.addcmul(w_lora, norm_base, w_cross)
+        shift = torch.addcmul(bias, norm_base, w_base).addcmul_(c, nl_b)
+        gain = c.mul_(nl_w)
+        out: Tensor | None = None
+        for lora in lora_outputs:
+            gate = F.layer_norm(lora, shape, None, None, self.norm_lora.eps).mul_(gain).add_(shift).sigmoid_()
+            gate.mul_(w_out)
+            out = torch.addcmul(base, gate, lora) if out is None else out.addcmul_(gate, lora)
+        assert out is not None
         return out
 
 
