@@ -78,7 +78,7 @@ def open_checkpoint(runtime: Runtime, config: ModelConfig) -> Checkpoint:
 
 
 def pickle_refusal(runtime: Runtime, path: Path) -> str:
-    """Why a pickle given to ``from_pretrained`` / ``run`` / ``train`` is refused, and the ways that do load it.
+    """Why a pickle given to ``from_pretrained`` / ``run`` / ``train`` / ``inspect`` is refused, and what loads it.
 
     These paths take no ``allow_pickle`` (the opt-in belongs to explicit loaders), so the message names the
     conversion commands instead: core's ``diffstudio convert`` and every installed plugin's ``*-convert`` command
@@ -88,7 +88,7 @@ def pickle_refusal(runtime: Runtime, path: Path) -> str:
     plugins = "; ".join(f"`diffstudio {c.name}` ({c.help})" for c in commands)
     return (
         f"Refusing to load the pickle-based checkpoint {path}: unpickling a file can run arbitrary code, and "
-        "from_pretrained (like `diffstudio run` and `diffstudio train`) never unpickles and takes no allow_pickle. "
+        "from_pretrained (like `diffstudio run`, `train` and `inspect`) never unpickles and takes no allow_pickle. "
         f"If you trust the file, convert it once: `diffstudio convert {path} {path.with_suffix('.safetensors')}`"
         + (f", or with a plugin's own converter: {plugins}" if plugins else "")
         + "; then pass the .safetensors file."
