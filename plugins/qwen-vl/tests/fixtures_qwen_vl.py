@@ -43,7 +43,7 @@ CHAT_TEMPLATE = (
 CORPUS = [
     "Given a user prompt, generate an Enhanced prompt that provides detailed visual descriptions.",
     "add more flowers to the garden, make the sky blue, remove the car",
-    "a red circle on a blue background; the sign says \"hello world\"",
+    'a red circle on a blue background; the sign says "hello world"',
     "Picture 1: describe the image in detail. Here is the image: Generate an image",
     "system user assistant You are a helpful assistant.",
 ] * 4

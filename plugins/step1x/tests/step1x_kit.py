@@ -48,3 +48,16 @@ def build_dit(seed: int = 0) -> Any:
 CONFIG = {"axes_dims_rope": [8, 12, 12], "connector_num_heads": 2}
 
 
+def load_pipeline(repo: dict[str, Any], runtime: Any = None) -> Any:
+    """``Step1XEditPipeline`` over the kit's repository (float32, CPU, no progress bar)."""
+    from diffstudio import ModelConfig
+    from diffstudio_step1x import Step1XEditPipeline
+
+    root = repo["root"]
+    pipe = Step1XEditPipeline.from_pretrained(
+        torch_dtype=torch.float32, device="cpu", runtime=runtime,
+        model_configs=[ModelConfig(path=str(root / "step1x-edit-i1258.safetensors"), config=CONFIG),
+                       ModelConfig(path=str(root / "ae.safetensors")), ModelConfig(path=str(root / "qwen"))],
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -118,35 +118,28 @@ def test_connector_equals_the_published_module(t_scale: float) -> None:
     assert got[0].shape == (2, 12, 64) and got[1].shape == (2, POOLED)
 
 
-def _pipeline(repo: dict[str, Any], runtime: Runtime | None = None) -> Any:
-    from diffstudio_step1x import Step1XEditPipeline
-    from step1x_kit import CONFIG
+@pytest.fixture(scope="module")
+def pipe(step1x_repo: dict[str, Any]) -> Any:
+    """One pipeline over the kit's files for the DiT-step and end-to-end tests."""
+    from step1x_kit import load_pipeline
 
-    root = repo["root"]
-    pipe = Step1XEditPipeline.from_pretrained(
-        torch_dtype=torch.float32, device="cpu", runtime=runtime,
-        model_configs=[ModelConfig(path=str(root / "step1x-edit-i1258.safetensors"), config=CONFIG),
-                       ModelConfig(path=str(root / "ae.safetensors")), ModelConfig(path=str(root / "qwen"))],
-    )  # fmt: skip
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return load_pipeline(step1x_repo)
 
 
 def test_dit_step_with_reference_tokens_equals_direct_call_with_concatenated_tokens(
-    step1x_repo: dict[str, Any],
+    step1x_repo: dict[str, Any], pipe: Any
 ) -> None:
     from diffstudio_flux1.math import image_ids
-    from diffstudio_step1x.units import ConnectorHook
 
-    pipe = _pipeline(step1x_repo)
     assert pipe.has("connector") and pipe.connector is pipe.dit.connector
     gen = torch.Generator().manual_seed(3)
     latents, ref = torch.randn(1, 12, 64, generator=gen), torch.randn(1, 12, 64, generator=gen)
     ids = image_ids(1, 3, 4)
     llm, mask = torch.randn(1, 9, 32, generator=gen), torch.tensor([[1] * 6 + [0] * 3])
+    # no call hook given: predict_velocity installs the connector's over the branch's step1x_mask
     inputs = {"latents": latents, "image_ids": ids, "prompt_emb": llm, "text_ids": torch.zeros(1, 9, 3),
               "pooled_prompt_emb": torch.zeros(1, POOLED), "extra_img": ref, "extra_img_ids": ids,
-              "call_hooks": {"step1x_connector": ConnectorHook(pipe.dit, mask)}}  # fmt: skip
+              "step1x_mask": mask}  # fmt: skip
     t = torch.tensor(0.6)
     with torch.no_grad():
         got = pipe.predict_velocity(inputs, 0, t * 1000)
@@ -169,8 +162,7 @@ def test_flux1_refuses_the_combined_file_and_step1x_claims_it(step1x_repo: dict[
         assert (claim.family, claim.model_type, claim.component) == ("step1x", "step1x-dit/edit", "dit")
 
 
-def test_pipeline_edits_end_to_end_with_cfg(step1x_repo: dict[str, Any]) -> None:
-    pipe = _pipeline(step1x_repo)
+def test_pipeline_edits_end_to_end_with_cfg(step1x_repo: dict[str, Any], pipe: Any) -> None:
     pipe.prompt_drop_tokens = 3  # the tiny tokenizer's prefix is shorter than the 7B template's 217 tokens
     from diffstudio_qwen_vl import load_processor
 

@@ -95,7 +95,9 @@ class Trainer:
                     f"--trainable_models / --lora_base_model names {name!r}, which matches no loaded component; "
                     f"loaded: {', '.join(sorted(pipe.loaded))}"
                 )
-        for name, component in pipe.loaded.items():
+        # frozen slots first: a slot that shares modules with a trained one (Step1X's connector slot is the DiT's
+        # connector) must not freeze them after the trained slot unfroze them
+        for name, component in sorted(pipe.loaded.items(), key=lambda item: item[0] in cfg.trainable_models):
             module = component.module
             if isinstance(module, nn.Module):
                 trained = name in cfg.trainable_models

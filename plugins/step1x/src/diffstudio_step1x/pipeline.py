@@ -13,7 +13,8 @@ down to a multiple of 16) unless ``height`` / ``width`` are given, in which case
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections import ChainMap
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,69 @@ class Step1XEditPipeline(FluxImagePipeline):
             self.set_component("connector", self.dit.connector, claim=claim, files=self.loaded["dit"].files)
         return claim
 
+    def load_lora(self, source: Any, scale: float = 1.0, *, fuse: bool = False, name: str | None = None) -> Any:
+        """Apply a LoRA to the DiT; ``connector.*`` layers of a ``step1x/bfl`` file (what training writes) too.
+
+        The DiT layers go through FLUX.1's loader (any FLUX.1 layout, fusing, the report); the connector's are
+        applied under the same name and scale, so ``unload_lora`` removes both (side paths detached, fused weights
+        restored exactly). Returns FLUX.1's ``LoraReport`` with the connector layers counted under ``connector``.
+
+        Raises:
+            LoraMatchError: A connector layer of the file has other sizes than this connector's.
+        """
+        import dataclasses
+
+        from diffstudio import lora as core
+        from diffstudio.nn.delta import delta_linears
+        from diffstudio_flux1.lora import _STATE
+
+        from diffstudio_step1x.lora import CONNECTOR_PREFIX, PREFIX, parse
+
+        tensors = self._lora_tensors(source)
+        if tensors is None or not any(k.startswith(CONNECTOR_PREFIX) for k in tensors):
+            return super().load_lora(source, scale, fuse=fuse, name=name)
+        if not self.has("dit"):
+            raise PipelineInputError("load_lora needs the DiT; add its ModelConfig to from_pretrained")
+        description = str(source) if isinstance(source, (str, Path)) else "<state dict>"
+        state = core.lora_state(self.dit, _STATE)
+        name = core.lora_name(name, description, state.applied, "unload_lora(name)")
+        rest = {k: v for k, v in tensors.items() if not k.startswith(CONNECTOR_PREFIX)}
+        parsed = parse({k: v for k, v in tensors.items() if k.startswith(CONNECTOR_PREFIX)})
+        layers = dict(delta_linears(self.dit))
+        sources = {p: [f"{PREFIX}{p}.lora_down.weight"] for p in parsed}
+        connector, _ = core.match_layers(parsed, sources, [], layers, description, "Step1X")
+        if rest:
+            report = super().load_lora(rest, scale, fuse=fuse, name=name)
+            matched = dict(state.applied[name].lora)
+        else:  # a connector-only LoRA
+            report, matched = core.LoraReport(name, "step1x/bfl", description, float(scale), fuse, 0, {}), {}
+        if fuse:
+            core.keep_originals(state, layers, connector)
+            core.merge_lora(self.dit, connector, scale)
+        else:
+            core.attach_lora(self.dit, connector, name, scale)
+        count = report.tensors_matched + 3 * len(connector)
+        modules = {**report.modules, "connector": len(connector)}
+        report = dataclasses.replace(report, source=description, tensors_matched=count, modules=modules)
+        state.applied[name] = core.AppliedLora(report, {**matched, **connector})
+        return report
+
+    @staticmethod
+    def _lora_tensors(source: Any) -> dict[str, Any] | None:
+        """The tensors of a LoRA path / ModelConfig / state dict (None for anything FLUX.1's loader must judge)."""
+        if isinstance(source, ModelConfig):
+            from diffstudio.resolve import resolve_files
+
+            source = resolve_files(source).files[0]
+        if isinstance(source, Mapping):
+            return dict(source)
+        if isinstance(source, (str, Path)) and Path(source).suffix == ".safetensors" and Path(source).is_file():
+            from diffstudio.loading import Checkpoint
+
+            with Checkpoint.open(source) as checkpoint:
+                return dict(checkpoint.state_dict())
+        return None
+
     def prompt_encoder(self) -> Step1XPromptEncoder:  # type: ignore[override]
         """The Qwen2.5-VL prompt embedder over the ``qwen_vl`` slot and the processor."""
         if not self.has("qwen_vl"):
@@ -103,6 +167,31 @@ class Step1XEditPipeline(FluxImagePipeline):
         if self.prompt_drop_tokens is not None:
             encoder.drop = self.prompt_drop_tokens
         return encoder
+
+    def predict_velocity(self, inputs: Mapping[str, Any], step_index: int, timestep: Tensor) -> Tensor:
+        """FLUX.1's DiT call with the connector hook of the branch (``step1x_mask (B, 640)``) installed.
+
+        The hook is built here from the branch's mask rather than stored in the state, so a batch that the trainer
+        collates from samples prepared one at a time gets one hook over the whole batch (``prompt_emb`` and
+        ``step1x_mask`` are concatenated along the batch axis).
+
+        Raises:
+            PipelineInputError: The branch holds per-sample call hooks (another adapter's, after collation), which
+                cannot carry the connector's batched text stream.
+        """
+        from diffstudio_step1x.units import ConnectorHook
+
+        mask = inputs.get("step1x_mask")
+        if mask is None:
+            return super().predict_velocity(inputs, step_index, timestep)
+        hooks = inputs.get("call_hooks")
+        if isinstance(hooks, list):
+            raise PipelineInputError(
+                "Step1X's connector cannot run beside per-sample call hooks of a collated batch; train with "
+                "--batch_size 1 (or gradient accumulation) when another adapter adds call hooks"
+            )
+        hooks = {**(hooks or {}), "step1x_connector": ConnectorHook(self.dit, mask)}
+        return super().predict_velocity(ChainMap({"call_hooks": hooks}, dict(inputs)), step_index, timestep)
 
     def __call__(  # type: ignore[override]
         self,

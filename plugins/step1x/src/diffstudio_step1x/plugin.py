@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from diffstudio import hookimpl
-from diffstudio.types import PipelineSpec
+from diffstudio.types import LoraFormat, PipelineSpec
 
 if TYPE_CHECKING:
     from diffstudio.config import ModelConfig
@@ -28,6 +28,15 @@ def register_pipelines(register: Callable[[PipelineSpec], None]) -> None:
     register(
         PipelineSpec("step1x", "step1x", _pipeline_class, "Step1X-Edit instruction image editing (FLUX.1 + Qwen2.5-VL)")
     )
+
+
+@hookimpl
+def register_lora_formats(register: Callable[[LoraFormat], None]) -> None:
+    """``step1x/bfl``: BFL / ComfyUI LoRA keys over the Step1X DiT, connector included (what the trainer writes)."""
+    from diffstudio_step1x.lora import layouts
+
+    for spec in layouts():
+        register(spec)
 
 
 @hookimpl

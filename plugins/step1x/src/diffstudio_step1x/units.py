@@ -4,9 +4,13 @@ Prepare stage: FLUX.1's standard flow units under the ``step1x_`` prefix (``step
 ``step1x_set_timesteps`` -> ``step1x_noise`` -> ``step1x_image_ids`` -> ... -> ``step1x_extensions``), then
 ``step1x_reference`` (the reference image, resized to the output size, VAE-encoded and packed into ``extra_img``
 ``(1, L_img, 64)`` with ids equal to the target grid's ``(0, row, col)``), ``step1x_encode_prompt`` (per CFG
-branch: Qwen2.5-VL embeddings ``(B, 640, 3584)`` and masks, each branch with the same reference image) and
-``step1x_connector`` (per branch: a DiT call hook that runs the connector on the call's timestep and replaces the
-text stream: ``txt (B, 640, 4096)``, zero ids, ``y (B, 768)``). Finish: ``step1x_decode``.
+branch: Qwen2.5-VL embeddings ``(B, 640, 3584)`` and masks ``step1x_mask (B, 640)``, each branch with the same
+reference image). Per DiT call, ``Step1XEditPipeline.predict_velocity`` installs :class:`ConnectorHook` over the
+branch's mask: the connector runs on the call's timestep and replaces the text stream (``txt (B, 640, 4096)``,
+zero ids, ``y (B, 768)``). Finish: ``step1x_decode``.
+
+Split training (``--task sft:data_process``) caches ``step1x_reference`` and ``step1x_encode_prompt`` (VAE and
+Qwen2.5-VL only); the connector is part of the trained DiT and runs in every training step.
 """
 
 from __future__ import annotations
@@ -112,28 +116,6 @@ class ConnectorHook:
         return {"text_stream": TextStream(txt, torch.zeros_like(call.txt_ids), y)}
 
 
-class Connector(PipelineUnit["Step1XEditPipeline"]):
-    """Installs the connector hook on each CFG branch."""
-
-    name = "step1x_connector"
-    description = (
-        "Adds the step1x_connector call hook: per DiT call, the connector makes txt and y from the LLM states."
-    )
-    components = ("dit",)
-    per_branch = True
-    after = ("step1x_encode_prompt",)
-    inputs = (
-        InputParam("step1x_mask", "(B, 640) mask of this branch", True, per_branch=True, negative_name="step1x_mask"),
-        InputParam("call_hooks", "this branch's call hooks", per_branch=True, negative_name="call_hooks"),
-    )
-    outputs = (OutputParam("call_hooks", "{name: hook} with step1x_connector added"),)
-
-    def process(self, pipe: Step1XEditPipeline, **inputs: Any) -> Mapping[str, Any]:
-        hooks = dict(inputs["call_hooks"] or {})
-        hooks["step1x_connector"] = ConnectorHook(pipe.dit, inputs["step1x_mask"])
-        return {"call_hooks": hooks}
-
-
 class WrongPipeline(PipelineUnit[Any]):
     """On FLUX.1 pipelines: ``step1x_reference_image`` needs the Step1X pipeline (a typed error, not a silent no-op)."""
 
@@ -152,4 +134,4 @@ class WrongPipeline(PipelineUnit[Any]):
 
 def step1x_units() -> Sequence[PipelineUnit[Any]]:
     """Every unit of the Step1X-Edit pipeline."""
-    return [*flow_units(STEP1X_UNITS), Reference(), EncodePrompt(), Connector()]
+    return [*flow_units(STEP1X_UNITS), Reference(), EncodePrompt()]
