@@ -2,7 +2,8 @@
 
 ``--task sft:data_process`` runs, for every row, each ``prepare``-stage unit whose components are not trained
 (and whose inputs no trained unit writes): typically prompt encoding and VAE encoding. Their outputs go to
-``<output_path>/cache/<row>.safetensors`` (tensors; JSON-able values in the metadata; never pickles), next to
+``<output_path>/cache/<row>.safetensors`` (tensors and ``TextStream`` fields; JSON-able values in the metadata;
+never pickles; other values, e.g. PIL images only cached units read, are not kept), next to
 ``units.json`` naming the units. ``--task sft:train`` then skips those units and reads the files, so the
 text encoder and the VAE need not run (or fit in memory) while training. Both stages draw the same noise and
 sigmas, so the loss curve equals one-stage training's.
@@ -10,6 +11,7 @@ sigmas, so the loss curve equals one-stage training's.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,12 +20,15 @@ from typing import Any
 import torch
 
 from diffstudio._io import atomic_write_text
+from diffstudio.dit.extensions import TextStream
 from diffstudio.errors import ConfigError
 from diffstudio.pipeline.state import PipelineState
 from diffstudio.pipeline.units import Branch
 from diffstudio.train.checkpoints import save_weights
 
 _BRANCHES: tuple[Branch, ...] = ("shared", "positive", "negative")
+_STREAM = "@text_stream."
+"""A ``TextStream`` value (Nexus-Gen's replacement text) is kept as one tensor per field: ``<name>@text_stream.txt``."""
 
 
 def prepared_units(pipe: Any, trained: set[str]) -> list[str]:
@@ -109,6 +114,10 @@ class SampleCache:
                 name = f"{branch}/{key}"
                 if isinstance(value, torch.Tensor):
                     tensors[name] = value
+                elif isinstance(value, TextStream):
+                    for part in dataclasses.fields(value):
+                        if getattr(value, part.name) is not None:
+                            tensors[f"{name}{_STREAM}{part.name}"] = getattr(value, part.name)
                 elif _jsonable(value):
                     values[name] = value
         return save_weights(self.path(row), tensors, {"diffstudio.values": json.dumps(values)})
@@ -118,9 +127,17 @@ class SampleCache:
         kept = self._memory.get(row)
         tensors, values = kept if kept is not None else self._read(row)
         state = PipelineState(shared={})
+        streams: dict[str, dict[str, torch.Tensor]] = {}
         for name, tensor in tensors.items():
+            if _STREAM in name:
+                name, _, part = name.partition(_STREAM)
+                streams.setdefault(name, {})[part] = tensor.to(device, copy=kept is not None)
+                continue
             branch, key = _split(name)
             state.branch(branch)[key] = tensor.to(device, copy=kept is not None)
+        for name, parts in streams.items():
+            branch, key = _split(name)
+            state.branch(branch)[key] = TextStream(**parts)
         for name, value in values.items():
             branch, key = _split(name)
             state.branch(branch)[key] = value
