@@ -71,6 +71,14 @@ def test_the_cache_holds_the_llm_and_vae_units_not_the_trained_dit(setup: dict[s
     assert stored["positive/prompt_emb"].shape[1:] == (640, 32) and stored["positive/step1x_mask"].sum() > 0
 
 
+def test_split_training_equals_one_stage_training(setup: dict[str, Any], tmp_path: Path) -> None:
+    """The cached Qwen2.5-VL states and latents are what one-stage training computes (the LLM frozen there)."""
+    extra = {"trainable_models": ["dit"], "learning_rate": 1e-3, "num_epochs": 2}
+    one_stage = train(**options(setup, tmp_path / "one-stage", **extra))
+    cached = split_train(setup, tmp_path / "split", **extra)
+    assert len(cached.losses) == 2 and cached.losses == pytest.approx(one_stage.losses, rel=1e-4, abs=1e-6)
+
+
 def test_full_training_of_the_dit_and_connector_lowers_the_loss(setup: dict[str, Any], tmp_path: Path) -> None:
     result = split_train(setup, tmp_path, trainable_models=["dit"], learning_rate=1e-3)
     first, last = falls(result.losses)
