@@ -113,3 +113,8 @@ def test_lora_training_reaches_the_connector_and_loads_back(
         assert not torch.allclose(before, after)
         pipe.unload_lora()
         torch.testing.assert_close(pipe.dit.text_stream(llm, t, mask)[0], before, atol=0, rtol=0)
+        fused = pipe.load_lora(str(tmp_path / f"epoch-{EPOCHS - 1}.safetensors"), fuse=True)  # merged into weights
+        assert fused.fused and fused.modules == report.modules
+        torch.testing.assert_close(pipe.dit.text_stream(llm, t, mask)[0], after, atol=1e-5, rtol=0)
+        pipe.unload_lora()
+        torch.testing.assert_close(pipe.dit.text_stream(llm, t, mask)[0], before, atol=0, rtol=0)
