@@ -67,3 +67,14 @@ def test_every_distribution_is_a_root_package() -> None:
 def test_lint_target_runs_import_linter() -> None:
     lint = re.search(r"^lint:.*\n((?:\t.*\n)+)", (ROOT / "Makefile").read_text(encoding="utf-8"), re.M)
     assert lint is not None and "lint-imports" in lint.group(1)
+
+
+def test_importlinter_is_the_generated_file() -> None:
+    """``.importlinter`` equals what scripts/gen_importlinter.py writes, so a new plugin cannot be left out of it."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gen_importlinter.py"), "--check"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
