@@ -133,3 +133,19 @@ def test_cache_flag_is_part_of_the_recorded_job_and_its_hash(tmp_path):
     plain = run("a red circle", out=tmp_path, dry_run=True)
     cached = run("a red circle", out=tmp_path, dry_run=True, step_cache="teacache:0.4")
     assert plain[0]["hash"] != cached[0]["hash"]
+
+
+def test_run_cache_flag_end_to_end_reports_computed_steps_and_replays(tmp_path, capsys):
+    pytest.importorskip("diffstudio_shapes")
+    from diffstudio.cli import main
+    from diffstudio.outputs import read_image_metadata
+
+    argv = ["run", "a red circle on a blue background", "--steps", "4", "--seed", "3", "--out", str(tmp_path)]
+    assert main([*argv, "--cache", "teacache:1000", "--format", "json"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (row["step_cache"], row["steps"], row["computed_steps"]) == ("teacache:1000", 4, 2)  # first and last
+    _, record = read_image_metadata(row["path"])
+    assert record["job"]["step_cache"] == "teacache:1000" and record["step_cache"]["computed_steps"] == 2
+    assert main(["run", "--from", row["path"], "--out", str(tmp_path / "again"), "--format", "json"]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["hash"] == row["hash"] and again["computed_steps"] == 2

@@ -71,7 +71,8 @@ def record(pipe: Any, prompts: Sequence[str], batch: int = 1, **arguments: Any) 
     def recording(inputs: Mapping[str, Any], step_index: int, timestep: Tensor) -> Tensor:
         branch = str(inputs.get("branch") or "positive")
         recorder = recorders.setdefault(branch, Recorder())
-        velocity: Tensor = original(ChainMap({"stack_hook": recorder}, inputs), step_index, timestep)
+        view: ChainMap[str, Any] = ChainMap({"stack_hook": recorder}, dict(inputs))
+        velocity: Tensor = original(view, step_index, timestep)
         return velocity
 
     pipe.predict_velocity = recording
