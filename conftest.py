@@ -1,4 +1,4 @@
-"""Fixtures shared by the FLUX.1 adapter plugins' tests (controlnet, eligen, ipadapter) and the integration tests.
+"""Fixtures shared by the plugins' tests (the FLUX.1 kit, the Qwen2.5-VL kit, trainer helpers) and integration tests.
 
 They use the FLUX.1 family's tiny-model test kit, which lives with its tests (``plugins/flux1/tests``): tiny
 perturbed models in the official layouts and a tiny on-disk FLUX.1 repository (2 heads of 32 channels, T5 width 24,
@@ -64,3 +64,29 @@ def fp() -> ModuleType:
 def repo(tmp_path_factory: pytest.TempPathFactory, helpers: ModuleType, fp: ModuleType) -> Any:
     """A tiny FLUX.1 repository (transformer, VAE, CLIP, T5 and tokenizers) with the diffusers components."""
     return fp.build_repo(tmp_path_factory.mktemp("flux1-repo"), helpers, seed=5)
+
+
+QWEN_VL_TESTS = Path(__file__).resolve().parent / "plugins" / "qwen-vl" / "tests"
+TRAIN_HELPERS = Path(__file__).resolve().parent / "tests" / "train" / "helpers.py"
+
+
+@pytest.fixture(scope="session")
+def qwen_vl_kit() -> ModuleType:
+    """The shared Qwen2.5-VL test kit (``plugins/qwen-vl/tests/fixtures_qwen_vl.py``: tiny model folders, processor).
+
+    Used by the tests of the plugins built on ``diffstudio-qwen-vl`` (Step1X-Edit, Nexus-Gen), which declare it.
+    """
+    if importlib.util.find_spec("diffstudio_qwen_vl") is None:
+        pytest.fail("the Qwen2.5-VL test kit needs diffstudio-qwen-vl: declare it in the test extra", pytrace=False)
+    path = QWEN_VL_TESTS / "fixtures_qwen_vl.py"
+    if not path.is_file():
+        pytest.fail(f"the Qwen2.5-VL test kit is missing ({path}): it needs a repository checkout", pytrace=False)
+    return import_file(path)
+
+
+@pytest.fixture(scope="session")
+def train_helpers() -> ModuleType:
+    """The trainer test helpers (``tests/train/helpers.py``: fixed-noise loss, gradients), core only."""
+    if not TRAIN_HELPERS.is_file():
+        pytest.fail(f"the trainer test helpers are missing ({TRAIN_HELPERS}): they need a checkout", pytrace=False)
+    return import_file(TRAIN_HELPERS)

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
-from diffstudio.testing import import_file
 
 pytestmark = pytest.mark.slow
-HELPERS = Path(__file__).resolve().parents[3] / "tests" / "train" / "helpers.py"
 POSITIONS = [0, 1, 2, 3]
 
 
@@ -43,12 +42,13 @@ def _options(flex_repo: Any, data: Path, output: Path, control: bool, **extra: A
     return options
 
 
-def _trained_and_untrained(options: dict[str, Any], flags: dict[str, float]) -> tuple[float, float]:
+def _trained_and_untrained(
+    options: dict[str, Any], flags: dict[str, float], helpers: ModuleType
+) -> tuple[float, float]:
     """Fixed-noise loss on the data set before and after a run trained with ``flags`` (evaluated without them)."""
     from diffstudio.runtime import Runtime
     from diffstudio.train import TrainConfig, Trainer
 
-    helpers = import_file(HELPERS)
     before = helpers.loss_and_grads(options, POSITIONS).loss
     trainer = Trainer(TrainConfig(**{**options, "pipeline_args": {**options["pipeline_args"], **flags}}), Runtime())
     trainer.run()
@@ -56,14 +56,14 @@ def _trained_and_untrained(options: dict[str, Any], flags: dict[str, float]) -> 
     return before, helpers.fixed_loss(trainer, POSITIONS)
 
 
-def test_a_full_flex_fine_tune_with_default_conditions_lowers_the_loss(flex_repo, dataset, tmp_path):
+def test_a_full_flex_fine_tune_with_default_conditions_lowers_the_loss(flex_repo, dataset, tmp_path, train_helpers):
     options = _options(flex_repo, dataset, tmp_path, control=False, trainable_models=["dit"], learning_rate=1e-3,
                        num_epochs=2)  # fmt: skip
-    before, after = _trained_and_untrained(options, {})
+    before, after = _trained_and_untrained(options, {}, train_helpers)
     assert after < 0.9 * before, (before, after)
 
 
-def test_a_flex_lora_with_control_and_random_inpainting_lowers_the_loss(flex_repo, dataset, tmp_path):
+def test_a_flex_lora_with_control_and_random_inpainting_lowers_the_loss(flex_repo, dataset, tmp_path, train_helpers):
     options = _options(flex_repo, dataset, tmp_path, control=True, lora_base_model="dit", lora_rank=4,
                        learning_rate=1e-2, num_epochs=2)  # fmt: skip
     seen: list[torch.Tensor] = []
@@ -78,7 +78,9 @@ def test_a_flex_lora_with_control_and_random_inpainting_lowers_the_loss(flex_rep
 
     units.condition_channels = spy
     try:
-        before, after = _trained_and_untrained(options, {"flex_random_inpaint": 0.5, "flex_control_dropout": 0.5})
+        before, after = _trained_and_untrained(
+            options, {"flex_random_inpaint": 0.5, "flex_control_dropout": 0.5}, train_helpers
+        )
     finally:
         units.condition_channels = original
     assert after < 0.9 * before, (before, after)

@@ -10,7 +10,6 @@ import pytest
 from diffstudio.testing import import_file
 
 HERE = Path(__file__).resolve().parent
-QWEN_KIT = HERE.parents[1] / "qwen-vl" / "tests" / "fixtures_qwen_vl.py"
 
 
 @pytest.fixture(scope="session")
@@ -20,11 +19,9 @@ def ng() -> ModuleType:
 
 
 @pytest.fixture(scope="session")
-def qv() -> ModuleType:
-    """The shared Qwen2.5-VL test kit."""
-    if not QWEN_KIT.is_file():
-        pytest.fail(f"the Qwen2.5-VL test kit is missing ({QWEN_KIT}): its fixtures need a repository checkout")
-    return import_file(QWEN_KIT)
+def qv(qwen_vl_kit: ModuleType) -> ModuleType:
+    """The shared Qwen2.5-VL test kit (the root conftest's ``qwen_vl_kit``)."""
+    return qwen_vl_kit
 
 
 @pytest.fixture(scope="session")

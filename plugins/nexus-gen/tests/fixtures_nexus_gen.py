@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-QWEN_KIT = Path(__file__).resolve().parents[2] / "qwen-vl" / "tests" / "fixtures_qwen_vl.py"
 VL_HIDDEN = 32
 REF_SIZE = (112, 84)  # width, height of the test reference image: a 6 x 8 patch grid, 12 merged tokens
 

@@ -10,11 +10,13 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from step1x_kit import build_dit, qwen_fixtures  # noqa: E402
+from step1x_kit import build_dit  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def step1x_repo(tmp_path_factory: pytest.TempPathFactory, helpers: ModuleType) -> dict[str, Any]:
+def step1x_repo(
+    tmp_path_factory: pytest.TempPathFactory, helpers: ModuleType, qwen_vl_kit: ModuleType
+) -> dict[str, Any]:
     from diffstudio_flux1.convert import convert_diffusers_to_bfl_vae
     from safetensors.torch import save_file
 
@@ -24,7 +26,7 @@ def step1x_repo(tmp_path_factory: pytest.TempPathFactory, helpers: ModuleType) -
     vae = helpers.diffusers_vae(seed=2)
     save_file({k: v.contiguous() for k, v in convert_diffusers_to_bfl_vae(vae.state_dict()).items()},
               str(root / "ae.safetensors"))  # fmt: skip
-    qfx = qwen_fixtures()
+    qfx = qwen_vl_kit
     tokens = qfx.build_processor(root / "qwen")
     qfx.build_model(root / "qwen", tokens, "legacy", seed=4)
     return {"root": root, "dit": dit}

@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
 
-QWEN_TESTS = Path(__file__).resolve().parents[2] / "qwen-vl" / "tests"
 HIDDEN, HEADS, CONTEXT, POOLED, LLM = 64, 2, 64, 20, 32  # DiT width, heads; connector width = DiT context
-
-
-def qwen_fixtures() -> ModuleType:
-    sys.path.insert(0, str(QWEN_TESTS))
-    import fixtures_qwen_vl
-
-    return fixtures_qwen_vl
 
 
 @torch.no_grad()
