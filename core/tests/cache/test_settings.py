@@ -145,7 +145,7 @@ def test_run_cache_flag_end_to_end_reports_computed_steps_and_replays(tmp_path, 
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (row["step_cache"], row["steps"], row["computed_steps"]) == ("teacache:1000", 4, 2)  # first and last
     _, record = read_image_metadata(row["path"])
-    assert record["job"]["step_cache"] == "teacache:1000" and record["step_cache"]["computed_steps"] == 2
+    assert record["job"]["step_cache"] == "teacache:1000" and record["extra"]["step_cache"]["computed_steps"] == 2
     assert main(["run", "--from", row["path"], "--out", str(tmp_path / "again"), "--format", "json"]) == 0
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert again["hash"] == row["hash"] and again["computed_steps"] == 2
