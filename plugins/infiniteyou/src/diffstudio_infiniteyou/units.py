@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 from diffstudio.dit.extensions import DitCall
-from diffstudio.errors import PipelineInputError
+from diffstudio.errors import MissingPluginError, PipelineInputError
 from diffstudio.pipeline.base import BasePipeline
 from diffstudio.pipeline.units import InputParam, OutputParam, PipelineUnit
 from diffstudio_controlnet.inputs import ControlNetInput, as_controlnet_inputs
@@ -237,9 +237,15 @@ class InfiniteYouPrepare(PipelineUnit):
         OutputParam("controlnet_inputs", "the items left for the plain ControlNets", optional=True),
     )
 
+    def _check_plain_items(self, pipe: BasePipeline, items: Any) -> None:
+        """Items meant for plain ControlNets need diffstudio-controlnet's units (this plugin only reads its own)."""
+        if items and not _serves_plain_controlnets(pipe, self):
+            raise MissingPluginError("The argument 'controlnet_inputs' (plain ControlNet items)", _CONTROLNET)
+
     def process(self, pipe: BasePipeline, **inputs: Any) -> Mapping[str, Any]:
         embedding = inputs["infinityou_embedding"]
         if embedding is None:
+            self._check_plain_items(pipe, inputs["controlnet_inputs"])
             return {}
         for slot, what in (("infuse_net", "InfuseNetModel folder"), ("image_proj", "image projector")):
             if not pipe.has(slot):
@@ -266,10 +272,21 @@ class InfiniteYouPrepare(PipelineUnit):
         if not any(p.requires_grad for p in pipe.image_proj.parameters()):
             with torch.no_grad():  # the projector is onloaded for this unit: its tokens are computed here, once
                 hook.tokens()
+        self._check_plain_items(pipe, others)
         out: dict[str, Any] = {"call_hooks": {**(inputs["call_hooks"] or {}), "infiniteyou": hook}}
         if inputs["controlnet_inputs"] is not None:
             out["controlnet_inputs"] = others or None
         return out
+
+
+_CONTROLNET = "diffstudio-controlnet"
+
+
+def _serves_plain_controlnets(pipe: BasePipeline, me: PipelineUnit) -> bool:
+    """Whether another unit of ``pipe`` (diffstudio-controlnet's) reads ``controlnet_inputs``."""
+    return any(
+        unit is not me and any(param.name == "controlnet_inputs" for param in unit.inputs) for unit in pipe.units
+    )
 
 
 def units() -> Sequence[PipelineUnit]:
