@@ -137,28 +137,6 @@ def calibrate(
     return Coefficients(polynomial, shape, name or f"calibrated for {shape}", info)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``diffstudio cache calibrate`` arguments."""
-    parser.add_argument("action", choices=("calibrate",), help="calibrate: fit TeaCache coefficients for --model")
-    parser.add_argument("--model", action="append", help="model files / folder / id (default: the embedded model)")
-    parser.add_argument("--tokenizer", action="append", metavar="DIR", help="tokenizer folder, when the model has none")
-    parser.add_argument("--prompt", action="append", help="a calibration prompt (repeatable; default: 6 built-in)")
-    parser.add_argument("--prompts", metavar="FILE", help="a text file with one calibration prompt per line")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
-    parser.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
-    parser.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
-    parser.add_argument("--cfg-scale", type=float, default=None, help="CFG scale (default: the model's)")
-    parser.add_argument("--degree", type=int, default=4, help="polynomial degree (default 4)")
-    parser.add_argument("--batch", type=int, default=1, help="prompts per generation (as you will generate them)")
-    parser.add_argument("--device", default=None, help="computation device (default: cuda if available)")
-    parser.add_argument("--dtype", default=None, help="computation dtype (default: bf16 on cuda, fp32 on cpu)")
-    parser.add_argument(
-        "--out", default=None, metavar="FILE.json",
-        help="where to write the coefficients (default: <DiT file stem>.teacache.json beside the DiT's weights, "
-        "where TeaCache finds them)",
-    )  # fmt: skip
-
-
 def _prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts:

@@ -12,10 +12,8 @@ from types import ModuleType
 
 import pytest
 from diffstudio.cache.coefficients import FLUX1_DEV, Coefficients, DitShape, save_coefficients
-from diffstudio.testing import import_file
 
-fp = import_file(Path(__file__).with_name("fixtures_pipeline.py"))
-SCRIPT = Path(__file__).resolve().parents[3] / "benchmarks" / "gpu" / "cache.sh"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu" / "cache.sh"
 INDEX = {
     "_class_name": "FluxPipeline", "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
     "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "T5EncoderModel"],
@@ -25,7 +23,7 @@ INDEX = {
 
 
 @pytest.mark.skipif(not SCRIPT.is_file(), reason="needs the repository's benchmarks/ folder")
-def test_gpu_cache_script_runs_on_cpu_with_a_tiny_model(tmp_path: Path, helpers: ModuleType) -> None:
+def test_gpu_cache_script_runs_on_cpu_with_a_tiny_model(tmp_path: Path, helpers: ModuleType, fp: ModuleType) -> None:
     root = fp.build_repo(tmp_path / "repo", helpers).root
     (root / "model_index.json").write_text(json.dumps(INDEX))
     shape = DitShape("flux1", 2, 2, 64)  # the tiny DiT of conftest: TeaCache finds these beside its weights
