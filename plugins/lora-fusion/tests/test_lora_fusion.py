@@ -115,6 +115,8 @@ def test_the_gate_equals_the_published_lora_merger() -> None:
         expected, got = oracle(base, loras), ours(base, list(loras))
     assert (expected - got).abs().max() <= 1e-5
     assert torch.equal(ours(base, []), base)  # no LoRA: the base output itself
+    with torch.enable_grad():  # the autograd path (training) and the folded inference path agree
+        assert (ours(base, list(loras)) - got).abs().max() <= 1e-5
 
 
 def test_the_gated_dit_equals_the_dit_with_oracle_gates(dit: Any, helpers: ModuleType) -> None:

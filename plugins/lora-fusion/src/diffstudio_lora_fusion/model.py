@@ -62,11 +62,12 @@ class LoraMerger(nn.Module):
         """
         if not lora_outputs:
             return base
-        w_base, w_lora, w_cross, w_out, bias, nb_w, nb_b, nl_w, nl_b = self._params(base)
+        params = self._params(base)
+        if not torch.is_grad_enabled():
+            return self._inference(base, lora_outputs, params)
+        w_base, w_lora, w_cross, w_out, bias, nb_w, nb_b, nl_w, nl_b = params
         shape = (base.shape[-1],)
         norm_base = F.layer_norm(base, shape, nb_w, nb_b, self.norm_base.eps)
-        if not torch.is_grad_enabled():
-            return self._inference(base, lora_outputs, norm_base, (w_base, w_lora, w_cross, w_out, bias, nl_w, nl_b))
         base_term = torch.addcmul(bias, norm_base, w_base)  # LN_b(o) w_base + bias
         lora_gain = torch.addcmul(w_lora, norm_base, w_cross)  # w_lora + LN_b(o) w_cross
         out = base
@@ -76,24 +77,28 @@ class LoraMerger(nn.Module):
             out = torch.addcmul(out, gate * w_out, lora)
         return out
 
-    def _inference(
-        self, base: Tensor, lora_outputs: list[Tensor], norm_base: Tensor, params: tuple[Tensor, ...]
-    ) -> Tensor:
-        """The same gate without autograd: ``LN_l``'s affine folded into per-layer terms, in-place updates.
+    def _inference(self, base: Tensor, lora_outputs: list[Tensor], params: list[Tensor]) -> Tensor:
+        """The same gate without autograd: every affine folded into two per-layer tensors, in-place updates.
 
-        ``z_i = LN(l_i) * (nl_w * c) + (nl_b * c + a)`` with ``a = LN_b(o) w_base + bias`` and
-        ``c = w_lora + LN_b(o) w_cross``: two per-layer tensors, then fused in-place passes per LoRA (the first
-        accumulation allocates the result, so ``base`` itself is never changed).
+        With ``n = LN(o)`` (no affine), ``LN_b(o) = n nb_w + nb_b`` and ``LN_l(l) = m nl_w + nl_b``, the gate's
+        argument is ``m * gain + shift`` where ``shift = s0 + n s1`` and ``gain = g0 + n g1`` for per-channel
+        vectors ``s0, s1, g0, g1`` (``d_out`` each). Per layer: three passes over ``(..., d_out)``; per LoRA: five
+        (its LN, the affine, sigmoid, ``w_out``, the accumulation). The first accumulation allocates the result, so
+        ``base`` itself is never changed.
         """
-        w_base, w_lora, w_cross, w_out, bias, nl_w, nl_b = params
+        w_base, w_lora, w_cross, w_out, bias, nb_w, nb_b, nl_w, nl_b = params
         shape = (base.shape[-1],)
-        c = torch.addcmul(w_lora, norm_base, w_cross)
-        shift = torch.addcmul(bias, norm_base, w_base).addcmul_(c, nl_b)
-        gain = c.mul_(nl_w)
+        base_gain = w_base + w_cross * nl_b  # what multiplies LN_b(o) in the shift
+        cross_gain = w_cross * nl_w  # what multiplies LN_b(o) in the gain
+        shift0 = bias + w_lora * nl_b + nb_b * base_gain
+        gain0 = w_lora * nl_w + nb_b * cross_gain
+        n = F.layer_norm(base, shape, None, None, self.norm_base.eps)
+        shift = torch.addcmul(shift0, n, nb_w * base_gain)
+        gain = n.mul_(nb_w * cross_gain).add_(gain0)
         out: Tensor | None = None
         for lora in lora_outputs:
-            gate = F.layer_norm(lora, shape, None, None, self.norm_lora.eps).mul_(gain).add_(shift).sigmoid_()
-            gate.mul_(w_out)
+            gate = F.layer_norm(lora, shape, None, None, self.norm_lora.eps)
+            torch.addcmul(shift, gate, gain, out=gate).sigmoid_().mul_(w_out)
             out = torch.addcmul(base, gate, lora) if out is None else out.addcmul_(gate, lora)
         assert out is not None
         return out
