@@ -50,13 +50,13 @@ def distributions() -> dict[str, tuple[str, list[str]]]:
 def _closure(name: str, plugins: dict[str, tuple[str, list[str]]]) -> set[str]:
     """Top-level packages of ``name`` and every plugin it declares, transitively."""
     seen: set[str] = set()
-    todo = [name]
-    while todo:
-        current = todo.pop()
+    pending = [name]
+    while pending:
+        current = pending.pop()
         if current in seen or current not in plugins:
             continue
         seen.add(current)
-        todo.extend(plugins[current][1])
+        pending.extend(plugins[current][1])
     return {plugins[n][0] for n in seen}
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from diffstudio import ModelConfig
 from diffstudio.cli import main as cli
+from diffstudio.dit.diffsynth_names import bfl_path
 from diffstudio.errors import ConfigError, MissingPluginError, PipelineInputError
 from diffstudio.identify import identify
 from diffstudio.lora import LoraWeights
@@ -21,7 +22,6 @@ from diffstudio.types import LoadRequest
 from diffstudio_flux1 import FluxImagePipeline
 from diffstudio_lora_encoder.inputs import LoraEncoderInputError, LoraEncoderMissingLayersError
 from diffstudio_lora_encoder.model import FluxLoraEncoder, LoraEncoderParams
-from diffstudio_lora_encoder.names import bfl_path
 from diffstudio_lora_encoder.units import encode_loras
 from safetensors.torch import save_file
 from torch import Tensor, nn

@@ -12,6 +12,7 @@ import pytest
 import torch
 from diffstudio import ModelConfig
 from diffstudio.cli import main as cli
+from diffstudio.dit.diffsynth_names import bfl_path, diffsynth_key, official_layers
 from diffstudio.errors import MissingPluginError
 from diffstudio.lora import LoraMergerActiveError
 from diffstudio.nn import delta_linears
@@ -19,7 +20,6 @@ from diffstudio.runtime import Runtime
 from diffstudio_flux1 import FluxImagePipeline
 from diffstudio_flux1.lora import apply_lora, remove_lora
 from diffstudio_lora_fusion.model import FluxLoraFusion, LoraFusionMismatchError, LoraMerger, disable_lora_merger
-from diffstudio_lora_fusion.names import bfl_path, diffsynth_key, official_layers
 from safetensors.torch import save_file
 from torch import Tensor, nn
 

@@ -27,12 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from diffstudio.config import ModelConfig
+from diffstudio.dit.diffsynth_names import bfl_path
 from diffstudio.errors import CheckpointError, PipelineInputError
 from diffstudio.lora import LoraBaseModelError, LoraWeights, check_base_model, check_finite
 from torch import Tensor, nn
 
 from diffstudio_lora_encoder.model import FluxLoraEncoder
-from diffstudio_lora_encoder.names import bfl_path
 
 MISSING_POLICIES = ("error", "zero")
 CACHE_SIZE = 8

@@ -20,10 +20,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from diffstudio.dit.diffsynth_names import DOUBLE, SINGLE, layer_type
 from diffstudio.errors import ConfigError
 from torch import Tensor, nn
-
-from diffstudio_lora_encoder.names import DOUBLE, SINGLE, layer_type
 
 _OFFICIAL_DOUBLE = {"attn.a_to_qkv": (3072, 9216), "attn.a_to_out": (3072, 3072), "ff_a.0": (3072, 12288),
                     "ff_a.2": (12288, 3072), "norm1_a.linear": (3072, 18432)}  # fmt: skip

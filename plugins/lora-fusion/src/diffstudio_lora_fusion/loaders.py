@@ -24,7 +24,7 @@ _PARTS = ("weight_base", "weight_lora", "weight_cross", "weight_out", "bias", "n
 
 def claim_lora_fusion(checkpoint: Checkpoint) -> ModelClaim | None:
     """Claim a LoRAFusion file: every key is ``model_dict.<layer>.<part>`` with DiffSynth FLUX.1 layer names."""
-    from diffstudio_lora_fusion.names import bfl_path
+    from diffstudio.dit.diffsynth_names import bfl_path
 
     keys = checkpoint.keys()
     if not keys or not all(k.startswith("model_dict.") for k in keys):

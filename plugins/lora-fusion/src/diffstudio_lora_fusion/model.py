@@ -19,12 +19,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from diffstudio.dit.diffsynth_names import bfl_path, diffsynth_key
 from diffstudio.errors import PipelineInputError
 from diffstudio.lora import LoraError, LoraState
 from diffstudio.nn import DeltaLinear, delta_linears
 from torch import Tensor, nn
-
-from diffstudio_lora_fusion.names import bfl_path, diffsynth_key
 
 
 class LoraFusionMismatchError(LoraError):

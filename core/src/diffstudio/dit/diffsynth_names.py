@@ -1,6 +1,6 @@
-"""DiffSynth-Studio's FLUX.1 layer names (as the LoRA encoder's keys spell them) <-> BFL paths of the DiT's Linears.
+"""DiffSynth-Studio FLUX.1 layer names (LoRA-Encoder and LoRAFusion keys) <-> BFL paths of the DiT's Linears.
 
-The encoder file names each of the 304 LoRA-capable DiT Linears by its DiffSynth module name with ``.`` written as
+Both files name each of the 304 LoRA-capable DiT Linears by its DiffSynth module name with ``.`` written as
 ``___`` (``blocks___0___attn___a_to_qkv``, ``single_blocks___3___to_qkv_mlp``). diffstudio's DiT uses BFL names
 (``double_blocks.0.img_attn.qkv``, ``single_blocks.3.linear1``), the names canonical LoRAs use. The fused layers
 have the same output order in both (q|k|v, q|k|v|mlp, shift|scale|gate), so a layer maps to a layer 1:1.
