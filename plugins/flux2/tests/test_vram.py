@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -205,19 +206,29 @@ def _env() -> dict[str, str]:
 
 @pytest.mark.slow
 def test_disk_and_fp8_rss_stay_far_below_the_resident_run(repo: Path) -> None:
-    """RssAnon above the post-import baseline, one process per configuration (a 18 MiB bf16 DiT)."""
+    """RssAnon above the post-import baseline, one process per run (a 18 MiB bf16 DiT).
+
+    Each configuration runs three times, two processes at a time, and the median is compared: one process's
+    allocator noise is about 1 MiB, which a single disk run (about 19 MiB above its baseline against a bound
+    of 19.3) once exceeded.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     dit_gib = (repo / "dit.safetensors").stat().st_size / 1024**3
-    runs = {name: _child(repo, name, limit) for name, limit in
-            (("resident", None), ("disk", 0.1 * dit_gib), ("fp8", None))}  # fmt: skip
+    limits = {"resident": None, "disk": 0.1 * dit_gib, "fp8": None}
+    order = [name for _ in range(3) for name in limits]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        figures = list(pool.map(lambda name: _child(repo, name, limits[name]), order))
+    runs = {name: [f for n, f in zip(order, figures) if n == name] for name in limits}
 
     def above(name: str, key: str) -> float:
-        return float(runs[name][key] - runs[name]["rss_anon_base_mib"])
+        return statistics.median(float(f[key] - f["rss_anon_base_mib"]) for f in runs[name])
 
     load_key, peak_key = "rss_anon_after_load_mib", "rss_anon_peak_mib"
     assert above("resident", load_key) > 30  # the fp32 DiT alone is about 36 MiB
     assert above("disk", load_key) <= 0.2 * above("resident", load_key)
     assert above("disk", peak_key) <= 0.35 * above("resident", peak_key)
-    assert runs["disk"]["rss_anon_peak_second_call_mib"] <= runs["disk"][peak_key] + 1.0  # allocator noise
+    assert above("disk", "rss_anon_peak_second_call_mib") <= above("disk", peak_key) + 1.0  # allocator noise
     assert above("fp8", load_key) <= 0.4 * above("resident", load_key)
 
 
