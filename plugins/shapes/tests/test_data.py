@@ -217,3 +217,63 @@ def test_write_dataset_resumes_and_repairs(tmp_path: object) -> None:
         write_dataset(root, 15, 6, 32, shapes=ALL_SHAPES)
     with pytest.raises(ConfigError, match="size"):
         write_dataset(root, 15, 5, 64, shapes=ALL_SHAPES)
+
+
+def test_position_jitter_moves_only_the_centres() -> None:
+    """A wider jitter keeps every word and radius of spec ``i`` and moves its centre within the new bound."""
+    plain = sample_specs(400, 4, position_rate=0.8, size_rate=0.8)
+    wide = sample_specs(400, 4, position_rate=0.8, size_rate=0.8, position_jitter=0.035)
+    assert [s.caption for s in wide] == [s.caption for s in plain]
+    moved = 0.0
+    for a, b in zip(plain, wide):
+        anchor_x = (
+            0.5
+            if b.position in (None, "center")
+            else 0.5 + (QUADRANT_OFFSET if b.position.endswith("right") else -QUADRANT_OFFSET)
+        )
+        anchor_y = (
+            0.5
+            if b.position in (None, "center")
+            else 0.5 + (QUADRANT_OFFSET if b.position.startswith("bottom") else -QUADRANT_OFFSET)
+        )
+        assert max(abs(b.cx - anchor_x), abs(b.cy - anchor_y)) <= 0.035 + 1e-9
+        # the same draws, scaled: 3.5x the default jitter's offset from the anchor, unless the centre had to
+        # move inward to keep the shape inside the image
+        pulled = abs(b.cx - anchor_x) < 3.5 * abs(a.cx - anchor_x) - 1e-9
+        assert pulled or abs((b.cx - anchor_x) - 3.5 * (a.cx - anchor_x)) < 1e-9
+        assert not pulled or b.size == "large"
+        moved = max(moved, abs(b.cx - anchor_x))
+        assert a.radius == b.radius or b.size == "large"  # a large quadrant shape may shrink toward the border
+        xs, ys = zip(*outline(b, 1))
+        assert min(xs) > 0 and min(ys) > 0 and max(xs) < 1 and max(ys) < 1, b
+    assert moved > 0.03  # the bound is reached, not only respected
+    assert sample_specs(50, 4, position_jitter=POSITION_JITTER) == sample_specs(50, 4)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"position_jitter": -0.01}, "position_jitter must be in"),
+        ({"position_jitter": 0.2}, "position_jitter must be in"),
+        ({"position_jitter": 0.02, "layout": "scattered"}, "anchored layout only"),
+    ],
+)
+def test_position_jitter_is_checked(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        sample_specs(3, 0, **kwargs)  # type: ignore[arg-type]
+
+
+def test_position_jitter_is_recorded_and_guards_the_folder(tmp_path: object) -> None:
+    import json
+    from pathlib import Path
+
+    root = Path(str(tmp_path)) / "ds"
+    write_dataset(root, 4, 5, 32)
+    assert "position_jitter" not in json.loads((root / "dataset.json").read_text())  # older folders stay valid
+    with pytest.raises(ConfigError, match="position_jitter"):
+        write_dataset(root, 4, 5, 32, position_jitter=0.035)
+    wide = Path(str(tmp_path)) / "wide"
+    write_dataset(wide, 4, 5, 32, position_jitter=0.035)
+    assert json.loads((wide / "dataset.json").read_text())["position_jitter"] == 0.035
+    assert read_specs(wide) == sample_specs(4, 5, position_jitter=0.035)
+    assert write_dataset(wide, 4, 5, 32, position_jitter=0.035).skipped == 4

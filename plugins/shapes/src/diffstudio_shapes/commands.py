@@ -34,6 +34,12 @@ def data_arguments(parser: argparse.ArgumentParser) -> None:
         "--rotation-jitter", type=float, default=None, help="max rotation in degrees, not circles (layout's default)"
     )
     parser.add_argument(
+        "--position-jitter",
+        type=float,
+        default=None,
+        help="anchored layout: largest move of a centre from its anchor, fraction of the side (default: 0.01)",
+    )
+    parser.add_argument(
         "--layout",
         choices=LAYOUTS,
         default="anchored",
@@ -58,6 +64,7 @@ def data_run(args: argparse.Namespace, runtime: Runtime) -> int:
         size_rate=args.size_rate,
         rotation_jitter=args.rotation_jitter,
         layout=args.layout,
+        position_jitter=args.position_jitter,
     )
     if args.format == "json":
         summary = {"folder": str(report.folder), "count": report.count, "written": report.written}
@@ -163,6 +170,14 @@ def eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cfg-scale", type=float, default=None, help="CFG scale (default: the model's)")
     parser.add_argument("--batch", type=int, default=16, help="images per pipeline call")
     parser.add_argument("--out", default=None, help="also save the images and a metadata.csv here")
+    parser.add_argument(
+        "--variety",
+        type=int,
+        default=0,
+        help="also render this many captions --variety-seeds times each and "
+        "report the mean pairwise pixel distance (default: 0, off)",
+    )
+    parser.add_argument("--variety-seeds", type=int, default=4, help="images per caption for --variety (default: 4)")
 
 
 def eval_run(args: argparse.Namespace, runtime: Runtime) -> int:
@@ -185,6 +200,8 @@ def eval_run(args: argparse.Namespace, runtime: Runtime) -> int:
         split=args.split,
         batch=args.batch,
         out=args.out,
+        variety=args.variety,
+        variety_seeds=args.variety_seeds,
         **options,
     )
     print(json.dumps(result))

@@ -28,7 +28,14 @@ from diffstudio.errors import ConfigError
 from PIL import Image, ImageDraw
 
 from diffstudio_shapes.geometry import unit_outline
-from diffstudio_shapes.layouts import DEFAULT_ROTATION_JITTERS, LAYOUTS, SEED_PREFIXES, place
+from diffstudio_shapes.layouts import (
+    DEFAULT_ROTATION_JITTERS,
+    LAYOUTS,
+    MAX_POSITION_JITTER,
+    POSITION_JITTER,
+    SEED_PREFIXES,
+    place,
+)
 
 #: Shapes of the base data set (what the embedded model is trained on).
 BASE_SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
@@ -324,6 +331,7 @@ def _sample_one(
     size_rate: float,
     rotation_jitter: float,
     layout: str,
+    position_jitter: float,
 ) -> ShapeSpec:
     # Fixed draw order: every draw happens whatever the rates, so rates change words, not the stream.
     shape, colour, background = _pick(rng, combos)
@@ -335,7 +343,7 @@ def _sample_one(
         position = None
     rotation = 0.0 if shape == "circle" else _uniform(rng, -rotation_jitter, rotation_jitter)
     draws = (rng.random(), rng.random(), rng.random())
-    cx, cy, radius = place(layout, shape, size_word, position, rotation, draws)
+    cx, cy, radius = place(layout, shape, size_word, position, rotation, draws, position_jitter)
     return ShapeSpec(shape, colour, background, size_word, position, cx, cy, radius, rotation)
 
 
@@ -344,6 +352,21 @@ def _rotation_of(layout: str, rotation_jitter: float | None) -> float:
     if layout not in LAYOUTS:
         raise ConfigError(f"Unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}.")
     return DEFAULT_ROTATION_JITTERS[layout] if rotation_jitter is None else rotation_jitter
+
+
+def _position_jitter_of(layout: str, position_jitter: float | None) -> float:
+    """Check ``position_jitter`` against ``layout`` and return the value to use (the layout's default if None)."""
+    if position_jitter is None:
+        return POSITION_JITTER
+    if layout != "anchored":
+        raise ConfigError(
+            f"position_jitter applies to the anchored layout only, not {layout!r}; leave it out for {layout!r}."
+        )
+    if not 0.0 <= position_jitter <= MAX_POSITION_JITTER:
+        raise ConfigError(
+            f"position_jitter must be in [0, {MAX_POSITION_JITTER}] (fraction of the side), got {position_jitter}."
+        )
+    return position_jitter
 
 
 def sample_specs(
@@ -356,6 +379,7 @@ def sample_specs(
     size_rate: float = 0.5,
     rotation_jitter: float | None = None,
     layout: str = "anchored",
+    position_jitter: float | None = None,
 ) -> list[ShapeSpec]:
     """Draw ``count`` specs deterministically.
 
@@ -373,11 +397,15 @@ def sample_specs(
             layout's, 0 for ``anchored`` and 10 for ``scattered``).
         layout: ``"anchored"`` (fixed anchors and narrow radius ranges, see :mod:`diffstudio_shapes.layouts`) or
             ``"scattered"`` (data set generator v1's placement).
+        position_jitter: ``anchored`` only: how far a centre may move from its anchor along each axis
+            (default :data:`~diffstudio_shapes.layouts.POSITION_JITTER`). The draws do not depend on it, so
+            spec ``i`` keeps its words and only its centre moves.
 
     Returns:
         The specs.
     """
     rotation_jitter = _rotation_of(layout, rotation_jitter)
+    jitter = _position_jitter_of(layout, position_jitter)
     if count < 0:
         raise ConfigError(f"count must be >= 0, got {count}.")
     for name, rate in (("position_rate", position_rate), ("size_rate", size_rate)):
@@ -388,7 +416,7 @@ def sample_specs(
     combos = combinations(shapes, split)
     key = f"{SEED_PREFIXES[layout]}/{seed}/{split}/{'+'.join(shapes)}"
     return [
-        _sample_one(random.Random(f"{key}/{i}"), combos, position_rate, size_rate, rotation_jitter, layout)
+        _sample_one(random.Random(f"{key}/{i}"), combos, position_rate, size_rate, rotation_jitter, layout, jitter)
         for i in range(count)
     ]
 
@@ -448,6 +476,7 @@ def write_dataset(
     size_rate: float = 0.5,
     rotation_jitter: float | None = None,
     layout: str = "anchored",
+    position_jitter: float | None = None,
 ) -> DatasetReport:
     """Write a data set in the DiffSynth layout: ``images/NNNNN.png`` plus ``metadata.csv`` (``image,prompt``).
 
@@ -468,6 +497,8 @@ def write_dataset(
         rotation_jitter: Rotation range in degrees for shapes other than circles (default: the layout's).
         layout: ``"anchored"`` or ``"scattered"`` (see :func:`sample_specs`); the manifest's ``generator``
             names it (``diffstudio-shapes/v2`` or ``/v1``).
+        position_jitter: ``anchored`` only: the largest move of a centre from its anchor (see
+            :func:`sample_specs`); recorded in the manifest when it is not the default.
 
     Returns:
         What was written.
@@ -478,6 +509,7 @@ def write_dataset(
     if size < 16:
         raise ConfigError(f"size must be at least 16 pixels, got {size}.")
     rotation_jitter = _rotation_of(layout, rotation_jitter)  # the manifest records the value used
+    jitter = _position_jitter_of(layout, position_jitter)
     root = Path(folder)
     images = root / "images"
     settings: dict[str, Any] = {
@@ -490,6 +522,8 @@ def write_dataset(
         "size_rate": size_rate,
         "rotation_jitter": rotation_jitter,
     }
+    if jitter != POSITION_JITTER:  # folders written before the option existed stay readable
+        settings["position_jitter"] = jitter
     specs = sample_specs(
         count,
         seed,
@@ -499,6 +533,7 @@ def write_dataset(
         size_rate=size_rate,
         rotation_jitter=rotation_jitter,
         layout=layout,
+        position_jitter=jitter,
     )
     manifest_path = root / "dataset.json"
     if manifest_path.is_file():

@@ -24,6 +24,8 @@ def evaluate(
     split: str = "heldout",
     batch: int = 16,
     out: str | None = None,
+    variety: int = 0,
+    variety_seeds: int = 4,
     **options: Any,
 ) -> dict[str, Any]:
     """Generate one image per drawn caption and return the analyser's accuracies.
@@ -38,6 +40,9 @@ def evaluate(
         split: ``"heldout"`` (combinations never trained on) or ``"train"``.
         batch: Prompts per pipeline call.
         out: Folder to also save the images in (with ``metadata.csv``).
+        variety: Also render the first ``variety`` captions ``variety_seeds`` times each and report their mean
+            pairwise pixel distance (:mod:`diffstudio_shapes.variety`); 0 skips it.
+        variety_seeds: Images per caption for ``variety``.
         **options: Pipeline arguments over the model's defaults (other model files run with the embedded
             model's defaults too: they are shapes models, and the pipeline's own would draw 1024 x 1024).
 
@@ -71,5 +76,12 @@ def evaluate(
                 image.save(folder / "images" / f"{i:05d}.png")
                 writer.writerow([f"images/{i:05d}.png", text])
     result = score(specs, images)
+    if variety > 0:
+        from diffstudio_shapes.variety import seed_variety
+
+        def generate(prompts: list[str], image_seed: int) -> Any:
+            return pipe(prompts, seed=image_seed, **arguments)
+
+        result.update(seed_variety(generate, captions[:variety], seeds=variety_seeds, seed=seed))
     result.update({"count": count, "seconds": round(seconds, 2), "arguments": arguments, "split": split})
     return result

@@ -29,8 +29,11 @@ SIZE_THRESHOLD = 0.215
 #: A quadrant's anchor lies this far (fraction of the side) from both midlines; ``center``, and a caption
 #: without a position word, anchor at the image centre.
 QUADRANT_OFFSET = 0.22
-#: Each shape centre is its anchor moved by up to this much (fraction of the side) along each axis.
+#: Each shape centre is its anchor moved by up to this much (fraction of the side) along each axis, unless the
+#: data set asks for another value (``shapes-data --position-jitter``; the embedded model's recipe uses 0.035).
 POSITION_JITTER = 0.01
+#: The largest ``position_jitter`` accepted: beyond it a quadrant shape could be read as ``center``.
+MAX_POSITION_JITTER = 0.08
 #: The analyser calls a centroid ``center`` when it is closer than this to the centre along both axes.
 CENTER_BAND = 0.09
 #: Minimum gap between the shape and the image border (fraction of the side).
@@ -67,6 +70,7 @@ def place(
     position: str | None,
     rotation: float,
     draws: tuple[float, float, float],
+    position_jitter: float = POSITION_JITTER,
 ) -> tuple[float, float, float]:
     """Return ``(cx, cy, radius)`` (fractions of the side) of a shape from three uniform draws in ``[0, 1)``.
 
@@ -77,18 +81,22 @@ def place(
         position: A position word or None.
         rotation: Degrees, clockwise.
         draws: ``(u_radius, u_x, u_y)``.
+        position_jitter: ``anchored`` only: the largest move of the centre from its anchor along each axis
+            (fraction of the side; ``scattered`` places shapes by its own ranges).
     """
     if layout == "scattered":
         return _scattered(shape, size_word, position, rotation, draws)
     u_radius, u_x, u_y = draws
     low, high = SIZE_RANGES[size_word] if size_word else DEFAULT_SIZE_RANGE
     radius = _lerp(low, high, u_radius)
-    jitter_x, jitter_y = POSITION_JITTER * (2 * u_x - 1), POSITION_JITTER * (2 * u_y - 1)
+    jitter_x, jitter_y = position_jitter * (2 * u_x - 1), position_jitter * (2 * u_y - 1)
     if position is None or position == "center":
         return 0.5 + jitter_x, 0.5 + jitter_y, radius
     cx = 0.5 + (-QUADRANT_OFFSET if position.endswith("left") else QUADRANT_OFFSET) + jitter_x
     cy = 0.5 + (-QUADRANT_OFFSET if position.startswith("top") else QUADRANT_OFFSET) + jitter_y
-    # A large shape in a quadrant shrinks (never below its size word's range) to keep EDGE_PAD to the border.
+    # A large shape in a quadrant shrinks (never below its size word's range) to keep EDGE_PAD to the border;
+    # where even the smallest radius of its range would not fit (a wide jitter toward the border), the centre
+    # moves inward instead. With the default jitter the centre never moves.
     left, right, up, down = _extents(shape, rotation)
     room = min(
         (cx - EDGE_PAD) / max(left, 1e-9),
@@ -96,7 +104,10 @@ def place(
         (cy - EDGE_PAD) / max(up, 1e-9),
         (1 - EDGE_PAD - cy) / max(down, 1e-9),
     )
-    return cx, cy, max(min(radius, room), low)
+    radius = max(min(radius, room), low)
+    cx = min(max(cx, EDGE_PAD + radius * left), 1 - EDGE_PAD - radius * right)
+    cy = min(max(cy, EDGE_PAD + radius * up), 1 - EDGE_PAD - radius * down)
+    return cx, cy, radius
 
 
 def _scattered(
