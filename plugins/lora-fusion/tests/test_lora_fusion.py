@@ -119,6 +119,25 @@ def test_the_gate_equals_the_published_lora_merger() -> None:
         assert (ours(base, list(loras)) - got).abs().max() <= 1e-5
 
 
+def test_the_inference_gate_in_row_blocks_equals_one_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    """300 token rows: blocks of 128, 128 and 44 give the one-block result bit for bit, and the oracle's."""
+    import diffstudio_lora_fusion.model as fusion_model
+
+    torch.manual_seed(1)
+    oracle = perturbed(OracleLoraMerger(24), 2)
+    ours = LoraMerger(24)
+    ours.load_state_dict(oracle.state_dict())
+    base, loras = torch.randn(3, 100, 24), torch.randn(2, 3, 100, 24)
+    with torch.no_grad():
+        blocked = ours(base, list(loras))
+        monkeypatch.setattr(fusion_model, "GATE_ROWS", 10_000)
+        whole = ours(base, list(loras))
+        expected = oracle(base, loras)
+    assert fusion_model.GATE_ROWS == 10_000 and blocked.shape == base.shape
+    assert torch.equal(blocked, whole)
+    assert (blocked - expected).abs().max() <= 1e-5
+
+
 def test_the_gated_dit_equals_the_dit_with_oracle_gates(dit: Any, helpers: ModuleType) -> None:
     apply_lora(dit, bfl_lora(dit, 1), name="a", scale=0.8)
     apply_lora(dit, bfl_lora(dit, 2), name="b", scale=1.3)

@@ -25,6 +25,11 @@ from diffstudio.lora import LoraError, LoraState
 from diffstudio.nn import DeltaLinear, delta_linears
 from torch import Tensor, nn
 
+#: Token rows per block of the inference gate: a block's ``(rows, d_out)`` tensors stay in the CPU cache across
+#: its passes. Medium FLUX.1 Linears (1536 tokens), gate over the plain sum of 2 LoRAs, one layer: 1.64 -> 1.31
+#: (d_out 3072), 1.40 -> 1.10 (7168), 1.71 -> 1.26 (1024) with 128 rows; 32 to 256 rows measured alike.
+GATE_ROWS = 128
+
 
 class LoraFusionMismatchError(LoraError):
     """The LoRA merger does not fit the DiT (other layers or widths), or the DiT holds fused LoRAs."""
@@ -77,30 +82,41 @@ class LoraMerger(nn.Module):
         return out
 
     def _inference(self, base: Tensor, lora_outputs: list[Tensor], params: list[Tensor]) -> Tensor:
-        """The same gate without autograd: every affine folded into two per-layer tensors, in-place updates.
+        """The same gate without autograd: every affine folded into two per-layer tensors, row blocks, in place.
 
         With ``n = LN(o)`` (no affine), ``LN_b(o) = n nb_w + nb_b`` and ``LN_l(l) = m nl_w + nl_b``, the gate's
         argument is ``m * gain + shift`` where ``shift = s0 + n s1`` and ``gain = g0 + n g1`` for per-channel
-        vectors ``s0, s1, g0, g1`` (``d_out`` each). Per layer: three passes over ``(..., d_out)``; per LoRA: five
-        (its LN, the affine, sigmoid, ``w_out``, the accumulation). The first accumulation allocates the result, so
-        ``base`` itself is never changed.
+        vectors ``s0, s1, g0, g1`` (``d_out`` each). Per block of :data:`GATE_ROWS` token rows: three passes
+        over ``(rows, d_out)``; per LoRA five (its LN, the affine, sigmoid, ``w_out``, the accumulation). Every
+        row is independent, so a block's passes run on data still in the CPU cache (the result is the same,
+        bit for bit, as one block). ``base`` itself is never changed.
         """
         w_base, w_lora, w_cross, w_out, bias, nb_w, nb_b, nl_w, nl_b = params
-        shape = (base.shape[-1],)
+        width = base.shape[-1]
+        shape = (width,)
         base_gain = w_base + w_cross * nl_b  # what multiplies LN_b(o) in the shift
         cross_gain = w_cross * nl_w  # what multiplies LN_b(o) in the gain
         shift0 = bias + w_lora * nl_b + nb_b * base_gain
         gain0 = w_lora * nl_w + nb_b * cross_gain
-        n = F.layer_norm(base, shape, None, None, self.norm_base.eps)
-        shift = torch.addcmul(shift0, n, nb_w * base_gain)
-        gain = n.mul_(nb_w * cross_gain).add_(gain0)
-        out: Tensor | None = None
-        for lora in lora_outputs:
-            gate = F.layer_norm(lora, shape, None, None, self.norm_lora.eps)
-            torch.addcmul(shift, gate, gain, out=gate).sigmoid_().mul_(w_out)
-            out = torch.addcmul(base, gate, lora) if out is None else out.addcmul_(gate, lora)
-        assert out is not None
-        return out
+        shift1, gain1 = nb_w * base_gain, nb_w * cross_gain
+        rows_in = base.reshape(-1, width)
+        loras = [lora.reshape(-1, width) for lora in lora_outputs]
+        out = torch.empty_like(rows_in)
+        for start in range(0, rows_in.shape[0], GATE_ROWS):
+            stop = start + GATE_ROWS
+            block, block_out = rows_in[start:stop], out[start:stop]
+            n = F.layer_norm(block, shape, None, None, self.norm_base.eps)
+            shift = torch.addcmul(shift0, n, shift1)
+            gain = n.mul_(gain1).add_(gain0)
+            for index, lora in enumerate(loras):
+                part = lora[start:stop]
+                gate = F.layer_norm(part, shape, None, None, self.norm_lora.eps)
+                torch.addcmul(shift, gate, gain, out=gate).sigmoid_().mul_(w_out)
+                if index == 0:
+                    torch.addcmul(block, gate, part, out=block_out)
+                else:
+                    block_out.addcmul_(gate, part)
+        return out.view(base.shape)
 
 
 def _fused_loras(dit: nn.Module) -> list[str]:
