@@ -9,7 +9,7 @@ special token, after a final LayerNorm and Linear, is the LoRA's token ``(1, 1, 
 Attribute names equal the checkpoint's keys: ``embedder.model_dict.<layer>.{x, layer_norm.*}``,
 ``embedder.proj_dict.<type>.*``, ``encoders.<i>.{attn.to_q/k/v/out, layer_norm1/2, fc1, fc2}.*``,
 ``special_embeds``, ``final_layer_norm.*``, ``final_linear.*``; ``<layer>`` is DiffSynth's DiT module name with
-``.`` written ``___`` (:mod:`diffstudio_lora_encoder.names`). Official sizes: ``L = 16``, ``D = 4096``, 32 heads
+``.`` written ``___`` (:mod:`diffstudio.dit.diffsynth_names`). Official sizes: ``L = 16``, ``D = 4096``, 32 heads
 of 128, MLP 8192, one encoder layer, one special token.
 """
 
