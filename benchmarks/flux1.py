@@ -53,7 +53,7 @@ from typing import Any
 import torch
 from coldcache import paired_rounds, run_load, summary
 from diffstudio.testing import import_file
-from precision import DTYPES, diffusers_estimate, dit_precision_figures, timed
+from precision import DTYPES, diffusers_estimate, dit_precision_figures, estimated_pipeline_ratio
 
 BENCH = "flux1"
 PAGE = 4096
@@ -331,12 +331,7 @@ def bench_pipeline(
 
     name = "" if dtype == torch.float32 else "_" + str(dtype).removeprefix("torch.")
     if dit_estimate is not None:
-        with torch.inference_mode():
-            run_ours()
-            ours_s = statistics.median(timed(run_ours, repeat))
-        ratio(f"pipeline_ratio{name}", ours_s, 4 * dit_estimate, "<= 0.8", estimated=True, steps=4,
-              note="diffusers not run (emulated bf16): its 4 DiT forwards at the measured bf16 matmul rate, a "
-              "lower bound of its time, so the ratio is an upper bound")  # fmt: skip
+        estimated_pipeline_ratio(ratio, f"pipeline_ratio{name}", run_ours, repeat, dit_estimate)
         return
     times: dict[str, list[float]] = {"ours": [], "diffusers": []}
     with torch.inference_mode():

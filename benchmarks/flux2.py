@@ -56,7 +56,7 @@ from typing import Any
 import torch
 from coldcache import paired_rounds, run_load, summary
 from flux2_models import SIZES, Size, build_repository, parameter_count
-from precision import DTYPES, diffusers_estimate, dit_precision_figures, timed
+from precision import DTYPES, diffusers_estimate, dit_precision_figures, estimated_pipeline_ratio
 
 BENCH = "flux2"
 PAGE = 4096
@@ -280,12 +280,7 @@ def bench_pipeline(
 
     name = "" if dtype == torch.float32 else "_" + str(dtype).removeprefix("torch.")
     if dit_estimate is not None:
-        with torch.inference_mode():
-            run_ours()
-            ours_s = statistics.median(timed(run_ours, repeat))
-        ratio(f"pipeline_ratio{name}", ours_s, 4 * dit_estimate, "<= 0.8", estimated=True, steps=4,
-              note="diffusers not run (emulated bf16): its 4 DiT forwards at the measured bf16 matmul rate, a "
-              "lower bound of its time, so the ratio is an upper bound")  # fmt: skip
+        estimated_pipeline_ratio(ratio, f"pipeline_ratio{name}", run_ours, repeat, dit_estimate)
         return
     with torch.inference_mode():
         first = np.asarray(run_ours(), dtype=np.float32) - np.asarray(run_theirs(), dtype=np.float32)

@@ -69,9 +69,9 @@ def build(size: str, device: str, dtype: torch.dtype) -> Any:
 
 
 def _lora_file(model: Any, rank: int, folder: Path) -> Path:
+    from diffstudio.dit.diffsynth_names import bfl_path
     from diffstudio.lora import LoraWeights
     from diffstudio.runtime import Runtime
-    from diffstudio.dit.diffsynth_names import bfl_path
     from safetensors.torch import save_file
 
     gen = torch.Generator().manual_seed(1)

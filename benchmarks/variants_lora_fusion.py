@@ -76,9 +76,9 @@ def build(size: dict[str, int], device: str = "cpu", dtype: torch.dtype = torch.
 
 
 def _attach(dit: Any, count: int, rank: int) -> list[str]:
+    from diffstudio.dit.diffsynth_names import diffsynth_key
     from diffstudio.lora import LoraWeights, attach_lora
     from diffstudio.nn import delta_linears
-    from diffstudio.dit.diffsynth_names import diffsynth_key
 
     gen = torch.Generator().manual_seed(count)
     names = []
@@ -97,10 +97,10 @@ def _attach(dit: Any, count: int, rank: int) -> list[str]:
 
 def run(args: Any) -> list[dict[str, Any]]:
     """The section's rows (JSON-able dicts); ``args`` may carry ``quick``, ``repeat``, ``threads``, ``rank``."""
+    from diffstudio.dit.diffsynth_names import diffsynth_key
     from diffstudio.lora import detach_lora
     from diffstudio.nn import delta_linears
     from diffstudio_lora_fusion.model import FluxLoraFusion
-    from diffstudio.dit.diffsynth_names import diffsynth_key
 
     quick, repeat = bool(getattr(args, "quick", False)), int(getattr(args, "repeat", 3))
     rank = int(getattr(args, "rank", 16))
