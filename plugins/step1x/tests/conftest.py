@@ -32,24 +32,6 @@ def step1x_repo(
     return {"root": root, "dit": dit}
 
 
-# One torch thread while this package's tests run (restored after each): its models are tiny, and on a shared
-# 2-core machine two spinning intra-op threads made them 3-10x slower (step1x training: 142 s -> 14 s wall at load
-# average 15). Set in setup and restored in teardown, so other packages' tests keep the session's setting.
-_THREADS: list[int] = []
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_runtest_setup(item: pytest.Item) -> None:
-    import torch
-
-    _THREADS.append(torch.get_num_threads())
-    torch.set_num_threads(1)
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
-    yield
-    if _THREADS:
-        import torch
-
-        torch.set_num_threads(_THREADS.pop())
+@pytest.fixture(autouse=True)
+def _one_thread(one_torch_thread: None) -> None:
+    """Every test of this package runs on one torch thread (the root conftest's ``one_torch_thread``)."""
