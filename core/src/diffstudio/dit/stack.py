@@ -112,15 +112,9 @@ class DualStreamStack(nn.Module):
             extras: The attention processors' ``context.extras``.
         """
         txt_len, img_len, ref_len = layout
-        for i, double in enumerate(self.double_blocks):
-            name = f"double_{i}"
-            if name in skip:
-                continue
-            ext = kv.get(name)
-            context = AttentionContext("double", i, txt_len, img_len, ref_len, kv_len(ext), extras)
-            img, txt = self.call_block(double, img, txt, *double_args, context, ext)
-            if block_residual is not None:
-                img = add_residual(img, block_residual("double", i, img[:, :img_len]), 0, img_len)
+        for i in range(len(self.double_blocks)):
+            if f"double_{i}" not in skip:
+                img, txt = self.run_double_block(i, img, txt, double_args, layout, kv, block_residual, extras)
         seq = torch.cat((txt, img), dim=1)  # (B, L_txt + L_img + L_ref, D)
         start = txt_len  # where the image tokens begin in seq
         run = [i for i in range(len(self.single_blocks)) if f"single_{i}" not in skip]
@@ -134,6 +128,29 @@ class DualStreamStack(nn.Module):
                 residual = block_residual("single", i, seq[:, start : start + img_len])
                 seq = add_residual(seq, residual, start, img_len)
         return seq[:, start:]
+
+    def run_double_block(
+        self,
+        i: int,
+        img: Tensor,
+        txt: Tensor,
+        double_args: tuple[Any, ...],
+        layout: tuple[int, int, int],
+        kv: Mapping[str, tuple[Tensor, Tensor]],
+        block_residual: BlockResidualHook | None,
+        extras: Mapping[str, Any],
+    ) -> tuple[Tensor, Tensor]:
+        """Run ``double_i`` with its K/V extension and block residual; its ``(img, txt)`` outputs.
+
+        The arguments are those of :meth:`run_blocks`.
+        """
+        txt_len, img_len, ref_len = layout
+        ext = kv.get(f"double_{i}")
+        context = AttentionContext("double", i, txt_len, img_len, ref_len, kv_len(ext), extras)
+        img, txt = self.call_block(self.double_blocks[i], img, txt, *double_args, context, ext)
+        if block_residual is not None:
+            img = add_residual(img, block_residual("double", i, img[:, :img_len]), 0, img_len)
+        return img, txt
 
     def call_block(self, block: Callable[..., _T], *args: Any) -> _T:
         """Call a block, through activation checkpointing when training with it enabled."""
@@ -274,14 +291,8 @@ class StackRun:
 
     def first_block(self) -> tuple[Tensor, Tensor]:
         """Run ``double_0`` alone (with its K/V extension and block residual); its ``(img, txt)`` outputs."""
-        txt_len, img_len, ref_len = self.layout
-        ext = self.kv.get("double_0")
-        context = AttentionContext("double", 0, txt_len, img_len, ref_len, kv_len(ext), self.extras)
-        img, txt = self.stack.call_block(self.stack.double_blocks[0], self.img, self.txt, *self.double_args, context,
-                                         ext)  # fmt: skip
-        if self.block_residual is not None:
-            img = add_residual(img, self.block_residual("double", 0, img[:, :img_len]), 0, img_len)
-        return img, txt
+        return self.stack.run_double_block(0, self.img, self.txt, self.double_args, self.layout, self.kv,
+                                           self.block_residual, self.extras)  # fmt: skip
 
     def rest(self, img: Tensor, txt: Tensor, *, first: bool = False) -> Tensor:
         """Run the blocks after ``double_0`` from its outputs ``(img, txt)`` (every block when ``first``)."""
