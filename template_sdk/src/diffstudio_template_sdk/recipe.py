@@ -10,14 +10,62 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any
 
-__all__ = ["TRAIN_TASKS", "install_weights", "recipe_main", "train_argv"]
+from diffstudio._io import atomic_write
+
+__all__ = ["TRAIN_TASKS", "DataRow", "install_weights", "recipe_main", "train_argv", "write_rows"]
 
 TRAIN_TASKS = ("sft:data_process", "sft:train")
 """The two stages of split training, in order."""
+
+
+@dataclass(frozen=True)
+class DataRow:
+    """One training row of a template's data folder.
+
+    Attributes:
+        image: The image's path relative to the data folder (``images/00001.png``).
+        prompt: The caption.
+        template_inputs: The template's inputs for this row (JSON-ready).
+        draw: Writes the image (PNG bytes) to an open binary file; called only when the image file is missing.
+    """
+
+    image: str
+    prompt: str
+    template_inputs: Mapping[str, Any]
+    draw: Callable[[IO[bytes]], None]
+
+
+def write_rows(folder: str | Path, rows: Iterable[DataRow]) -> Path:
+    """Write a template's training data: each row's image unless it exists, then ``metadata.jsonl``.
+
+    Images and the metadata are written atomically (a killed run leaves no partial file under a final name), so
+    an interrupted run continues where it stopped. Returns the ``metadata.jsonl`` path; its rows are
+    ``{"image", "prompt", "template_inputs"}``, what :func:`train_argv`'s ``--extra_inputs template_inputs`` reads.
+
+    Raises:
+        ValueError: A row's image path is absolute or leaves the data folder.
+    """
+    root = Path(folder)
+    lines = []
+    for row in rows:
+        relative = Path(row.image)
+        if relative.is_absolute() or ".." in relative.parts:
+            raise ValueError(f"image path {row.image!r} must be relative and stay inside {root}")
+        path = root / relative
+        if not path.is_file():
+            with atomic_write(path) as handle:
+                row.draw(handle)
+        record = {"image": row.image, "prompt": row.prompt, "template_inputs": dict(row.template_inputs)}
+        lines.append(json.dumps(record) + "\n")
+    metadata = root / "metadata.jsonl"
+    with atomic_write(metadata, "w") as handle:
+        handle.write("".join(lines))
+    return metadata
 
 
 def train_argv(data: str | Path, output: str | Path, models: Sequence[str], tokenizer: str | Path, *,
@@ -60,8 +108,9 @@ def install_weights(folder: str | Path, target: Path) -> Path:
     source = Path(folder) / "model.safetensors"
     if not source.is_file():
         raise FileNotFoundError(f"{source} does not exist: give the data-only folder the trainer wrote (step-N/)")
-    target.parent.mkdir(exist_ok=True)
-    shutil.copyfile(source, target)
+    with atomic_write(target) as handle, source.open("rb") as weights:
+        while chunk := weights.read(1 << 20):
+            handle.write(chunk)
     return target
 
 

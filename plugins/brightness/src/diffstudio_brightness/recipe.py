@@ -13,10 +13,11 @@ Command line: ``python -m diffstudio_brightness.recipe data|train|install ...`` 
 
 from __future__ import annotations
 
-import json
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from functools import partial
 from pathlib import Path
+from typing import IO
 
 from diffstudio_shapes.model import model_files
 from diffstudio_template_sdk import recipe
@@ -36,26 +37,17 @@ def brighten(image: Image.Image, scale: float) -> Image.Image:
 
 def write_data(folder: str | Path, count: int, seed: int = 0, size: int = 128) -> Path:
     """Write ``count`` brightness rows (training split of the shapes captions); returns ``metadata.jsonl``."""
-    from diffstudio_shapes.data import render, sample_specs
+    from diffstudio_shapes.data import ShapeSpec, render, sample_specs
 
-    root = Path(folder)
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    rows = []
-    for index, spec in enumerate(sample_specs(count, seed, split="train")):
-        scale = round(random.Random(f"diffstudio-brightness/{seed}/{index}").random(), 4)
-        name = f"images/{index:05d}.png"
-        path = root / name
-        if not path.is_file():
-            brighten(render(spec, size), scale).save(path)
-        rows.append({"image": name, "prompt": spec.caption, "template_inputs": {"scale": scale}})
-    metadata = root / "metadata.jsonl"
-    metadata.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return metadata
+    def draw(spec: ShapeSpec, scale: float, out: IO[bytes]) -> None:
+        brighten(render(spec, size), scale).save(out, format="PNG")
 
+    def rows() -> Iterator[recipe.DataRow]:
+        for index, spec in enumerate(sample_specs(count, seed, split="train")):
+            scale = round(random.Random(f"diffstudio-brightness/{seed}/{index}").random(), 4)
+            yield recipe.DataRow(f"images/{index:05d}.png", spec.caption, {"scale": scale}, partial(draw, spec, scale))
 
-def model_paths(weights: str | Path) -> list[str]:
-    """The embedded model's DiT, VAE and text encoder files under ``weights``."""
-    return model_files(weights)
+    return recipe.write_rows(folder, rows())
 
 
 def train_argv(data: str | Path, output: str | Path, models: Sequence[str], tokenizer: str | Path, *,
@@ -74,7 +66,7 @@ def install(folder: str | Path, name: str = "brightness.safetensors") -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     """``data FOLDER [--count N]``, ``train DATA OUTPUT --weights W [--steps N]``, ``install FOLDER``."""
     return recipe.recipe_main(argv, prog="python -m diffstudio_brightness.recipe", what="brightness",
-                              write_data=write_data, train_arguments=train_argv, model_files=model_paths,
+                              write_data=write_data, train_arguments=train_argv, model_files=model_files,
                               install=install)  # fmt: skip
 
 

@@ -14,11 +14,12 @@ Command line: ``python -m diffstudio_colour_shift.recipe data|train|install ...`
 
 from __future__ import annotations
 
-import json
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
+from typing import IO
 
 from diffstudio_shapes.model import model_files
 from diffstudio_template_sdk import recipe
@@ -28,27 +29,19 @@ __all__ = ["install", "main", "train_argv", "write_data"]
 
 def write_data(folder: str | Path, count: int, seed: int = 0, size: int = 128) -> Path:
     """Write ``count`` colour-shift rows (training split of the shapes captions); returns ``metadata.jsonl``."""
-    from diffstudio_shapes.data import COLOURS, render, sample_specs
+    from diffstudio_shapes.data import COLOURS, ShapeSpec, render, sample_specs
 
-    root = Path(folder)
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    rows = []
-    for index, spec in enumerate(sample_specs(count, seed, split="train")):
-        choices = [c for c in COLOURS if c != spec.background]
-        target = random.Random(f"diffstudio-colour-shift/{seed}/{index}").choice(choices)
-        name = f"images/{index:05d}.png"
-        path = root / name
-        if not path.is_file():
-            render(replace(spec, colour=target), size).save(path)
-        rows.append({"image": name, "prompt": spec.caption, "template_inputs": {"colour": target}})
-    metadata = root / "metadata.jsonl"
-    metadata.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return metadata
+    def draw(spec: ShapeSpec, out: IO[bytes]) -> None:
+        render(spec, size).save(out, format="PNG")
 
+    def rows() -> Iterator[recipe.DataRow]:
+        for index, spec in enumerate(sample_specs(count, seed, split="train")):
+            choices = [c for c in COLOURS if c != spec.background]
+            target = random.Random(f"diffstudio-colour-shift/{seed}/{index}").choice(choices)
+            drawn = partial(draw, replace(spec, colour=target))
+            yield recipe.DataRow(f"images/{index:05d}.png", spec.caption, {"colour": target}, drawn)
 
-def model_paths(weights: str | Path) -> list[str]:
-    """The embedded model's DiT, VAE and text encoder files under ``weights``."""
-    return model_files(weights)
+    return recipe.write_rows(folder, rows())
 
 
 def train_argv(data: str | Path, output: str | Path, models: Sequence[str], tokenizer: str | Path, *,
@@ -67,7 +60,7 @@ def install(folder: str | Path, name: str = "colour-shift.safetensors") -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     """``data FOLDER [--count N]``, ``train DATA OUTPUT --weights W [--steps N]``, ``install FOLDER``."""
     return recipe.recipe_main(argv, prog="python -m diffstudio_colour_shift.recipe", what="colour-shift",
-                              write_data=write_data, train_arguments=train_argv, model_files=model_paths,
+                              write_data=write_data, train_arguments=train_argv, model_files=model_files,
                               install=install)  # fmt: skip
 
 
