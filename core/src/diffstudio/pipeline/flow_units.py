@@ -34,6 +34,7 @@ from diffstudio.pipeline.units import InputParam, OutputParam, PipelineUnit
 from diffstudio.types import PipelineLike
 
 __all__ = [
+    "HOOK_UNIT_INPUTS",
     "STANDARD_UNITS",
     "TILING_INPUTS",
     "FlowFamily",
@@ -187,6 +188,16 @@ TILING_INPUTS = (
     InputParam("tile_stride", "tile stride in latent pixels (64)"),
 )
 """The VAE tiling inputs of a family with ``FlowFamily.tiling`` (for its own VAE units too)."""
+
+HOOK_UNIT_INPUTS = (
+    InputParam("timesteps", "(N,) schedule", True),
+    _HEIGHT,
+    _WIDTH,
+    InputParam("call_hooks", "per-call extension hooks installed by earlier units"),
+    *TILING_INPUTS,
+)
+"""What a unit that VAE-encodes a conditioning image and adds a per-call hook (ControlNet, InfiniteYou, Flex.2)
+reads besides its own inputs: the schedule, the image size, the hooks installed so far and the VAE tiling."""
 
 
 def tiling_options(inputs: Mapping[str, Any]) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import torch
 from diffstudio.dit.extensions import DitCall
 from diffstudio.errors import PipelineInputError
 from diffstudio.pipeline.base import BasePipeline
+from diffstudio.pipeline.flow_units import HOOK_UNIT_INPUTS, tiling_options
 from diffstudio.pipeline.images import pil_to_tensor
 from diffstudio.pipeline.units import InputParam, OutputParam, PipelineUnit
 from PIL import Image
@@ -180,13 +181,7 @@ class ControlNetPrepare(PipelineUnit):
     after = ("flux1_set_timesteps", "flux1_noise", "flux1_image_ids")
     inputs = (
         InputParam("controlnet_inputs", "list of ControlNetInput (image, scale, processor_id, start, end, ...)"),
-        InputParam("timesteps", "(N,) schedule", True),
-        InputParam("height", "image height", True),
-        InputParam("width", "image width", True),
-        InputParam("call_hooks", "per-call extension hooks installed by earlier units"),
-        InputParam("tiled", "VAE in tiles"),
-        InputParam("tile_size", "tile side in latent pixels"),
-        InputParam("tile_stride", "tile stride in latent pixels"),
+        *HOOK_UNIT_INPUTS,
     )
     outputs = (OutputParam("call_hooks", "{name: hook(DitCall)}, with 'controlnet' added", optional=True),)
 
@@ -197,8 +192,7 @@ class ControlNetPrepare(PipelineUnit):
         if not items:
             return {}
         nets = controlnets(pipe)
-        tiling = {"tiled": bool(inputs["tiled"]), "tile_size": int(inputs["tile_size"] or 128),
-                  "tile_stride": int(inputs["tile_stride"] or 64)}  # fmt: skip
+        tiling = tiling_options(inputs)
         conditions = []
         for i, item in enumerate(items):
             if not 0 <= item.controlnet_id < len(nets):

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from diffstudio.errors import PipelineInputError
 from diffstudio.pipeline.base import BasePipeline
+from diffstudio.pipeline.flow_units import HOOK_UNIT_INPUTS, tiling_options
 from diffstudio.pipeline.images import as_image_list, pil_to_tensor, to_rgb
 from diffstudio.pipeline.units import InputParam, OutputParam, PipelineUnit
 from PIL import Image
@@ -136,13 +137,7 @@ class FlexConditioning(PipelineUnit):
         InputParam("flex_random_inpaint", "training: probability of a random repaint box on the training image (0)"),
         InputParam("flex_control_dropout", "training: probability of dropping flex_control_image (0)"),
         InputParam("input_latents", "(1, L, 64) clean latents of input_image (training)"),
-        InputParam("timesteps", "(N,) schedule", True),
-        InputParam("height", "image height", True),
-        InputParam("width", "image width", True),
-        InputParam("call_hooks", "per-call extension hooks installed by earlier units"),
-        InputParam("tiled", "VAE in tiles"),
-        InputParam("tile_size", "tile side in latent pixels"),
-        InputParam("tile_stride", "tile stride in latent pixels"),
+        *HOOK_UNIT_INPUTS,
     )
     outputs = (
         OutputParam("img_cond", "(1, L, 132) conditioning channels when they do not change over the schedule",
@@ -212,8 +207,7 @@ class FlexConditioning(PipelineUnit):
                 f"{name} needs the VAE to encode it; add the FLUX.1 VAE (ae.safetensors or vae/) to from_pretrained"
             )
         image = _resized(to_rgb(_one_image(value, name), argument=name), size, name, Image.Resampling.LANCZOS)
-        tiling = {"tiled": bool(inputs.get("tiled")), "tile_size": int(inputs.get("tile_size") or 128),
-                  "tile_stride": int(inputs.get("tile_stride") or 64)}  # fmt: skip
+        tiling = tiling_options(inputs)
         latents: Tensor = pipe.encode_image(pil_to_tensor(image, argument=name), **tiling)
         if tuple(latents.shape[2:]) != grid:
             raise PipelineInputError(f"{name} encodes to a {tuple(latents.shape[2:])} latent, expected {grid}")

@@ -27,6 +27,7 @@ import torch
 from diffstudio.dit.extensions import DitCall
 from diffstudio.errors import MissingPluginError, PipelineInputError
 from diffstudio.pipeline.base import BasePipeline
+from diffstudio.pipeline.flow_units import HOOK_UNIT_INPUTS, tiling_options
 from diffstudio.pipeline.units import InputParam, OutputParam, PipelineUnit
 from diffstudio_controlnet.inputs import ControlNetInput, as_controlnet_inputs
 from diffstudio_controlnet.model import FluxControlNet
@@ -224,13 +225,7 @@ class InfiniteYouPrepare(PipelineUnit):
         InputParam("infinityou_embedding", "(1, 1, 512) identity embedding"),
         InputParam("infinityou_guidance", "the InfuseNet's embedded guidance (1.0)"),
         InputParam("controlnet_inputs", "ControlNetInput list; the InfuseNet takes its controlnet_id's item"),
-        InputParam("timesteps", "(N,) schedule", True),
-        InputParam("height", "image height", True),
-        InputParam("width", "image width", True),
-        InputParam("call_hooks", "per-call extension hooks installed by earlier units"),
-        InputParam("tiled", "VAE in tiles"),
-        InputParam("tile_size", "tile side in latent pixels"),
-        InputParam("tile_stride", "tile stride in latent pixels"),
+        *HOOK_UNIT_INPUTS,
     )
     outputs = (
         OutputParam("call_hooks", "{name: hook(DitCall)}, with 'infiniteyou' added", optional=True),
@@ -260,8 +255,7 @@ class InfiniteYouPrepare(PipelineUnit):
         if item is None:
             item = ControlNetInput(Image.new("RGB", (width, height), (0, 0, 0)), controlnet_id=infuse_id)
         net: FluxControlNet = pipe.infuse_net
-        tiling = {"tiled": bool(inputs["tiled"]), "tile_size": int(inputs["tile_size"] or 128),
-                  "tile_stride": int(inputs["tile_stride"] or 64)}  # fmt: skip
+        tiling = tiling_options(inputs)
         cond = condition_tokens(pipe, item, infuse_id, height, width, tiling, net.params.cond_channels)
         dit = pipe.dit
         guidance = 1.0 if inputs["infinityou_guidance"] is None else float(inputs["infinityou_guidance"])
