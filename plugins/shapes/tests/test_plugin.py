@@ -57,3 +57,21 @@ def test_cli_main_runs_the_command(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("DIFFSTUDIO_LOAD_PLUGINS", "shapes")
     assert main(["shapes-data", str(tmp_path / "d"), "--count", "2", "--size", "16"]) == 0
     assert sorted(p.name for p in (tmp_path / "d" / "images").iterdir()) == ["00000.png", "00001.png"]
+
+
+def test_eval_model_folder_expands_to_its_files_and_a_bare_folder_is_refused(tmp_path: Path) -> None:
+    from diffstudio_shapes.commands import model_arguments
+    from diffstudio_shapes.model import model_files
+
+    folder = tmp_path / "weights"
+    layout = ("flux2-shapes.safetensors", "ae.safetensors", "text_encoder/model.safetensors",
+              "tokenizer/tokenizer.json")  # fmt: skip
+    for name in layout:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"")
+    assert model_arguments([str(folder)]) == model_files(folder)
+    assert model_arguments(["dit.safetensors", "ae.safetensors"]) == ["dit.safetensors", "ae.safetensors"]
+    assert model_arguments(None) is None
+    (folder / "tokenizer" / "tokenizer.json").unlink()
+    with pytest.raises(ConfigError, match=r"without the shapes model's layout .*one --model each"):
+        model_arguments([str(folder)])

@@ -162,7 +162,12 @@ def eval_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``diffstudio eval-shapes``."""
     parser.add_argument("--count", type=int, default=200, help="held-out captions to render (default: 200)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the caption draw and of the images")
-    parser.add_argument("--model", action="append", default=None, help="model files (default: the embedded one)")
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        help="a model file (repeat for each) or a folder laid out like the embedded weights (default: embedded)",
+    )
     parser.add_argument("--lora", default=None, help="a LoRA file applied to the DiT (side path)")
     parser.add_argument("--shapes", default=_BASE, help=f"shapes of the captions (default: {_BASE})")
     parser.add_argument("--split", choices=("train", "heldout"), default="heldout", help="caption combinations")
@@ -180,6 +185,29 @@ def eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variety-seeds", type=int, default=4, help="images per caption for --variety (default: 4)")
 
 
+def model_arguments(paths: list[str] | None) -> list[str] | None:
+    """``--model`` values, each folder replaced by its DiT, VAE and text encoder files (the embedded layout).
+
+    Raises:
+        ConfigError: A folder lacks one of the files of that layout.
+    """
+    from diffstudio_shapes.model import DIT_FILE, TEXT_ENCODER_FILE, TOKENIZER_FOLDER, VAE_FILE, installed, model_files
+
+    if not paths:
+        return None
+    files: list[str] = []
+    for path in paths:
+        if not Path(path).is_dir():
+            files.append(path)
+        elif installed(Path(path)):
+            files.extend(model_files(path))
+        else:
+            layout = f"{DIT_FILE}, {VAE_FILE}, {TEXT_ENCODER_FILE} and {TOKENIZER_FOLDER}tokenizer.json"
+            raise ConfigError(f"--model {path} is a folder without the shapes model's layout ({layout}); "
+                              "give the model files instead, one --model each")  # fmt: skip
+    return files
+
+
 def eval_run(args: argparse.Namespace, runtime: Runtime) -> int:
     """Render held-out captions with the model and print the analyser's accuracies (JSON)."""
     from diffstudio_shapes.evaluate import evaluate
@@ -194,7 +222,7 @@ def eval_run(args: argparse.Namespace, runtime: Runtime) -> int:
         runtime,
         count=args.count,
         seed=args.seed,
-        model=args.model,
+        model=model_arguments(args.model),
         lora=args.lora,
         shapes=shapes,
         split=args.split,
