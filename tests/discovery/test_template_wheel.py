@@ -108,3 +108,12 @@ def test_the_installed_template_generates_and_exports_data_only(template_env: Pa
     assert report["data_only_kind"] == "data" and report["data_only_same"]
     assert report["files"] == ["model.safetensors", "template.json"]
 
+
+
+def test_the_example_package_passes_its_own_tests(template_env: Path) -> None:
+    """``examples/template-tint/tests`` (the conformance kit on the example), run where the wheel is installed."""
+    tests = ROOT / "examples" / "template-tint" / "tests"
+    result = _run([str(template_env / "bin" / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests)],
+                  env=_clean_env())  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and " failed" not in result.stdout
