@@ -151,11 +151,8 @@ def _add_arguments(runtime: Runtime, owner: str, spec: CommandSpec, command_pars
     return True
 
 
-def build_parser(runtime: object) -> argparse.ArgumentParser:
+def build_parser(runtime: Runtime) -> argparse.ArgumentParser:
     """Build the parser with one sub-parser per registered command (a plugin whose command breaks is skipped)."""
-    from diffstudio.runtime import Runtime
-
-    assert isinstance(runtime, Runtime)
     for _ in range(len(runtime.statuses) + 2):
         parser = _try_build_parser(runtime)
         if parser is not None:
