@@ -13,7 +13,7 @@ Converters are pure (a new dict; the input is never modified) and exact (renames
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from diffstudio.errors import CheckpointError
 from diffstudio.loading.convert import swap_halves
@@ -94,6 +94,29 @@ def _fail(what: str, keys: list[str]) -> LegacyDitKeyError:
     return LegacyDitKeyError(f"{what}: {shown}")
 
 
+def _rename_all(
+    sd: StateDict, rename: Callable[[str], str | None], *, bfl_of: Callable[[str, str], str], what: str
+) -> dict[str, Tensor]:
+    """Every key through ``rename``, the final-norm halves swapped.
+
+    A tensor is swapped where its BFL name (``bfl_of(key, renamed)``) is one of :data:`SWAPPED`'s.
+
+    Raises:
+        LegacyDitKeyError: Keys ``rename`` maps to None (listed, after ``what``).
+    """
+    out: dict[str, Tensor] = {}
+    unknown: list[str] = []
+    for key, value in sd.items():
+        renamed = rename(key)
+        if renamed is None:
+            unknown.append(key)
+            continue
+        out[renamed] = swap_halves(value) if bfl_of(key, renamed).startswith(SWAPPED + ".") else value
+    if unknown:
+        raise _fail(what, unknown)
+    return out
+
+
 def convert_legacy_to_bfl_dit(sd: StateDict) -> dict[str, Tensor]:
     """DiffSynth legacy FLUX.1 DiT names (``pipe.dit.`` already removed) -> BFL names, final-norm halves swapped.
 
@@ -107,24 +130,18 @@ def convert_legacy_to_bfl_dit(sd: StateDict) -> dict[str, Tensor]:
         LegacyDitKeyError: Keys that are not part of the legacy FLUX.1 DiT (listed).
     """
     top, double, single = _inverse(LEGACY_TOP), _inverse(LEGACY_DOUBLE), _inverse(LEGACY_SINGLE)
-    out: dict[str, Tensor] = {}
-    unknown: list[str] = []
-    for key, value in sd.items():
+
+    def to_bfl(key: str) -> str | None:
         name = key.removeprefix(DIT_PREFIX)
         match = _BLOCK.match(name)
-        if match is not None and match.group(1) != "double_blocks":
-            kind = "double_blocks" if match.group(1) == "blocks" else "single_blocks"
-            inner = _rename(match.group(3), double if kind == "double_blocks" else single)
-            renamed = None if inner is None else f"{kind}.{match.group(2)}.{inner}"
-        else:
-            renamed = _rename(name, top)
-        if renamed is None:
-            unknown.append(key)
-            continue
-        out[renamed] = swap_halves(value) if renamed.startswith(SWAPPED + ".") else value
-    if unknown:
-        raise _fail("not part of a FLUX.1 DiT in DiffSynth's legacy names (Nexus-Gen decoder)", unknown)
-    return out
+        if match is None or match.group(1) == "double_blocks":
+            return _rename(name, top)
+        kind = "double_blocks" if match.group(1) == "blocks" else "single_blocks"
+        inner = _rename(match.group(3), double if kind == "double_blocks" else single)
+        return None if inner is None else f"{kind}.{match.group(2)}.{inner}"
+
+    return _rename_all(sd, to_bfl, bfl_of=lambda key, renamed: renamed,
+                       what="not part of a FLUX.1 DiT in DiffSynth's legacy names (Nexus-Gen decoder)")  # fmt: skip
 
 
 def convert_bfl_to_legacy_dit(sd: StateDict) -> dict[str, Tensor]:
@@ -133,23 +150,16 @@ def convert_bfl_to_legacy_dit(sd: StateDict) -> dict[str, Tensor]:
     Raises:
         LegacyDitKeyError: Keys that are not part of the BFL FLUX.1 DiT (listed).
     """
-    out: dict[str, Tensor] = {}
-    unknown: list[str] = []
-    for key, value in sd.items():
+
+    def to_legacy(key: str) -> str | None:
         match = _BLOCK.match(key)
-        if match is not None and match.group(1) in _BFL_BLOCK:
-            legacy_kind, table = _BFL_BLOCK[match.group(1)]
-            inner = _rename(match.group(3), table)
-            renamed = None if inner is None else f"{legacy_kind}.{match.group(2)}.{inner}"
-        else:
-            renamed = _rename(key, LEGACY_TOP)
-        if renamed is None:
-            unknown.append(key)
-            continue
-        out[renamed] = swap_halves(value) if key.startswith(SWAPPED + ".") else value
-    if unknown:
-        raise _fail("not part of a BFL FLUX.1 DiT", unknown)
-    return out
+        if match is None or match.group(1) not in _BFL_BLOCK:
+            return _rename(key, LEGACY_TOP)
+        legacy_kind, table = _BFL_BLOCK[match.group(1)]
+        inner = _rename(match.group(3), table)
+        return None if inner is None else f"{legacy_kind}.{match.group(2)}.{inner}"
+
+    return _rename_all(sd, to_legacy, bfl_of=lambda key, renamed: key, what="not part of a BFL FLUX.1 DiT")
 
 
 def split_decoder(sd: StateDict) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
