@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from diffstudio.dit.layers import Modulation, ProcessorSlot, SelfAttention, clip_fp16, gelu_tanh
+from diffstudio.dit.layers import ModParams, Modulation, ProcessorSlot, SelfAttention, clip_fp16, gelu_tanh
 from diffstudio.nn import (
     DEFAULT_PROCESSOR,
     AttentionContext,
@@ -29,7 +29,66 @@ def _mlp(hidden: int, mlp_hidden: int) -> nn.Sequential:
     return nn.Sequential(DeltaLinear(hidden, mlp_hidden), nn.GELU(approximate="tanh"), DeltaLinear(mlp_hidden, hidden))
 
 
-class DoubleStreamBlock(ProcessorSlot):
+class JointStreams(ProcessorSlot):
+    """Base of a double-stream block: what FLUX.1's and FLUX.2's double blocks compute once modulated.
+
+    A subclass owns ``img_norm1``, ``img_attn``, ``img_norm2``, ``img_mlp`` and the same ``txt_*`` modules (BFL's
+    names); it computes the two (shift, scale, gate) sets per stream its own way and calls :meth:`joint_update`.
+    """
+
+    img_norm1: nn.Module
+    img_attn: SelfAttention
+    img_norm2: nn.Module
+    img_mlp: nn.Module
+    txt_norm1: nn.Module
+    txt_attn: SelfAttention
+    txt_norm2: nn.Module
+    txt_mlp: nn.Module
+
+    def joint_update(
+        self,
+        img: Tensor,
+        txt: Tensor,
+        mod_img: tuple[ModParams, ModParams],
+        mod_txt: tuple[ModParams, ModParams],
+        pe: RopeFreqs,
+        context: AttentionContext,
+        kv_extension: tuple[Tensor, Tensor] | None,
+    ) -> tuple[Tensor, Tensor]:
+        """Joint attention over ``[txt, img]``, then each stream's gated attention and MLP updates.
+
+        Args:
+            img: Image tokens ``(B, L_img, D)``.
+            txt: Text tokens ``(B, L_txt, D)``.
+            mod_img: Two (shift, scale, gate) sets for the image stream, each ``(B, 1, D)``.
+            mod_txt: The same for the text stream.
+            pe: RoPE angles of ``[txt, img]``, ``(B, L_txt + L_img, Dh / 2)``.
+            context: Passed to the attention processor.
+            kv_extension: Extra post-RoPE keys and values ``(B, L_ext, H, Dh)`` appended to this block's.
+
+        Returns:
+            Updated ``(img, txt)``; the text stream clipped to the fp16 range when it is fp16.
+        """
+        (img_shift1, img_scale1, img_gate1), (img_shift2, img_scale2, img_gate2) = mod_img
+        (txt_shift1, txt_scale1, txt_gate1), (txt_shift2, txt_scale2, txt_gate2) = mod_txt
+        img_q, img_k, img_v = self.img_attn.project(modulate(self.img_norm1(img), img_shift1, img_scale1))
+        txt_q, txt_k, txt_v = self.txt_attn.project(modulate(self.txt_norm1(txt), txt_shift1, txt_scale1))
+
+        q = apply_rope(torch.cat((txt_q, img_q), dim=1), pe)  # (B, L_txt + L_img, H, Dh)
+        k = apply_rope(torch.cat((txt_k, img_k), dim=1), pe)
+        v = torch.cat((txt_v, img_v), dim=1)
+        k, v = extend_kv(k, v, kv_extension)  # (B, L_txt + L_img + L_ext, H, Dh)
+        attn = self.processor(q, k, v, context).flatten(2)  # (B, L, H * Dh)
+        txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
+
+        img = gated(img, img_gate1, self.img_attn.proj(img_attn))
+        img = gated(img, img_gate2, self.img_mlp(modulate(self.img_norm2(img), img_shift2, img_scale2)))
+        txt = gated(txt, txt_gate1, self.txt_attn.proj(txt_attn))
+        txt = gated(txt, txt_gate2, self.txt_mlp(modulate(self.txt_norm2(txt), txt_shift2, txt_scale2)))
+        return img, clip_fp16(txt)
+
+
+class DoubleStreamBlock(JointStreams):
     """Separate weights for text and image streams, joint attention over ``[txt, img]``."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qkv_bias: bool) -> None:
@@ -71,26 +130,10 @@ class DoubleStreamBlock(ProcessorSlot):
         Returns:
             Updated ``(img, txt)``.
         """
-        (img_shift1, img_scale1, img_gate1), img_mod2 = self.img_mod(vec)
-        (txt_shift1, txt_scale1, txt_gate1), txt_mod2 = self.txt_mod(vec)
+        img_mod1, img_mod2 = self.img_mod(vec)
+        txt_mod1, txt_mod2 = self.txt_mod(vec)
         assert img_mod2 is not None and txt_mod2 is not None
-        img_q, img_k, img_v = self.img_attn.project(modulate(self.img_norm1(img), img_shift1, img_scale1))
-        txt_q, txt_k, txt_v = self.txt_attn.project(modulate(self.txt_norm1(txt), txt_shift1, txt_scale1))
-
-        q = apply_rope(torch.cat((txt_q, img_q), dim=1), pe)  # (B, L_txt + L_img, H, Dh)
-        k = apply_rope(torch.cat((txt_k, img_k), dim=1), pe)
-        v = torch.cat((txt_v, img_v), dim=1)
-        k, v = extend_kv(k, v, kv_extension)
-        attn = self.processor(q, k, v, context).flatten(2)  # (B, L, H * Dh)
-        txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
-
-        img_shift2, img_scale2, img_gate2 = img_mod2
-        txt_shift2, txt_scale2, txt_gate2 = txt_mod2
-        img = gated(img, img_gate1, self.img_attn.proj(img_attn))
-        img = gated(img, img_gate2, self.img_mlp(modulate(self.img_norm2(img), img_shift2, img_scale2)))
-        txt = gated(txt, txt_gate1, self.txt_attn.proj(txt_attn))
-        txt = gated(txt, txt_gate2, self.txt_mlp(modulate(self.txt_norm2(txt), txt_shift2, txt_scale2)))
-        return img, clip_fp16(txt)
+        return self.joint_update(img, txt, (img_mod1, img_mod2), (txt_mod1, txt_mod2), pe, context, kv_extension)
 
 
 class SingleStreamBlock(ProcessorSlot):

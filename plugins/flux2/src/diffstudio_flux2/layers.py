@@ -10,6 +10,7 @@ The layers are the shared ones of :mod:`diffstudio.dit.layers` without biases; t
 from __future__ import annotations
 
 import torch
+from diffstudio.dit.blocks import JointStreams
 from diffstudio.dit.layers import EmbedND, ModParams, ProcessorSlot, clip_fp16
 from diffstudio.dit.layers import LastLayer as _LastLayer
 from diffstudio.dit.layers import MLPEmbedder as _MLPEmbedder
@@ -81,7 +82,7 @@ class LastLayer(_LastLayer):
         super().__init__(hidden_size, out_channels, bias=False)
 
 
-class DoubleStreamBlock(ProcessorSlot):
+class DoubleStreamBlock(JointStreams):
     """Separate weights for text and image streams, joint attention over ``[txt, img]``."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float) -> None:
@@ -131,23 +132,7 @@ class DoubleStreamBlock(ProcessorSlot):
         Returns:
             Updated ``(img, txt)``.
         """
-        (img_shift1, img_scale1, img_gate1), (img_shift2, img_scale2, img_gate2) = mod_img
-        (txt_shift1, txt_scale1, txt_gate1), (txt_shift2, txt_scale2, txt_gate2) = mod_txt
-        img_q, img_k, img_v = self.img_attn.project(modulate(self.img_norm1(img), img_shift1, img_scale1))
-        txt_q, txt_k, txt_v = self.txt_attn.project(modulate(self.txt_norm1(txt), txt_shift1, txt_scale1))
-
-        q = apply_rope(torch.cat((txt_q, img_q), dim=1), pe)  # (B, L_txt + L_img, H, Dh)
-        k = apply_rope(torch.cat((txt_k, img_k), dim=1), pe)
-        v = torch.cat((txt_v, img_v), dim=1)
-        k, v = extend_kv(k, v, kv_extension)  # (B, L_txt + L_img + L_ext, H, Dh)
-        attn = rearrange(self.processor(q, k, v, context), "b l h d -> b l (h d)")
-        txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
-
-        img = gated(img, img_gate1, self.img_attn.proj(img_attn))
-        img = gated(img, img_gate2, self.img_mlp(modulate(self.img_norm2(img), img_shift2, img_scale2)))
-        txt = gated(txt, txt_gate1, self.txt_attn.proj(txt_attn))
-        txt = gated(txt, txt_gate2, self.txt_mlp(modulate(self.txt_norm2(txt), txt_shift2, txt_scale2)))
-        return img, clip_fp16(txt)
+        return self.joint_update(img, txt, mod_img, mod_txt, pe, context, kv_extension)
 
 
 class SingleStreamBlock(ProcessorSlot):
