@@ -110,10 +110,15 @@ def test_the_installed_template_generates_and_exports_data_only(template_env: Pa
 
 
 
-def test_the_example_package_passes_its_own_tests(template_env: Path) -> None:
-    """``examples/template-tint/tests`` (the conformance kit on the example), run where the wheel is installed."""
+def test_the_example_package_passes_its_own_tests(template_env: Path, tmp_path: Path) -> None:
+    """``examples/template-tint/tests`` (the conformance kit on the example), run where the wheel is installed.
+
+    The inner run gets its own ``--basetemp``: a default one would prune the numbered temporary folders of the outer
+    run (pytest keeps the newest three), this module's venv among them.
+    """
     tests = ROOT / "examples" / "template-tint" / "tests"
-    result = _run([str(template_env / "bin" / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests)],
-                  env=_clean_env())  # fmt: skip
+    inner = [str(template_env / "bin" / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider",
+             "--basetemp", str(tmp_path / "inner"), str(tests)]  # fmt: skip
+    result = _run(inner, env=_clean_env())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and " failed" not in result.stdout
